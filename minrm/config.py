@@ -1,0 +1,232 @@
+"""Every flag of minrm, its default and its help text, in one dataclass.
+
+Field names, types and defaults follow the reference (open-instruct's `reward_modeling.py` `Args`,
+`TokenizerConfig` and `ModelConfig`), so a reference command line runs unchanged. The docstring
+under each field is its `--help` text. Derived values (batch sizes, step counts) are not flags:
+`train.py` computes them once and prints them.
+
+Where minrm's default differs from the reference, the field's docstring says so.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from minrm.toy import TOY, TOY_RECIPE
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+@dataclass
+class Args:
+    # Data
+    dataset_mixer_list: list[str] = field(
+        default_factory=lambda: ["allenai/tulu-3-wildchat-reused-on-policy-8b", "1.0"]
+    )
+    """Training datasets and amounts: `NAME AMOUNT NAME AMOUNT ...`. NAME is a Hub dataset id or a local .jsonl/.json/.parquet file; AMOUNT with a decimal point is a fraction ("1.0" all, "0.5" half, "3.0" three times), without one a row count ("400")."""
+    dataset_mixer_list_splits: list[str] = field(default_factory=lambda: ["train"])
+    """Split of each training dataset: one for all, or one per dataset."""
+    dataset_mixer_eval_list: list[str] = field(default_factory=list)
+    """Evaluation datasets and amounts, in the same form as --dataset_mixer_list (empty: no eval)."""
+    dataset_mixer_eval_list_splits: list[str] = field(default_factory=lambda: ["test"])
+    """Split of each evaluation dataset: one for all, or one per dataset."""
+    max_token_length: int = 512
+    """Pairs whose chosen or rejected sequence has more tokens than this are dropped (and counted)."""
+    max_prompt_token_length: int = 256
+    """Pairs whose prompt has more tokens than this are dropped (and counted)."""
+
+    # Model and tokenizer
+    model_name_or_path: str = TOY
+    """Hub id or local folder of the model to train. The default, `minrm:toy`, is a tiny Llama built offline that trains on minrm's own toy preference data (flags not given take the toy recipe's values)."""
+    model_revision: str | None = None
+    """Revision (branch, tag or commit) of the model on the Hub."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer to use (default: the model's). `--tokenizer_name` is an alias."""
+    tokenizer_revision: str | None = None
+    """Revision of the tokenizer on the Hub (default: the model's revision)."""
+    use_slow_tokenizer: bool = False
+    """Load the slow (Python) tokenizer instead of the fast one."""
+    chat_template_name: str = "tulu"
+    """Chat template: a name minrm knows (tulu, zephyr, simple_chat), or a tokenizer id/path whose own template is used."""
+    add_bos: bool = False
+    """Prepend the bos token to the chat template (for tokenizers whose template does not add it)."""
+    trust_remote_code: bool = False
+    """Allow model and tokenizer code from the Hub repository to run."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    init_score_head: bool = True
+    """Re-draw the score head from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325). False keeps a loaded head, to continue training an existing reward model. [minrm]"""
+    use_liger_kernel: bool | None = None
+    """Swap Liger's fused RMSNorm, SwiGLU and RoPE kernels into the backbone (default: on with CUDA, off otherwise). [minrm]"""
+    strict_kernels: bool = False
+    """Fail at start, instead of training without them, when --use_liger_kernel True cannot be honoured. [minrm]"""
+
+    # Experiment
+    exp_name: str = "reward_modeling"
+    """Name of this experiment."""
+    seed: int = 1
+    """Seed of the experiment: data order, score-head init, RNGs."""
+    run_name: str | None = None
+    """Unique name of this run (default: EXP_NAME__SEED__UNIXTIME). Outputs go to OUTPUT_DIR/RUN_NAME."""
+
+    # Optimizer and schedule
+    eps: float = 1e-5
+    """AdamW epsilon."""
+    learning_rate: float = 2e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay, applied to every parameter (torch's default, as in the reference). [minrm]"""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (as the reference's DeepSpeed production runs do); <= 0 turns clipping off. [minrm]"""
+    lr_scheduler_type: Literal[SCHEDULERS] = "linear"
+    """Learning-rate schedule."""
+    warm_up_steps: int = 0
+    """Number of warm-up optimizer steps."""
+
+    # Batch sizes
+    num_train_epochs: int = 1
+    """Number of passes over the training set."""
+    gradient_accumulation_steps: int = 8
+    """Micro-batches accumulated per optimizer step."""
+    per_device_train_batch_size: int = 1
+    """Pairs per process per micro-batch."""
+    per_device_eval_batch_size: int = 1
+    """Pairs per process per evaluation batch."""
+    total_episodes: int | None = None
+    """Training pairs to consume in total (default: num_train_epochs x training-set size)."""
+    num_evals: int = 1
+    """Evaluations spread evenly through training (the last after the final step), when an eval set is given."""
+
+    # Tracking and output
+    with_tracking: bool = False
+    """Log to Weights & Biases (set WANDB_MODE=offline to log without a network)."""
+    wandb_project_name: str = "open_instruct_internal"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user)."""
+    push_to_hub: bool = False
+    """Upload the final model to the Hugging Face Hub. minrm's default is False (the reference's is True): a run should not need Hub credentials to finish."""
+    hf_entity: str | None = None
+    """Hub user or organisation of the model repository (default: the logged-in user)."""
+    hf_repo_id: str | None = None
+    """Hub repository name (default: open_instruct_dev); the repo is HF_ENTITY/HF_REPO_ID."""
+    hf_repo_revision: str | None = None
+    """Hub branch to push to (default: the run name)."""
+    output_dir: str = "output"
+    """The final model, metrics.jsonl and samples go to OUTPUT_DIR/RUN_NAME."""
+
+
+ALIASES = {"tokenizer_name": "tokenizer_name_or_path"}
+
+
+def _field_docs() -> dict[str, str]:
+    """The docstring under each field of `Args`, read from this file's source."""
+    body = ast.parse(inspect.getsource(Args)).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text in ("None", "none") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Defaults are SUPPRESSed so that `parse_args` can tell which flags the user gave.
+    parser = argparse.ArgumentParser(
+        prog="python -m minrm.train",
+        description="Train a pairwise (Bradley-Terry) reward model. Flags follow open-instruct's reward_modeling.py.",
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    docs = _field_docs()
+    hints = typing.get_type_hints(Args)
+    for f in dataclasses.fields(Args):
+        kind = hints[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        names = [f"--{f.name}"] + [f"--{a}" for a, target in ALIASES.items() if target == f.name]
+        help_text = f"{docs[f.name]} (default: {default})"
+        args = typing.get_args(kind)
+        optional = type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else kind
+        if base is bool:
+            parser.add_argument(*names, dest=f.name, nargs="?", const=True, type=_bool, help=help_text)
+        elif typing.get_origin(base) is list:
+            parser.add_argument(*names, dest=f.name, nargs="*", metavar="STR", help=help_text)
+        elif typing.get_origin(base) is Literal:
+            parser.add_argument(*names, dest=f.name, choices=typing.get_args(base), help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, type=_optional(base) if optional else base, help=help_text)
+    return parser
+
+
+def validate(args: Args) -> None:
+    """Reject bad values before any model or data is loaded."""
+
+    def fail(flag: str, why: str) -> None:
+        raise SystemExit(f"minrm: error: --{flag}: {why}")
+
+    for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(args, name) < 1:
+            fail(name, f"must be at least 1, got {getattr(args, name)}")
+    for name in ("max_token_length", "max_prompt_token_length", "num_train_epochs"):
+        if getattr(args, name) < 1:
+            fail(name, f"must be at least 1, got {getattr(args, name)}")
+    for name in ("warm_up_steps", "num_evals"):
+        if getattr(args, name) < 0:
+            fail(name, f"must be >= 0, got {getattr(args, name)}")
+    if args.total_episodes is not None and args.total_episodes < 1:
+        fail("total_episodes", f"must be at least 1, got {args.total_episodes}")
+    if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:
+        fail("learning_rate/eps/weight_decay", "learning_rate and weight_decay must be >= 0 and eps > 0")
+    for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
+        mixer, splits = getattr(args, flag), getattr(args, flag + "_splits")
+        if flag == "dataset_mixer_list" and not mixer:
+            fail(flag, "needs at least one `NAME AMOUNT` pair")
+        if len(mixer) % 2:
+            fail(flag, f"must alternate NAME AMOUNT, got an odd number of items: {mixer}")
+        n = len(mixer) // 2
+        if mixer and len(splits) not in (1, n):
+            fail(flag + "_splits", f"give one split for all datasets or one per dataset ({n}), got {splits}")
+        for name, amount in zip(mixer[::2], mixer[1::2]):
+            try:
+                ok = float(amount) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                fail(flag, f"amount {amount!r} for {name!r} is not a positive number")
+            if name.endswith((".jsonl", ".json", ".parquet")) and not os.path.isfile(name):
+                fail(flag, f"local dataset file {name!r} does not exist")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Parse the command line; with the toy model, flags not given take the toy recipe's values."""
+    given = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    args = Args(**given)
+    if args.model_name_or_path == TOY:
+        for key, value in TOY_RECIPE.items():
+            if key not in given:
+                setattr(args, key, value)
+    validate(args)
+    return args

@@ -1,0 +1,56 @@
+"""AdamW as the reference builds it, and the learning-rate schedules as pure functions of the step.
+
+`lr_multiplier(kind, step, warmup, total)` is the factor applied to the peak learning rate at
+optimizer step `step` (0-based): the same values as `transformers.get_scheduler` gives after
+`step` scheduler steps. minrm's horizon `total` is the true number of optimizer steps; the
+reference multiplies it by the number of epochs again, so with more than one epoch its rate never
+reaches the end value (SPEC §2).
+"""
+
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+
+POLYNOMIAL_END_LR = 1e-7  # transformers' default lr_end for the polynomial schedule
+
+
+def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
+    # torch's AdamW with the reference's eps; weight decay applies to every parameter, norms and
+    # score head included, as in the reference.
+    return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.eps, weight_decay=args.weight_decay)
+
+
+def lr_multiplier(kind: str, step: int, warmup: int, total: int, peak_lr: float = 1.0) -> float:
+    if kind != "constant" and step < warmup:
+        return step / max(1, warmup)
+    if kind in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1 over the decay
+    if kind == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    if kind == "cosine":  # half a cosine wave
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if kind == "cosine_with_restarts":  # one hard restart in transformers' default: one cycle
+        return 0.0 if progress >= 1.0 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * (progress % 1.0))))
+    if kind == "polynomial":  # power 1 from the peak to POLYNOMIAL_END_LR, then flat
+        if step > total:
+            return POLYNOMIAL_END_LR / peak_lr
+        return ((peak_lr - POLYNOMIAL_END_LR) * (1.0 - progress) + POLYNOMIAL_END_LR) / peak_lr
+    raise ValueError(f"unknown lr_scheduler_type {kind!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm over all ranks' shards, clipped to `max_norm` when it is > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):  # a sharded norm: reduce it so every rank sees the global value
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm

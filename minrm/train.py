@@ -1,0 +1,172 @@
+"""Train a pairwise (Bradley-Terry) reward model: the loop, top to bottom.
+
+    python -m minrm.train                      # the embedded toy run: offline, about a minute on a CPU
+    python -m minrm.train --help               # every flag
+    torchrun --nproc_per_node 8 -m minrm.train --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-SFT \\
+        --dataset_mixer_list allenai/llama-3.1-tulu-3-8b-preference-mixture 1.0 ...
+    torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 \\
+        --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 -m minrm.train ...
+
+Phases: setup -> data -> model -> shard -> loop (step, log, eval) -> export. One optimizer step
+consumes `batch_size` = per_device_train_batch_size x world_size x gradient_accumulation_steps
+pairs; each micro-batch runs its chosen and rejected sequences through the model in one forward
+pass of 2B sequences, and the loss is -logsigmoid(r_chosen - r_rejected), averaged.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from minrm.config import Args, parse_args
+from minrm.data import build_dataset, collate, load_tokenizer, pairs_at, stream_indices
+from minrm.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, print0, shard_model
+from minrm.evaluate import evaluate
+from minrm.export import push_folder, resolve_hub_repo, save_hf_folder
+from minrm.liger import apply_liger_kernel
+from minrm.model import load_model, transformer_blocks
+from minrm.optim import build_optimizer, clip_grad_norm_, lr_multiplier, set_lr
+from minrm.tracking import Tracker, summary_line
+
+
+def main(args: Args) -> dict:
+    # ------------------------------------------------------------------------------------------
+    # Setup
+    d = init_distributed()
+    # Every rank must agree on the run name (it names the output folder): rank 0's clock decides.
+    args.run_name = broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir = os.path.join(args.output_dir, args.run_name)
+    if d.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    # ------------------------------------------------------------------------------------------
+    # Data. Rank 0 tokenizes first so the others reuse the `datasets` cache files it wrote.
+    tokenizer = load_tokenizer(args)
+    if not d.is_main:
+        barrier()
+    train_set = build_dataset(args.dataset_mixer_list, args.dataset_mixer_list_splits, tokenizer, args, "train")
+    eval_set = None
+    if args.dataset_mixer_eval_list:
+        eval_set = build_dataset(
+            args.dataset_mixer_eval_list, args.dataset_mixer_eval_list_splits, tokenizer, args, "eval"
+        )
+    if d.is_main:
+        barrier()
+
+    # Derived values, computed once. Every optimizer step is a full batch; the pairs that cannot
+    # fill the last one are dropped (and counted).
+    micro_batch_size = args.per_device_train_batch_size * d.world_size
+    batch_size = micro_batch_size * args.gradient_accumulation_steps
+    total_episodes = args.total_episodes or args.num_train_epochs * len(train_set)
+    num_training_steps = total_episodes // batch_size
+    if num_training_steps == 0:
+        raise SystemExit(
+            f"minrm: error: {total_episodes} training pairs are fewer than one batch of {batch_size} "
+            "(per_device_train_batch_size x processes x gradient_accumulation_steps)."
+        )
+    derived = {
+        "world_size": d.world_size,
+        "micro_batch_size": micro_batch_size,
+        "local_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        "batch_size": batch_size,
+        "total_episodes": total_episodes,
+        "num_training_steps": num_training_steps,
+        "unused_episodes": total_episodes - num_training_steps * batch_size,
+    }
+    eval_steps = set()
+    if eval_set is not None and args.num_evals > 0:
+        eval_steps = {max(1, round(k * num_training_steps / args.num_evals)) for k in range(1, args.num_evals + 1)}
+    print0(json.dumps({"args": dataclasses.asdict(args), "derived": derived}, indent=1))
+    print0(
+        f"train: {num_training_steps} optimizer steps of {batch_size} pairs; {derived['unused_episodes']} pairs unused"
+    )
+
+    # ------------------------------------------------------------------------------------------
+    # Model, kernels, sharding, optimizer
+    model = load_model(args, tokenizer)
+    architecture = type(model).__name__  # before FSDP2 renames the class
+    print0(apply_liger_kernel(model, args.use_liger_kernel, args.strict_kernels, d.device))
+    shard_model(model, transformer_blocks(model), d)
+    optimizer = build_optimizer(model, args)
+    tracker = Tracker(run_dir, args, derived) if d.is_main else None
+
+    # ------------------------------------------------------------------------------------------
+    # Loop
+    model.train()
+    episode = 0
+    ga = args.gradient_accumulation_steps
+    bar = tqdm(range(num_training_steps), disable=not d.is_main, desc="train", dynamic_ncols=True)
+    metrics = {}
+    for step in bar:
+        lr = args.learning_rate * lr_multiplier(
+            args.lr_scheduler_type, step, args.warm_up_steps, num_training_steps, args.learning_rate
+        )
+        set_lr(optimizer, lr)
+        sums = torch.zeros(5, device=d.device)  # per-micro-batch means, summed: stays on the device
+        for micro in range(ga):
+            # Reduce-scatter gradients only after the last micro-batch; earlier ones accumulate locally.
+            model.set_requires_gradient_sync(micro == ga - 1)
+            start = step * batch_size + micro * micro_batch_size + d.rank * args.per_device_train_batch_size
+            pairs = pairs_at(
+                train_set, stream_indices(start, args.per_device_train_batch_size, len(train_set), args.seed)
+            )
+            batch = {k: v.to(d.device) for k, v in collate(pairs, tokenizer.pad_token_id).items()}
+            rewards = model(**batch)  # (2B,): chosen then rejected
+            chosen, rejected = rewards.chunk(2)
+            margin = chosen - rejected
+            loss = -F.logsigmoid(margin).mean()
+            # Divided by the accumulation steps so the summed gradient is the mean over this rank's
+            # B x GA pairs; FSDP's reduce-scatter then averages over ranks: the global-batch mean.
+            (loss / ga).backward()
+            episode += micro_batch_size
+            with torch.no_grad():
+                sums += torch.stack([(margin > 0).float().mean(), loss, chosen.mean(), rejected.mean(), margin.mean()])
+        grad_norm = clip_grad_norm_(model, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # The reference's semantics: mean over micro-batches of micro-batch means, then over ranks.
+        means = (all_reduce_sum(sums) / (ga * d.world_size)).tolist()
+        metrics = {"episode": episode, "epoch": episode / len(train_set)}
+        for name, value in zip(["accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin"], means):
+            metrics[f"train/rm/{name}"] = value
+        metrics["train/rm/lr"] = lr  # the rate this step used (the reference logs the next step's)
+        if d.is_main:
+            tracker.log(metrics)
+            bar.write(f"step {step + 1}/{num_training_steps} {summary_line(metrics)} grad_norm={grad_norm.item():.4g}")
+
+        if step + 1 in eval_steps:
+            eval_metrics, samples = evaluate(model, eval_set, tokenizer, d, args.per_device_eval_batch_size)
+            eval_metrics = {"episode": episode, "epoch": episode / len(train_set), **eval_metrics}
+            metrics.update(eval_metrics)
+            if d.is_main:
+                tracker.log(eval_metrics)
+                tracker.log_samples(step + 1, samples)
+                bar.write(f"eval {step + 1}/{num_training_steps} {summary_line(eval_metrics)}")
+                for row in samples[:3]:
+                    bar.write(
+                        f"  {'ok ' if row['correct'] else 'bad'} {row['chosen_reward']:+.3f} vs {row['rejected_reward']:+.3f}: {row['chosen_response'][:60]!r} / {row['rejected_response'][:60]!r}"
+                    )
+
+    # ------------------------------------------------------------------------------------------
+    # Export
+    save_hf_folder(model, tokenizer, architecture, run_dir, d)
+    print0(f"saved the model to {run_dir}")
+    if args.push_to_hub and d.is_main:
+        repo_id, revision = resolve_hub_repo(args)
+        print0(f"pushed to {push_folder(run_dir, repo_id, revision)}")
+    if d.is_main:
+        tracker.finish()
+    barrier()
+    dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())

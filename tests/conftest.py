@@ -1,0 +1,89 @@
+"""Shared tiny fixtures: an offline tokenizer, tiny models saved as HF folders, small preference
+files, and a helper that runs minrm as users do (`python -m` or `torchrun`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+from minrm import toy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    config = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_labels=1,
+        tie_word_embeddings=False,
+    )
+    return LlamaConfig(**{**config, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The toy tokenizer with a <pad> token already added."""
+    tok = toy.toy_tokenizer()
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A tiny Llama reward model saved as a Hugging Face folder, with its tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_pairs(path: Path, n: int, split: str = "train") -> str:
+    rows = toy.toy_dataset(split).select(range(n))
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> str:
+    """48 training pairs in the Tulu conversational format."""
+    return write_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 48)
+
+
+@pytest.fixture(scope="session")
+def eval_file(tmp_path_factory) -> str:
+    """21 held-out pairs: not a multiple of any batch size used in the tests."""
+    return write_pairs(tmp_path_factory.mktemp("data") / "eval.jsonl", 21, "test")
+
+
+def run_minrm(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the trainer in a subprocess from the repo root, as a user would."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "minrm.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        cmd += ["-m", "minrm.train", *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"minrm failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]

@@ -1,0 +1,101 @@
+"""The command line: reference spellings parse, booleans take both forms, bad input fails early."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from minrm.config import TOY_RECIPE, Args, build_parser, parse_args
+from tests.conftest import ROOT
+
+# The Tulu 3 8B RM command line of the reference (minus the launcher), with --push_to_hub False.
+REFERENCE_LINE = """
+--exp_name tulu3_8b_rm --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-SFT --model_revision main
+--tokenizer_name allenai/Llama-3.1-Tulu-3-8B-SFT --tokenizer_revision main --use_slow_tokenizer
+--dataset_mixer_list allenai/llama-3.1-tulu-3-8b-preference-mixture 1.0 --max_token_length 4096
+--max_prompt_token_length 2048 --per_device_train_batch_size 4 --gradient_accumulation_steps 4
+--learning_rate 3e-6 --lr_scheduler_type linear --num_train_epochs 1 --gradient_checkpointing
+--with_tracking --seed 8 --push_to_hub False
+""".split()
+
+
+def test_reference_command_line_parses():
+    args = parse_args(REFERENCE_LINE)
+    assert args.tokenizer_name_or_path == "allenai/Llama-3.1-Tulu-3-8B-SFT"  # --tokenizer_name alias
+    assert args.dataset_mixer_list == ["allenai/llama-3.1-tulu-3-8b-preference-mixture", "1.0"]
+    assert (args.max_token_length, args.max_prompt_token_length) == (4096, 2048)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)
+    assert args.learning_rate == 3e-6 and args.seed == 8
+    assert args.use_slow_tokenizer and args.gradient_checkpointing and args.with_tracking
+    assert args.push_to_hub is False
+    # A real model is named, so the toy recipe does not apply: the reference defaults stand.
+    assert args.eps == 1e-5 and args.warm_up_steps == 0 and args.dataset_mixer_eval_list == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], False),
+        (["--with_tracking"], True),
+        (["--with_tracking", "True"], True),
+        (["--with_tracking", "False"], False),
+    ],
+)
+def test_boolean_forms(flags, expected):
+    assert parse_args(["--model_name_or_path", "x/y", *flags]).with_tracking is expected
+
+
+def test_toy_recipe_fills_only_flags_not_given():
+    args = parse_args(["--learning_rate", "0.5"])
+    assert args.learning_rate == 0.5
+    assert args.per_device_train_batch_size == TOY_RECIPE["per_device_train_batch_size"]
+    assert args.dataset_mixer_list == TOY_RECIPE["dataset_mixer_list"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--no_such_flag", "1"], "unrecognized arguments"),
+        (["--learning_rate", "fast"], "invalid float value"),
+        (["--lr_scheduler_type", "step"], "invalid choice"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size: must be at least 1"),
+        (["--dataset_mixer_list", "a.jsonl"], "odd number"),
+        (["--dataset_mixer_list", "missing.jsonl", "1.0"], "does not exist"),
+        (["--dataset_mixer_list", "a/b", "1.0", "c/d", "2", "--dataset_mixer_list_splits", "x", "y", "z"], "one split"),
+        (["--dataset_mixer_list", "a/b", "lots"], "not a positive number"),
+        (["--with_tracking", "maybe"], "expected True or False"),
+    ],
+)
+def test_bad_input_fails_with_a_clear_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model_name_or_path", "x/y", *flags])
+    assert message in str(exc.value) + capsys.readouterr().err
+
+
+def test_help_lists_every_flag_with_its_docstring():
+    text = build_parser().format_help()
+    for f in dataclasses.fields(Args):
+        assert f"--{f.name}" in text
+    assert "--tokenizer_name" in text and "Peak learning rate of AdamW" in text
+
+
+def test_bad_flag_fails_before_loading_anything():
+    # The command exits on the flag alone: no model, no data (a missing Hub id would hang offline).
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minrm.train",
+            "--model_name_or_path",
+            "nobody/nothing",
+            "--gradient_accumulation_steps",
+            "-2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--gradient_accumulation_steps: must be at least 1" in result.stderr

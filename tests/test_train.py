@@ -1,0 +1,215 @@
+"""The whole trainer, run as users run it, against independent computations:
+
+- one process against a plain single-process loop written here (HF forward, torch AdamW,
+  transformers' scheduler, torch's clipping): metrics, eval metrics and final weights;
+- two processes (torchrun, gloo) against one process on the same global batches;
+- the exported folder, reloaded with `AutoModelForSequenceClassification`, scores as minrm did;
+- the embedded default (shortened), its eval accuracy recomputed from the exported model.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+from minrm import toy
+from minrm.data import CHAT_TEMPLATES
+from tests.conftest import read_metrics, run_minrm
+
+STEPS, PDBS, GA, LR, CLIP, SEED = 3, 4, 2, 1e-3, 0.05, 7
+TRAIN_NAMES = ["accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin"]
+
+
+def common_flags(model_dir, pairs_file, eval_file, out, name):
+    return [
+        "--model_name_or_path",
+        model_dir,
+        "--dataset_mixer_list",
+        pairs_file,
+        "1.0",
+        "--dataset_mixer_eval_list",
+        eval_file,
+        "1.0",
+        "--dataset_mixer_eval_list_splits",
+        "train",
+        "--init_score_head",
+        "False",
+        "--learning_rate",
+        str(LR),
+        "--warm_up_steps",
+        "1",
+        "--max_grad_norm",
+        str(CLIP),
+        "--seed",
+        str(SEED),
+        "--total_episodes",
+        str(STEPS * PDBS * GA),
+        "--per_device_eval_batch_size",
+        "4",
+        "--num_evals",
+        "1",
+        "--output_dir",
+        str(out),
+        "--run_name",
+        name,
+    ]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model_dir, pairs_file, eval_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    flags = common_flags(tiny_model_dir, pairs_file, eval_file, out, "one")
+    run_minrm(flags + ["--per_device_train_batch_size", str(PDBS), "--gradient_accumulation_steps", str(GA)])
+    return out / "one"
+
+
+def tokenize(tok, row):
+    return [tok.apply_chat_template(row[k], return_dict=False) for k in ("chosen", "rejected")]
+
+
+def padded(seqs, pad):
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    return ids, (ids != pad).long()
+
+
+def plain_loop(model_dir, pairs_file, eval_file):
+    """The reference semantics, written independently of minrm's modules."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHAT_TEMPLATES["tulu"]
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    rows = [tokenize(tok, json.loads(line)) for line in open(pairs_file)]
+    eval_rows = [tokenize(tok, json.loads(line)) for line in open(eval_file)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-5)
+    scheduler = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=1, num_training_steps=STEPS)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(SEED)).tolist()
+
+    def rewards(pairs):
+        ids, mask = padded([c for c, _ in pairs] + [r for _, r in pairs], tok.pad_token_id)
+        return model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).chunk(2)
+
+    log = []
+    for step in range(STEPS):
+        micro_means = []
+        for m in range(GA):
+            start = step * PDBS * GA + m * PDBS
+            chosen, rejected = rewards([rows[i] for i in order[start : start + PDBS]])
+            loss = -F.logsigmoid(chosen - rejected).mean()
+            (loss / GA).backward()
+            micro_means.append(
+                [
+                    (chosen > rejected).float().mean().item(),
+                    loss.item(),
+                    chosen.mean().item(),
+                    rejected.mean().item(),
+                    (chosen - rejected).mean().item(),
+                ]
+            )
+        lr = scheduler.get_last_lr()[0]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        means = torch.tensor(micro_means).mean(0).tolist()
+        log.append(
+            {
+                "episode": (step + 1) * PDBS * GA,
+                "epoch": (step + 1) * PDBS * GA / len(rows),
+                **{f"train/rm/{n}": v for n, v in zip(TRAIN_NAMES, means)},
+                "train/rm/lr": lr,
+            }
+        )
+    with torch.no_grad():
+        chosen, rejected = rewards(eval_rows)  # every pair weighs the same
+    margin = chosen - rejected
+    eval_metrics = {
+        "eval/rm/accuracy": (margin > 0).float().mean().item(),
+        "eval/rm/loss": -F.logsigmoid(margin).mean().item(),
+        "eval/rm/chosen_rewards": chosen.mean().item(),
+        "eval/rm/rejected_rewards": rejected.mean().item(),
+        "eval/rm/reward_margin": margin.mean().item(),
+    }
+    return log, eval_metrics, model.state_dict()
+
+
+def test_one_process_matches_a_plain_loop(one_process_run, tiny_model_dir, pairs_file, eval_file):
+    expected_log, expected_eval, expected_weights = plain_loop(tiny_model_dir, pairs_file, eval_file)
+    rows = read_metrics(one_process_run)
+    train_rows = [r for r in rows if "train/rm/loss" in r]
+    eval_rows = [r for r in rows if "eval/rm/loss" in r]
+    assert len(train_rows) == STEPS and len(eval_rows) == 1
+    for ours, theirs in zip(train_rows, expected_log):
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+    for key, value in expected_eval.items():
+        assert eval_rows[0][key] == pytest.approx(value, abs=1e-5), key
+    weights = load_file(one_process_run / "model.safetensors")
+    assert weights.keys() == expected_weights.keys()
+    for key, value in expected_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_two_processes_match_one(one_process_run, tiny_model_dir, pairs_file, eval_file, tmp_path):
+    # Same global batches: 2 processes x 2 pairs per micro-batch = 1 process x 4 pairs.
+    flags = common_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "two")
+    run_minrm(
+        flags + ["--per_device_train_batch_size", str(PDBS // 2), "--gradient_accumulation_steps", str(GA)], nproc=2
+    )
+    one, two = read_metrics(one_process_run), read_metrics(tmp_path / "two")
+    assert len(two) == len(one) == STEPS + 1
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    w1, w2 = load_file(one_process_run / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_export_reloads_and_scores_like_minrm(one_process_run, eval_file):
+    files = {p.name for p in one_process_run.iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    config = json.loads((one_process_run / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    model = AutoModelForSequenceClassification.from_pretrained(one_process_run).eval()
+    tok = AutoTokenizer.from_pretrained(one_process_run)  # the chat template travels with it
+    # One process reads the eval set in order: sample i is eval pair i, scored after the last step.
+    samples = [json.loads(line) for line in open(one_process_run / "eval_samples.jsonl")]
+    rows = [json.loads(line) for line in open(eval_file)]
+    assert len(samples) == 10
+    for sample, row in zip(samples, rows):
+        for side in ("chosen", "rejected"):
+            ids = tok.apply_chat_template(row[side], return_tensors="pt", return_dict=False)
+            with torch.no_grad():
+                score = model(input_ids=ids).logits.item()
+            assert score == pytest.approx(sample[f"{side}_reward"], abs=1e-6)
+
+
+def test_embedded_default_shortened(tmp_path):
+    """`python -m minrm.train` with the toy recipe, cut to 40 steps; its final eval accuracy is
+    recomputed from the exported model with plain HF code."""
+    run_minrm(["--total_episodes", "640", "--num_evals", "1", "--output_dir", str(tmp_path), "--run_name", "toy"])
+    rows = read_metrics(tmp_path / "toy")
+    train_rows = [r for r in rows if "train/rm/loss" in r]
+    bs = toy.TOY_RECIPE["per_device_train_batch_size"]
+    assert [r["episode"] for r in train_rows] == [bs * (i + 1) for i in range(640 // bs)]
+    assert train_rows[-1]["epoch"] == pytest.approx(640 / len(toy.toy_dataset("train")))
+    final_eval = rows[-1]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "toy").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "toy")
+    correct = 0
+    test = toy.toy_dataset("test")
+    for row in test:
+        scores = []
+        for side in ("chosen", "rejected"):
+            ids = tok.apply_chat_template(row[side], return_tensors="pt", return_dict=False)
+            with torch.no_grad():
+                scores.append(model(input_ids=ids).logits.item())
+        correct += scores[0] > scores[1]
+    assert final_eval["eval/rm/accuracy"] == pytest.approx(correct / len(test), abs=1e-9)
+    assert not math.isnan(final_eval["eval/rm/loss"])
