@@ -30,12 +30,14 @@ def detect_format(row: dict, keys: dict) -> str:
     return "plain" if isinstance(row.get(keys["chosen"]), str) else "conversational"
 
 
-def _messages(value, what: str, default_role: str) -> list[dict]:
-    """A list of {"role", "content"} messages, or a string as one message; raises ValueError."""
-    if isinstance(value, str):
+def _messages(value, what: str, default_role: str | None) -> list[dict]:
+    """A list of {"role", "content"} messages, or (with a default role) a string as one message."""
+    if isinstance(value, str) and default_role:
         value = [{"role": default_role, "content": value}]
     if not isinstance(value, list):
-        raise ValueError(f"`{what}` must be a list of messages or a string, got {type(value).__name__}")
+        raise ValueError(
+            f"`{what}` must be a list of messages{' or a string' if default_role else ''}, got {type(value).__name__}"
+        )
     if not value:
         raise ValueError(f"`{what}` is an empty conversation")
     out = []
@@ -53,8 +55,9 @@ def _conversations(row: dict, fmt: str, keys: dict) -> tuple[list, list, list]:
     for k in ("chosen", "rejected") + (("prompt",) if fmt == "prompt" else ()):
         if row.get(keys[k]) is None:
             raise ValueError(f"missing `{keys[k]}`")
-    chosen = _messages(row[keys["chosen"]], keys["chosen"], "assistant")
-    rejected = _messages(row[keys["rejected"]], keys["rejected"], "assistant")
+    role = "assistant" if fmt == "prompt" else None  # strings are responses only beside a prompt
+    chosen = _messages(row[keys["chosen"]], keys["chosen"], role)
+    rejected = _messages(row[keys["rejected"]], keys["rejected"], role)
     if fmt == "prompt":
         prompt = _messages(row[keys["prompt"]], keys["prompt"], "user")
         # A response may repeat the prompt (a whole conversation) or continue it.
