@@ -281,7 +281,7 @@ def build_datasets(args, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.D
     return datasets.DatasetDict(out), log
 
 
-def _build_or_load(args, tokenizer: PreTrainedTokenizerBase) -> str:
+def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase) -> str:
     """The cache folder for these inputs, built first if it does not exist. Returns its path."""
     path = os.path.join(args.dataset_local_cache_dir, cache_key(args, tokenizer))
     if os.path.isdir(path):
@@ -308,7 +308,7 @@ def load_datasets(
     if args.dataset_skip_cache:
         dd, log = build_datasets(args, tokenizer)  # every process tokenizes for itself
     else:
-        path = _build_or_load(args, tokenizer) if d.local_rank == 0 else None
+        path = build_or_load_cache(args, tokenizer) if d.local_rank == 0 else None
         barrier()  # all ranks participate: the others wait here until their node's cache exists
         path = broadcast_object(path)  # the key is the same on every node
         dd = datasets.load_from_disk(path)
