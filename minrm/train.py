@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minrm.config import Args, parse_args
-from minrm.data import collate, load_datasets, load_tokenizer, pairs_at, show_pair, stream_indices
+from minrm.data import collate, load_tokenizer, pairs_at, show_pair, stream_indices
+from minrm.dataset_cache import load_datasets
 from minrm.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, print0, shard_model
 from minrm.evaluate import evaluate
 from minrm.export import push_folder, resolve_hub_repo, save_hf_folder

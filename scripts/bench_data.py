@@ -19,7 +19,8 @@ import datasets
 
 from minrm import toy
 from minrm.config import parse_args
-from minrm.data import build_or_load_cache, load_tokenizer
+from minrm.data import load_tokenizer
+from minrm.dataset_cache import build_or_load_cache
 
 
 def write_pairs(path: str, n: int) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from minrm.config import parse_args
-from minrm.data import build_dataset, cache_key, load_tokenizer, take_indices
+from minrm.data import build_dataset, load_tokenizer, take_indices
+from minrm.dataset_cache import build_datasets, cache_key
 from tests.conftest import run_minrm
 
 
@@ -121,8 +122,6 @@ def test_mixer_amounts_after_checks(tmp_path, capsys):
 
 
 def test_eval_fraction_holds_out_rows_without_overlap(tmp_path, pairs_file):
-    from minrm.data import build_datasets
-
     args = parse_args(["--dataset_mixer_list", pairs_file, "2.0", "--eval_fraction", "0.25"])
     dd, _ = build_datasets(args, load_tokenizer(args))
     assert len(dd["eval"]) == 12 and len(dd["train"]) == 2 * 36
