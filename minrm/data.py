@@ -1,9 +1,9 @@
 """From a dataset mixer list to tokenized preference pairs, and from pairs to padded batches.
 
-A row is a Tulu-style conversation pair `{"chosen": [messages], "rejected": [messages]}` whose
-prompt is every message of `chosen` but the last. Tokenized, a pair is three id lists:
-`prompt` (template applied with the generation prompt), `chosen` and `rejected` (whole
-conversations). The collator pads from the right, as the reference does.
+Each dataset of the mixer is read, its rows checked and tokenized (`formats.py`: conversational,
+explicit-prompt or plain-text rows), bad and over-long rows counted, then its amount taken.
+Tokenized, a pair is three id lists: `prompt`, `chosen` and `rejected` (whole sequences). The
+collator pads from the right, as the reference does. The cache is in `dataset_cache.py`.
 """
 
 import collections
