@@ -41,6 +41,26 @@ class Args:
     max_prompt_token_length: int = 256
     """Pairs whose prompt has more tokens than this are dropped (and counted)."""
 
+    # Data formats, cache and validation
+    chosen_key: str = "chosen"
+    """Column of the chosen response (a conversation, or a string). [minrm]"""
+    rejected_key: str = "rejected"
+    """Column of the rejected response (a conversation, or a string). [minrm]"""
+    prompt_key: str = "prompt"
+    """Column of the prompt; a dataset that has it is read in the explicit-prompt format. [minrm]"""
+    skip_bad_rows: bool = False
+    """Leave out rows that break a rule (missing or mistyped fields, different prompts, identical responses, invalid JSON...) and count them by reason, instead of stopping before training with a list of them. [minrm]"""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of each training dataset's rows as the eval set (no row on both sides); not with --dataset_mixer_eval_list. [minrm]"""
+    dataset_local_cache_dir: str = "local_dataset_cache"
+    """Folder of the cache of tokenized datasets, one sub-folder per hash of the inputs that shape them."""
+    dataset_skip_cache: bool = False
+    """Tokenize in every process without reading or writing the cache."""
+    cache_dataset_only: bool = False
+    """Build the dataset cache, then exit without training."""
+    no_visualize: bool = False
+    """Do not print the coloured tokens of one training pair at start. [minrm]"""
+
     # Model and tokenizer
     model_name_or_path: str = TOY
     """Hub id or local folder of the model to train. The default, `minrm:toy`, is a tiny Llama built offline that trains on minrm's own toy preference data (flags not given take the toy recipe's values)."""
@@ -200,6 +220,10 @@ def validate(args: Args) -> None:
         fail("total_episodes", f"must be at least 1, got {args.total_episodes}")
     if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:
         fail("learning_rate/eps/weight_decay", "learning_rate and weight_decay must be >= 0 and eps > 0")
+    if not 0 <= args.eval_fraction < 1:
+        fail("eval_fraction", f"must be in [0, 1), got {args.eval_fraction}")
+    if args.eval_fraction > 0 and args.dataset_mixer_eval_list:
+        fail("eval_fraction", "carves the eval set from the training mixture: leave --dataset_mixer_eval_list empty")
     for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
         mixer, splits = getattr(args, flag), getattr(args, flag + "_splits")
         if flag == "dataset_mixer_list" and not mixer:
@@ -226,7 +250,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     args = Args(**given)
     if args.model_name_or_path == TOY:
         for key, value in TOY_RECIPE.items():
-            if key not in given:
+            # --eval_fraction carves the eval set from the training data: the toy's own stays out.
+            if key not in given and not (key.startswith("dataset_mixer_eval") and "eval_fraction" in given):
                 setattr(args, key, value)
     validate(args)
     return args

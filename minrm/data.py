@@ -1,19 +1,23 @@
 """From a dataset mixer list to tokenized preference pairs, and from pairs to padded batches.
 
-A row is a Tulu-style conversation pair `{"chosen": [messages], "rejected": [messages]}` whose
-prompt is every message of `chosen` but the last. Tokenized, a pair is three id lists:
-`prompt` (template applied with the generation prompt), `chosen` and `rejected` (whole
-conversations). The collator pads from the right, as the reference does.
+Each dataset of the mixer is read, its rows checked and tokenized (`formats.py`: conversational,
+explicit-prompt or plain-text rows), bad and over-long rows counted, then its amount taken.
+Tokenized, a pair is three id lists: `prompt`, `chosen` and `rejected` (whole sequences). The
+collator pads from the right, as the reference does. The cache is in `dataset_cache.py`.
 """
 
+import collections
 import functools
+import json
+import os
+import re
 
 import datasets
 import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from minrm import toy
+from minrm import formats, toy
 from minrm.distributed import print0
 
 # Named chat templates. `tulu` is the Tulu 3 format: the last assistant turn ends with eos and
@@ -67,80 +71,158 @@ def load_tokenizer(args) -> PreTrainedTokenizerBase:
 
 
 # ----------------------------------------------------------------------------------------------
-# Mixer list
+# Mixer list: read, check and tokenize each dataset, then take its amount
 
 
-def load_raw(name: str, split: str) -> datasets.Dataset:
-    """One dataset of the mixer list: the toy set, a local file, or a Hub id."""
+def read_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
+    """One dataset of the mixer list and the word for its row numbers ("line" for .jsonl).
+
+    A .jsonl file is read line by line into `{"row", "json"}` and parsed while tokenizing, so that
+    invalid JSON and rows of mixed types are reported with their line number instead of failing
+    inside Arrow's type inference.
+    """
     if name == toy.TOY:
-        return toy.toy_dataset(split)
-    for ext, builder in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet")):
-        if name.endswith(ext):
-            # A data file has one split, which `datasets` calls "train".
-            return datasets.load_dataset(builder, data_files=name, split="train")
-    return datasets.load_dataset(name, split=split)
+        return toy.toy_dataset(split), "row"
+    if name.endswith(".jsonl"):
+        with open(name, encoding="utf-8") as f:
+            lines = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]  # blank lines are not rows
+        return datasets.Dataset.from_dict({"row": [i for i, _ in lines], "json": [s for _, s in lines]}), "line"
+    if name.endswith((".json", ".parquet")):
+        # A data file has one split, which `datasets` calls "train".
+        builder = "parquet" if name.endswith(".parquet") else "json"
+        return datasets.load_dataset(builder, data_files=name, split="train"), "row"
+    return datasets.load_dataset(name, split=split), "row"
+
+
+def take_indices(n: int, amount: str, seed: int) -> list[int]:
+    """Apply a mixer AMOUNT to n rows: a fraction if it has a decimal point, else a row count.
+
+    Fewer rows than n keeps the first ones; more repeats all n whole, then draws the remainder
+    without replacement from a fixed seed.
+    """
+    count = int(float(amount) * n) if "." in amount else int(amount)
+    repeats, remainder = divmod(count, n) if n else (0, 0)
+    if repeats == 0:
+        return list(range(min(count, n)))
+    extra = np.random.default_rng(seed).choice(n, size=remainder, replace=False)
+    return list(range(n)) * repeats + sorted(extra.tolist())
 
 
 def take(ds: datasets.Dataset, amount: str, seed: int) -> datasets.Dataset:
-    """Apply a mixer AMOUNT: a fraction if it has a decimal point, else a row count.
+    return ds.select(take_indices(len(ds), amount, seed))
 
-    Fewer rows than the dataset keeps the first ones; more repeats the dataset whole, then
-    draws the remainder without replacement from a fixed seed.
+
+def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, args) -> tuple[datasets.Dataset, str]:
+    """Every row of one dataset tokenized and checked: ids, `problem` ("" if good), `fits`, `row`."""
+    raw, unit = read_raw(name, split)
+    if "row" not in raw.column_names:
+        raw = raw.add_column("row", list(range(len(raw))))
+    keys = {"chosen": args.chosen_key, "rejected": args.rejected_key, "prompt": args.prompt_key}
+    first = next((r for r in (json_or_none(x) for x in raw.select(range(min(len(raw), 100)))) if r), {})
+    fmt = formats.detect_format(first, keys)
+    limits = (args.max_prompt_token_length, args.max_token_length)
+
+    def tokenize(row):
+        out = formats.tokenize_row(row, fmt, keys, tokenizer)
+        out["fits"] = len(out["prompt"]) <= limits[0] and max(len(out["chosen"]), len(out["rejected"])) <= limits[1]
+        return out
+
+    # A pool costs a second or two to start: worth it only for thousands of rows.
+    num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 5000))
+    keep = ["row"]
+    ds = raw.map(tokenize, remove_columns=[c for c in raw.column_names if c not in keep], num_proc=num_proc)
+    print0(f"data: {name} [{split}]: {len(ds)} rows, format {fmt!r}, tokenized with {num_proc} processes")
+    return ds, unit
+
+
+def json_or_none(row: dict) -> dict | None:
+    """The row as a dict (parsing a .jsonl line), or None when it is not valid JSON."""
+    if "json" not in row:
+        return row
+    try:
+        parsed = json.loads(row["json"])
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def report_bad_rows(bad: list[tuple[str, str, int, str]], skip: bool) -> list[str]:
+    """Stop on bad rows (the first 10 listed, and the total), or with --skip_bad_rows count them by reason."""
+    if not bad:
+        return []
+    if not skip:
+        listed = "\n".join(f"  {name} {unit} {row}: {why}" for name, unit, row, why in bad[:10])
+        raise SystemExit(
+            f"minrm: error: {len(bad)} bad rows in the dataset mixer (the first {min(10, len(bad))}):\n{listed}\n"
+            "Fix the data, or pass --skip_bad_rows to leave them out (they are counted by reason)."
+        )
+    reasons = collections.Counter((name, re.sub(r"\d+", "N", re.sub(r" \(.*\)", "", why))) for name, _, _, why in bad)
+    return [f"data: {name}: skipped {n} bad rows: {why}" for (name, why), n in sorted(reasons.items())]
+
+
+def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, holdout: float = 0.0):
+    """Mix, check, tokenize and length-filter one side (train or eval).
+
+    Returns (pairs, held-out pairs or None, log lines). Amounts apply to the rows that pass the
+    checks and the length filter; `holdout` carves that fraction of each dataset's rows out before
+    its amount is taken, so no row (or upsampled copy of it) is on both sides.
     """
-    n = int(float(amount) * len(ds)) if "." in amount else int(amount)
-    repeats, remainder = divmod(n, len(ds))
-    if repeats == 0:
-        return ds.select(range(n))
-    extra = np.random.default_rng(seed).choice(len(ds), size=remainder, replace=False)
-    return ds.select(list(range(len(ds))) * repeats + sorted(extra.tolist()))
-
-
-def mix(mixer: list[str], splits: list[str], seed: int) -> datasets.Dataset:
     names, amounts = mixer[::2], mixer[1::2]
     splits = splits * len(names) if len(splits) == 1 else splits
-    parts = []
+    parts, held, bad, log = [], [], [], []
     for name, amount, split in zip(names, amounts, splits):
-        ds = take(load_raw(name, split), amount, seed)
-        parts.append(ds.select_columns(["chosen", "rejected"]))
-        print0(f"data: {name} [{split}] amount {amount}: {len(ds)} pairs")
-    return datasets.concatenate_datasets(parts)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenization and the length filter
-
-
-def tokenize_pair(row: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
-    def ids(messages, generation_prompt=False):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, return_dict=False)
-
-    return {
-        "prompt": ids(row["chosen"][:-1], generation_prompt=True),
-        "chosen": ids(row["chosen"]),
-        "rejected": ids(row["rejected"]),
-    }
+        if "." not in amount and int(amount) <= 10:
+            print0(
+                f"data: warning: amount {amount!r} for {name} is a row COUNT ({amount} rows); write 1.0 for all rows."
+            )
+        ds, unit = tokenize_dataset(name, split, tokenizer, args)
+        problems, fits, rows = ds["problem"], ds["fits"], ds["row"]
+        bad += [(name, unit, rows[i], why) for i, why in enumerate(problems) if why]
+        good = [i for i, why in enumerate(problems) if not why]
+        kept = [i for i in good if fits[i]]
+        log.append(
+            f"data: {what}: {name} [{split}]: {len(ds)} rows, {len(ds) - len(good)} bad, {len(good) - len(kept)} "
+            f"dropped by the length filter (prompt > {args.max_prompt_token_length} or chosen/rejected > "
+            f"{args.max_token_length} tokens), {len(kept)} kept"
+        )
+        if holdout > 0:
+            order = np.random.default_rng(args.seed).permutation(len(kept))
+            n_held = int(round(holdout * len(kept)))
+            held.append(ds.select(sorted(kept[i] for i in order[:n_held])))
+            kept = sorted(kept[i] for i in order[n_held:])
+            log.append(f"data: {name}: {n_held} pairs held out for eval (--eval_fraction {holdout})")
+        chosen = [kept[i] for i in take_indices(len(kept), amount, args.seed)]
+        parts.append(ds.select(chosen).select_columns(["prompt", "chosen", "rejected"]))
+        log.append(f"data: {what}: {name}: amount {amount} -> {len(chosen)} pairs")
+    log += report_bad_rows(bad, args.skip_bad_rows)
+    pairs = datasets.concatenate_datasets(parts)
+    log.append(f"data: {what}: {len(pairs)} pairs")
+    if len(pairs) == 0:
+        raise SystemExit(f"minrm: error: no {what} pair is left after the checks and the length filter; see above.")
+    held_out = datasets.concatenate_datasets(held).select_columns(["prompt", "chosen", "rejected"]) if held else None
+    return pairs, held_out, log
 
 
 def build_dataset(mixer, splits, tokenizer, args, what: str) -> datasets.Dataset:
-    """Mix, tokenize and length-filter one side (train or eval); report what the filter dropped."""
-    raw = mix(mixer, splits, args.seed)
-    tokenized = raw.map(tokenize_pair, fn_kwargs={"tokenizer": tokenizer}, remove_columns=raw.column_names)
+    """One side, built in memory without the cache, its log printed."""
+    pairs, _, log = build_side(mixer, splits, tokenizer, args, what)
+    for line in log:
+        print0(line)
+    return pairs
 
-    def fits(row):
-        return (
-            len(row["prompt"]) <= args.max_prompt_token_length
-            and len(row["chosen"]) <= args.max_token_length
-            and len(row["rejected"]) <= args.max_token_length
-        )
 
-    kept = tokenized.filter(fits)
-    print0(
-        f"data: {what}: {len(kept)} pairs kept, {len(tokenized) - len(kept)} dropped by the length filter "
-        f"(prompt > {args.max_prompt_token_length} or chosen/rejected > {args.max_token_length} tokens)"
+def show_pair(pair: dict, tokenizer: PreTrainedTokenizerBase) -> str:
+    """One pair's tokens with ANSI colours: prompt tokens blue/cyan, chosen response green/yellow,
+    rejected response red/magenta (alternating, so token boundaries show)."""
+
+    def paint(ids: list[int], colours: tuple[int, int]) -> str:
+        return "".join(f"\033[{colours[i % 2]}m{tokenizer.decode([t])}\033[0m" for i, t in enumerate(ids))
+
+    n = len(pair["prompt"])
+    return (
+        f"chosen:   {paint(pair['chosen'][:n], (34, 36))}{paint(pair['chosen'][n:], (32, 33))}\n"
+        f"rejected: {paint(pair['rejected'][:n], (34, 36))}{paint(pair['rejected'][n:], (31, 35))}"
     )
-    if len(kept) == 0:
-        raise SystemExit(f"minrm: error: no {what} pair is left after the length filter; raise --max_token_length.")
-    return kept
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minrm.config import Args, parse_args
-from minrm.data import build_dataset, collate, load_tokenizer, pairs_at, stream_indices
+from minrm.data import collate, load_tokenizer, pairs_at, show_pair, stream_indices
+from minrm.dataset_cache import load_datasets
 from minrm.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, print0, shard_model
 from minrm.evaluate import evaluate
 from minrm.export import push_folder, resolve_hub_repo, save_hf_folder
@@ -46,18 +47,15 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed)
 
     # ------------------------------------------------------------------------------------------
-    # Data. Rank 0 tokenizes first so the others reuse the `datasets` cache files it wrote.
+    # Data: mixed, checked, tokenized and length-filtered once per node, then read from the cache.
     tokenizer = load_tokenizer(args)
-    if not d.is_main:
-        barrier()
-    train_set = build_dataset(args.dataset_mixer_list, args.dataset_mixer_list_splits, tokenizer, args, "train")
-    eval_set = None
-    if args.dataset_mixer_eval_list:
-        eval_set = build_dataset(
-            args.dataset_mixer_eval_list, args.dataset_mixer_eval_list_splits, tokenizer, args, "eval"
-        )
-    if d.is_main:
-        barrier()
+    train_set, eval_set = load_datasets(args, tokenizer, d)
+    if args.cache_dataset_only:
+        print0("data: the dataset cache is built (--cache_dataset_only); exiting without training")
+        dist.destroy_process_group()
+        return {}
+    if d.is_main and not args.no_visualize:
+        print0(show_pair(train_set[0], tokenizer))
 
     # Derived values, computed once. Every optimizer step is a full batch; the pairs that cannot
     # fill the last one are dropped (and counted).

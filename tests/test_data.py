@@ -73,7 +73,7 @@ def test_length_filter_counts_what_it_drops(tmp_path, capsys):
         and len(tok.apply_chat_template(r["chosen"], return_dict=False)) <= 60
     ]
     assert expected == [0, 3] and len(kept) == 2
-    assert "2 pairs kept, 2 dropped by the length filter" in capsys.readouterr().out
+    assert "4 rows, 0 bad, 2 dropped by the length filter" in capsys.readouterr().out
 
 
 def test_collator_right_pads_and_splits_chosen_from_rejected():
