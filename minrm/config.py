@@ -85,7 +85,7 @@ class Args:
     use_liger_kernel: bool | None = None
     """Swap Liger's fused RMSNorm, SwiGLU and RoPE kernels into the backbone (default: on with CUDA, off otherwise). [minrm]"""
     strict_kernels: bool = False
-    """Fail at start, instead of training without them, when --use_liger_kernel True cannot be honoured. [minrm]"""
+    """Fail at start, instead of training without them, when the Liger kernels are wanted (--use_liger_kernel True, or auto on CUDA) but cannot be used. [minrm]"""
 
     # Experiment
     exp_name: str = "reward_modeling"

@@ -9,8 +9,9 @@ The trainer calls `apply_liger_kernel` after loading the `*ForSequenceClassifica
 before `fully_shard`. Which kernels an architecture gets is Liger's own choice (the defaults of its
 `apply_liger_kernel_to_<model_type>` functions: e.g. no RoPE for DeepSeek or GLM-4, no SwiGLU for
 gpt-oss). What the swap touches:
-- Norm and MLP modules of this model keep their class, parameters and names; Liger binds its own
-  `forward` onto each instance. State-dict keys do not change, so FSDP2 (which shards per decoder
+- Norm and MLP modules (MoE experts included) of this model keep their class, parameters and names;
+  Liger binds its own `forward` onto each instance (Nemotron's parameter-free ReLU² activation module
+  is replaced whole). State-dict keys do not change, so FSDP2 (which shards per decoder
   layer and only wraps that layer), gradient checkpointing (which re-runs the layer's forward),
   distributed checkpoints and the Hugging Face export all see the same model.
 - RoPE is not a module: attention calls the function `apply_rotary_pos_emb` of its modeling module
@@ -54,18 +55,18 @@ def apply_liger_kernel(model: PreTrainedModel, use: bool | None, strict: bool, d
 def swap_liger_kernels(model: PreTrainedModel, **liger_flags: bool) -> dict[str, list[str]]:
     """Apply Liger's instance patch for the model's architecture, on any device; return what is swapped.
 
-    `liger_flags` override Liger's per-architecture kernel choice (e.g. `rms_norm=False`), for tests and
-    benchmarks. The result maps each Liger kernel to where it now runs (see `liger_kernels_in`).
+    `liger_flags` override Liger's per-architecture kernel choice (the CPU tests swap RoPE alone with
+    `rms_norm=False, swiglu=False, geglu=False`). The result maps each Liger kernel to where it now runs (see `liger_kernels_in`).
     """
     # Imported here: it pulls in Triton and every modeling module Liger patches (seconds), which
     # runs without Liger do not need.
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
     decoder = _decoder(model)
-    # Liger's patch functions find the decoder layers as `model.model.layers` or accept the bare
-    # decoder, and several reject anything but their own *ForCausalLM or *Model class, so they get
-    # the decoder: the score head and the wrapper are never touched. Nemotron's alone walks
-    # `model.model.layers`, so it gets the wrapper.
+    # Liger's patch functions look for the layers under `getattr(model, model.base_model_prefix, model)`,
+    # and several accept only their own *ForCausalLM or *Model class, not a *ForSequenceClassification:
+    # all but Nemotron's take the bare decoder, so the score head and the wrapper are out of their
+    # reach. Nemotron's reads `model.model.layers` (to swap its MLP activation), so it gets the wrapper.
     target = model if decoder.config.model_type == "nemotron" else decoder
     _apply_liger_kernel_to_instance(target, cross_entropy=False, fused_linear_cross_entropy=False, **liger_flags)
     return liger_kernels_in(model)
@@ -112,7 +113,10 @@ def _why_not(model: PreTrainedModel, device: torch.device) -> str | None:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:
         return f"liger: liger-kernel cannot be imported ({e})"
-    model_type = _decoder(model).config.model_type
+    decoder = _decoder(model)
+    if not type(decoder).__module__.startswith("transformers."):
+        return f"liger: {type(decoder).__name__} is remote code; Liger patches only transformers' own models"
+    model_type = decoder.config.model_type
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         covered = ", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))
         return f"liger: the installed liger-kernel has no kernels for model type {model_type!r} (it covers: {covered})"
