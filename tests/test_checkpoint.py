@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub.hf_api
 import pytest
 import torch
 from huggingface_hub import HfApi
@@ -38,7 +39,7 @@ def flags(model_dir, pairs_file, eval_file, out, name, pdbs=2):
         "--dataset_mixer_list", pairs_file, "1.0",
         "--dataset_mixer_eval_list", eval_file, "1.0",
         "--dataset_mixer_eval_list_splits", "train",
-        "--learning_rate", "1e-3",
+        "--learning_rate", "2e-4",
         "--warm_up_steps", "2",
         "--seed", "3",
         "--total_episodes", str(2 * STEPS),
@@ -93,6 +94,13 @@ def uninterrupted(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> Pa
 
 
 @pytest.fixture(scope="module")
+def uninterrupted_two_process(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt_runs")
+    run_minrm(flags(tiny_model_dir, pairs_file, eval_file, out, "full2", pdbs=1), nproc=2)
+    return out / "full2"
+
+
+@pytest.fixture(scope="module")
 def killed_two_process(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> Path:
     """A 2-process run killed after a checkpoint (same global batches: 2 x 1 pair)."""
     out = tmp_path_factory.mktemp("ckpt_runs2")
@@ -114,17 +122,19 @@ def test_kill_and_resume_one_process_is_bitwise(uninterrupted, tiny_model_dir, p
     assert_same_run(uninterrupted, tmp_path / "resumed", atol=0)
 
 
-def test_kill_and_resume_two_processes(uninterrupted, killed_two_process, tiny_model_dir, pairs_file, eval_file):
+def test_kill_and_resume_two_processes(
+    uninterrupted_two_process, killed_two_process, tiny_model_dir, pairs_file, eval_file
+):
     # Resume a copy on 2 processes; the original stays for the 2 -> 1 test.
     run_dir = killed_two_process.parent / "two_resumed"
     shutil.copytree(killed_two_process, run_dir)
     args = flags(tiny_model_dir, pairs_file, eval_file, run_dir.parent, "two_resumed", pdbs=1)
     run_minrm(args + ["--resume_from_checkpoint", "auto"], nproc=2)
-    assert_same_run(uninterrupted, run_dir, atol=1e-5)  # 2 vs 1 process: reduction order differs
+    assert_same_run(uninterrupted_two_process, run_dir, atol=0)
 
 
 def test_two_process_checkpoint_resumes_on_one(
-    uninterrupted, killed_two_process, tiny_model_dir, pairs_file, eval_file
+    uninterrupted_two_process, killed_two_process, tiny_model_dir, pairs_file, eval_file
 ):
     run_dir = killed_two_process.parent / "two_to_one"
     shutil.copytree(killed_two_process, run_dir)
@@ -132,7 +142,8 @@ def test_two_process_checkpoint_resumes_on_one(
     args = flags(tiny_model_dir, pairs_file, eval_file, run_dir.parent, "two_to_one", pdbs=2)
     result = run_minrm(args + ["--resume_from_checkpoint", "auto"])
     assert "written by 2 processes" in result.stdout
-    assert_same_run(uninterrupted, run_dir, atol=1e-5)
+    # After the resume point the reductions run in another order: equal within 1e-5, not bitwise.
+    assert_same_run(uninterrupted_two_process, run_dir, atol=1e-5)
 
 
 def test_auto_skips_incomplete_checkpoints(uninterrupted, tmp_path):
@@ -211,6 +222,11 @@ def test_push_to_hub_uploads_the_folder(uninterrupted, monkeypatch):
         return SimpleNamespace(commit_url="https://huggingface.co/fake")
 
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    # With hf_xet installed, upload_folder streams through Xet storage (a server of its own); the
+    # plain path lists the same files and ends in the one create_commit call we replace.
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    # upload_folder posts README.md's front matter to the Hub for validation: keep what it would send.
+    monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **k: calls.setdefault("card", content))
     args = SimpleNamespace(hf_entity=None, hf_repo_id=None, hf_repo_revision=None, run_name="full")
     repo_id, revision = export.resolve_hub_repo(args)
     url = export.push_folder(str(uninterrupted), repo_id, revision)
@@ -220,3 +236,4 @@ def test_push_to_hub_uploads_the_folder(uninterrupted, monkeypatch):
     assert (repo, branch) == ("alice/open_instruct_dev", "full")
     assert {"model.safetensors", "config.json", "README.md", "tokenizer_config.json"} <= set(files)
     assert not any(f.startswith("checkpoints/") for f in files)
+    assert "base_model: " in calls["card"]
