@@ -126,7 +126,9 @@ def main(args: Args) -> dict:
     episode = trainer.episode
     ga = args.gradient_accumulation_steps
     steps = range(trainer.step, num_training_steps)
-    bar = tqdm(steps, initial=trainer.step, total=num_training_steps, disable=not d.is_main, desc="train")
+    bar = tqdm(
+        steps, initial=trainer.step, total=num_training_steps, disable=not d.is_main, desc="train", dynamic_ncols=True
+    )
     metrics = {}
     for step in bar:
         lr = args.learning_rate * lr_multiplier(

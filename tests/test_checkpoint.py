@@ -3,7 +3,7 @@
 - a training process is SIGKILLed after it has written a checkpoint, resumed with `auto`, and its
   metrics.jsonl and final weights compared with an uninterrupted run (bitwise on 1 process);
 - the same with 2 processes (torchrun), and a 2-process checkpoint resumed on 1 process;
-- `auto` skips a checkpoint left half-written; a checkpoint from another model is refused;
+- `auto` starts fresh without a checkpoint and skips one left half-written; a checkpoint from another model is refused;
 - `python -m minrm.export CHECKPOINT OUT` reloads with AutoModelForSequenceClassification and
   scores the eval pairs as the run did;
 - the Hub upload goes through huggingface_hub with its network calls replaced.
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from minrm import export
-from minrm.checkpoint import find_latest
+from minrm.checkpoint import checkpoint_interval, find_latest
 from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
 
 # 48 pairs, 2 per optimizer step, 2 epochs: 48 steps, enough for a kill to land mid-run.
@@ -89,7 +89,9 @@ def assert_same_run(a: Path, b: Path, atol: float) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt_runs")
-    run_minrm(flags(tiny_model_dir, pairs_file, eval_file, out, "full"))
+    # `auto` with no checkpoint yet: starts fresh (and says so).
+    result = run_minrm(flags(tiny_model_dir, pairs_file, eval_file, out, "full") + ["--resume_from_checkpoint", "auto"])
+    assert "starting fresh" in result.stdout
     return out / "full"
 
 
@@ -146,6 +148,13 @@ def test_two_process_checkpoint_resumes_on_one(
     assert_same_run(uninterrupted_two_process, run_dir, atol=1e-5)
 
 
+def test_checkpointing_steps_epoch():
+    assert checkpoint_interval("epoch", train_pairs=48, batch_size=5) == 10  # ceil(48 / 5)
+    assert checkpoint_interval("7", 48, 5) == 7 and checkpoint_interval(None, 48, 5) is None
+    with pytest.raises(SystemExit, match="checkpointing_steps"):
+        checkpoint_interval("0", 48, 5)
+
+
 def test_auto_skips_incomplete_checkpoints(uninterrupted, tmp_path):
     root = tmp_path / "run" / "checkpoints"
     shutil.copytree(uninterrupted / "checkpoints", root)
@@ -160,14 +169,6 @@ def test_auto_skips_incomplete_checkpoints(uninterrupted, tmp_path):
     shard = next(p for p in older.iterdir() if p.suffix == ".distcp")
     shard.write_bytes(shard.read_bytes()[:100])
     assert find_latest(str(tmp_path / "run")) is None
-
-
-def test_auto_without_checkpoint_starts_fresh(tiny_model_dir, pairs_file, eval_file, tmp_path):
-    args = flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "fresh")
-    args[args.index("--total_episodes") + 1] = "4"
-    result = run_minrm(args + ["--resume_from_checkpoint", "auto", "--num_evals", "0"])
-    assert "starting fresh" in result.stdout
-    assert len(read_metrics(tmp_path / "fresh")) == 2
 
 
 def test_checkpoint_of_another_model_is_refused(uninterrupted, tiny_model_dir, pairs_file, eval_file, tmp_path):
