@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from minrm import export
-from minrm.checkpoint import checkpoint_interval, find_latest
+from minrm.checkpoint import checkpoint_interval, find_latest, load_checkpoint
 from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
 
 # 48 pairs, 2 per optimizer step, 2 epochs: 48 steps, enough for a kill to land mid-run.
@@ -169,6 +169,9 @@ def test_auto_skips_incomplete_checkpoints(uninterrupted, tmp_path):
     shard = next(p for p in older.iterdir() if p.suffix == ".distcp")
     shard.write_bytes(shard.read_bytes()[:100])
     assert find_latest(str(tmp_path / "run")) is None
+    # Named explicitly, an incomplete checkpoint is refused with what is wrong, before any loading.
+    with pytest.raises(SystemExit, match=r"shard file __\d_\d\.distcp is truncated"):
+        load_checkpoint(str(older), model=None, optimizer=None, meta_now={})
 
 
 def test_checkpoint_of_another_model_is_refused(uninterrupted, tiny_model_dir, pairs_file, eval_file, tmp_path):
@@ -190,10 +193,17 @@ def test_checkpoint_of_another_model_is_refused(uninterrupted, tiny_model_dir, p
 
 def test_export_round_trip(uninterrupted, eval_file, tmp_path):
     out = tmp_path / "exported"
-    cmd = ["python", "-m", "minrm.export", str(uninterrupted / "checkpoints" / f"step_{STEPS}"), str(out)]
+    ckpt = uninterrupted / "checkpoints" / f"step_{STEPS}"
+    # 40KB shards: the 82KB tiny model is written as several files with an index.
+    cmd = ["python", "-m", "minrm.export", str(ckpt), str(out), "--max_shard_size", "40KB"]
     subprocess.run(cmd, cwd=ROOT, env=minrm_env(), check=True, capture_output=True, timeout=120)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 1
     # The final checkpoint exports to the weights the end of training wrote, bitwise.
-    final, exported = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
+    final, exported = load_file(uninterrupted / "model.safetensors"), {}
+    for shard in shards:
+        exported.update(load_file(out / shard))
     assert final.keys() == exported.keys()
     for key in final:
         assert torch.equal(final[key], exported[key]), key
