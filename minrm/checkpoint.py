@@ -95,6 +95,9 @@ class TrainerState(Stateful):
 
     step: int = 0
     episode: int = 0
+    # The last logged metrics, for the model card of an export. Kept in meta.json (readable without
+    # DCP), not in the DCP state: they do not affect training.
+    metrics: dict = dataclasses.field(default_factory=dict)
 
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
@@ -154,9 +157,8 @@ def save_checkpoint(
     dcp.save(_checkpoint_states(model, optimizer, trainer), checkpoint_id=tmp)
     if d.is_main:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(
-                {**meta, "step": trainer.step, "episode": trainer.episode, "world_size": d.world_size}, f, indent=1
-            )
+            where = {"step": trainer.step, "episode": trainer.episode, "world_size": d.world_size}
+            json.dump({**meta, **where, "metrics": trainer.metrics}, f, indent=1)
     barrier()  # every rank is done with `tmp` before it changes name
     if d.is_main:
         shutil.rmtree(final, ignore_errors=True)  # an older run's step_<N> that a resume went back past
@@ -268,7 +270,7 @@ def load_checkpoint(path: str, model, optimizer, meta_now: dict) -> TrainerState
             + ". Resume with the flags it was written with (batch_size = per_device_train_batch_size x "
             "processes x gradient_accumulation_steps must stay the same)."
         )
-    trainer = TrainerState()
+    trainer = TrainerState(metrics=meta.get("metrics", {}))
     dcp.load(_checkpoint_states(model, optimizer, trainer), checkpoint_id=path)
     print0(f"resumed from {path} at step {trainer.step} (written by {meta['world_size']} processes)")
     return trainer

@@ -129,7 +129,7 @@ def main(args: Args) -> dict:
     bar = tqdm(
         steps, initial=trainer.step, total=num_training_steps, disable=not d.is_main, desc="train", dynamic_ncols=True
     )
-    metrics = {}
+    metrics = trainer.metrics
     for step in bar:
         lr = args.learning_rate * lr_multiplier(
             args.lr_scheduler_type, step, args.warm_up_steps, num_training_steps, args.learning_rate
@@ -181,10 +181,9 @@ def main(args: Args) -> dict:
                         f"  {'ok ' if row['correct'] else 'bad'} {row['chosen_reward']:+.3f} vs {row['rejected_reward']:+.3f}: {row['chosen_response'][:60]!r} / {row['rejected_response'][:60]!r}"
                     )
 
-        # Save a checkpoint (all ranks write their shards). `metrics` goes in meta.json for the model card.
+        # Save a checkpoint (all ranks write their shards).
         if checkpoint_every and (step + 1) % checkpoint_every == 0:
-            trainer = TrainerState(step + 1, episode)
-            meta["metrics"] = metrics
+            trainer = TrainerState(step + 1, episode, metrics)
             save_checkpoint(run_dir, trainer, model, optimizer, meta, args.keep_last_n_checkpoints, d)
 
     # ------------------------------------------------------------------------------------------
