@@ -163,7 +163,7 @@ def save_checkpoint(
     if d.is_main:
         shutil.rmtree(final, ignore_errors=True)  # an older run's step_<N> that a resume went back past
         os.rename(tmp, final)
-        _prune(root, keep_last_n)
+        _prune(root, keep_last_n, trainer.step)
         print0(f"saved checkpoint {final}")
     barrier()
     return final
@@ -181,10 +181,12 @@ def _steps(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _prune(root: str, keep_last_n: int) -> None:
+def _prune(root: str, keep_last_n: int, step: int) -> None:
+    """Delete all but the newest `keep_last_n` checkpoints up to `step`. Later ones exist only when a
+    run was resumed from an older checkpoint by path: they are left alone (not ours to delete)."""
     if keep_last_n <= 0:
         return
-    for _, path in _steps(root)[:-keep_last_n]:
+    for _, path in [s for s in _steps(root) if s[0] <= step][:-keep_last_n]:
         shutil.rmtree(path)
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from minrm import export
-from minrm.checkpoint import checkpoint_interval, find_latest, load_checkpoint
+from minrm.checkpoint import check_resume_args, checkpoint_interval, find_latest, load_checkpoint
 from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
 
 # 48 pairs, 2 per optimizer step, 2 epochs: 48 steps, enough for a kill to land mid-run.
@@ -153,6 +153,11 @@ def test_checkpointing_steps_epoch():
     assert checkpoint_interval("7", 48, 5) == 7 and checkpoint_interval(None, 48, 5) is None
     with pytest.raises(SystemExit, match="checkpointing_steps"):
         checkpoint_interval("0", 48, 5)
+
+
+def test_auto_needs_a_run_name():
+    with pytest.raises(SystemExit, match="needs --run_name"):
+        check_resume_args(SimpleNamespace(resume_from_checkpoint="auto", run_name=None))
 
 
 def test_auto_skips_incomplete_checkpoints(uninterrupted, tmp_path):
