@@ -123,6 +123,14 @@ class Args:
     num_evals: int = 1
     """Evaluations spread evenly through training (the last after the final step), when an eval set is given."""
 
+    # Checkpointing
+    checkpointing_steps: str | None = None
+    """Save a resumable checkpoint every N optimizer steps, or `epoch` (every ceil(training pairs / batch_size) steps), to OUTPUT_DIR/RUN_NAME/checkpoints/step_N (default: none). [minrm]"""
+    keep_last_n_checkpoints: int = 2
+    """Keep the newest K checkpoints, deleting older ones once a new one is complete; <= 0 keeps all. [minrm]"""
+    resume_from_checkpoint: str | None = None
+    """Resume from this checkpoint folder, or `auto`: the newest complete checkpoint of OUTPUT_DIR/RUN_NAME (needs --run_name; with none found, start fresh). The batch size, data and schedule flags must be those it was written with. [minrm]"""
+
     # Tracking and output
     with_tracking: bool = False
     """Log to Weights & Biases (set WANDB_MODE=offline to log without a network)."""

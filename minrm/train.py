@@ -23,12 +23,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from minrm.checkpoint import (
+    TrainerState,
+    check_resume_args,
+    checkpoint_interval,
+    config_hash,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    truncate_logs,
+)
 from minrm.config import Args, parse_args
 from minrm.data import collate, load_tokenizer, pairs_at, show_pair, stream_indices
 from minrm.dataset_cache import load_datasets
 from minrm.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, print0, shard_model
 from minrm.evaluate import evaluate
-from minrm.export import push_folder, resolve_hub_repo, save_hf_folder
+from minrm.export import model_card, push_folder, resolve_hub_repo, save_hf_folder
 from minrm.liger import apply_liger_kernel
 from minrm.model import load_model, transformer_blocks
 from minrm.optim import build_optimizer, clip_grad_norm_, lr_multiplier, set_lr
@@ -38,6 +48,7 @@ from minrm.tracking import Tracker, summary_line
 def main(args: Args) -> dict:
     # ------------------------------------------------------------------------------------------
     # Setup
+    check_resume_args(args)
     d = init_distributed()
     # Every rank must agree on the run name (it names the output folder): rank 0's clock decides.
     args.run_name = broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -92,15 +103,31 @@ def main(args: Args) -> dict:
     print0(apply_liger_kernel(model, args.use_liger_kernel, args.strict_kernels, d.device))
     shard_model(model, transformer_blocks(model), d)
     optimizer = build_optimizer(model, args)
+
+    # ------------------------------------------------------------------------------------------
+    # Resume (checkpoint.py). The step number is the data position and the LR schedule state.
+    derived["train_pairs"] = len(train_set)
+    meta = {"architecture": architecture, "config_hash": config_hash(model.config), "derived": derived}
+    meta["args"] = dataclasses.asdict(args)
+    trainer = TrainerState()
+    resume_path = resolve_resume(args, run_dir)
+    if resume_path:
+        trainer = load_checkpoint(resume_path, model, optimizer, meta)
+    if args.resume_from_checkpoint and d.is_main:
+        truncate_logs(run_dir, trainer)  # drop what a killed run logged after its last checkpoint
+    checkpoint_every = checkpoint_interval(args.checkpointing_steps, len(train_set), batch_size)
     tracker = Tracker(run_dir, args, derived) if d.is_main else None
 
     # ------------------------------------------------------------------------------------------
     # Loop
     model.train()
-    episode = 0
+    episode = trainer.episode
     ga = args.gradient_accumulation_steps
-    bar = tqdm(range(num_training_steps), disable=not d.is_main, desc="train", dynamic_ncols=True)
-    metrics = {}
+    steps = range(trainer.step, num_training_steps)
+    bar = tqdm(
+        steps, initial=trainer.step, total=num_training_steps, disable=not d.is_main, desc="train", dynamic_ncols=True
+    )
+    metrics = trainer.metrics
     for step in bar:
         lr = args.learning_rate * lr_multiplier(
             args.lr_scheduler_type, step, args.warm_up_steps, num_training_steps, args.learning_rate
@@ -152,9 +179,14 @@ def main(args: Args) -> dict:
                         f"  {'ok ' if row['correct'] else 'bad'} {row['chosen_reward']:+.3f} vs {row['rejected_reward']:+.3f}: {row['chosen_response'][:60]!r} / {row['rejected_response'][:60]!r}"
                     )
 
+        # Save a checkpoint (all ranks write their shards).
+        if checkpoint_every and (step + 1) % checkpoint_every == 0:
+            trainer = TrainerState(step + 1, episode, metrics)
+            save_checkpoint(run_dir, trainer, model, optimizer, meta, args.keep_last_n_checkpoints, d)
+
     # ------------------------------------------------------------------------------------------
     # Export
-    save_hf_folder(model, tokenizer, architecture, run_dir, d)
+    save_hf_folder(model, tokenizer, architecture, run_dir, d, card=model_card(args, metrics))
     print0(f"saved the model to {run_dir}")
     if args.push_to_hub and d.is_main:
         repo_id, revision = resolve_hub_repo(args)

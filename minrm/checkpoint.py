@@ -1,0 +1,300 @@
+"""Resumable training: distributed checkpoints with `torch.distributed.checkpoint` (DCP).
+
+A checkpoint is `OUTPUT_DIR/RUN_NAME/checkpoints/step_<N>/`: the DCP shards (every rank writes
+its own part of the model and optimizer), DCP's `.metadata`, and a `meta.json` written by rank 0
+that says what the checkpoint belongs to (model config hash, batch size, step count, args) so a
+resume can refuse a checkpoint from another run with a sentence naming what differs.
+
+What a checkpoint holds, and why that is all a resume needs:
+- the model and the AdamW state (moments and step count), sharded as FSDP2 holds them; DCP
+  reshards on load, so a checkpoint written by 2 processes resumes on 1, 4 or 8;
+- the optimizer step and the episode count. minrm's data stream is a pure function of (global
+  position, seed) (`data.stream_indices`) and the learning rate a pure function of the step
+  (`optim.lr_multiplier`): the step number IS the data position and the scheduler state;
+- the RNG states (torch, CUDA, python, numpy). Nothing in the loop draws from them today
+  (dropout is off, the data order has its own generators); they are kept so that a future use
+  cannot silently break exact resume. Every rank seeds the same way, so rank 0's states stand
+  for all ranks.
+
+A crash mid-write never leaves a checkpoint that looks whole: ranks write into `step_<N>.tmp`,
+and rank 0 renames it to `step_<N>` after DCP's save returned on every rank (a barrier) and
+`meta.json` is in place. `find_latest` also checks that every file DCP's metadata names exists.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from minrm.distributed import Dist, barrier, print0
+
+PREFIX = "step_"
+TMP_SUFFIX = ".tmp"
+# What must be equal between the checkpoint's run and the resuming run for the result to be the
+# same as never stopping: the model, the data stream and the schedule.
+MUST_MATCH_ARGS = (
+    "dataset_mixer_list",
+    "dataset_mixer_list_splits",
+    "max_token_length",
+    "max_prompt_token_length",
+    "seed",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warm_up_steps",
+    "eps",
+    "weight_decay",
+    "max_grad_norm",
+)
+MUST_MATCH_DERIVED = ("batch_size", "num_training_steps", "train_pairs")
+
+
+class ModelState(Stateful):
+    """The model's (sharded) state dict, in the form DCP saves and reshards."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState(Stateful):
+    """AdamW's state, keyed by parameter name (not position) so that it survives resharding."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+@dataclasses.dataclass
+class TrainerState(Stateful):
+    """Where the loop is: the step (= data position and LR schedule state), episodes, RNGs."""
+
+    step: int = 0
+    episode: int = 0
+    # The last logged metrics, for the model card of an export. Kept in meta.json (readable without
+    # DCP), not in the DCP state: they do not affect training.
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        return {"step": self.step, "episode": self.episode, "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.episode = state["step"], state["episode"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+
+
+def checkpoint_interval(value: str | None, train_pairs: int, batch_size: int) -> int | None:
+    """Steps between checkpoints: `--checkpointing_steps N`, or `epoch` = ceil(train pairs / batch_size)."""
+    if value is None:
+        return None
+    if value == "epoch":
+        return math.ceil(train_pairs / batch_size)
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"minrm: error: --checkpointing_steps: expected a positive integer or `epoch`, got {value!r}")
+    return int(value)
+
+
+def config_hash(config) -> str:
+    """A hash of the model config, minus what does not change the weights' meaning."""
+    items = {
+        k: v for k, v in config.to_dict().items() if k not in ("architectures", "_name_or_path", "transformers_version")
+    }
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _checkpoint_states(model, optimizer, trainer: TrainerState) -> dict:
+    return {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "trainer": trainer}
+
+
+# ----------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(
+    run_dir: str, trainer: TrainerState, model, optimizer, meta: dict, keep_last_n: int, d: Dist
+) -> str:
+    """Write `checkpoints/step_<N>` (all ranks call this); returns its path."""
+    root = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(root, f"{PREFIX}{trainer.step}")
+    tmp = final + TMP_SUFFIX
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a crashed save of this same step
+        os.makedirs(tmp)
+    barrier()
+    # Each rank writes its own shards; rank 0 also writes `.metadata` once every rank has written.
+    dcp.save(_checkpoint_states(model, optimizer, trainer), checkpoint_id=tmp)
+    if d.is_main:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            where = {"step": trainer.step, "episode": trainer.episode, "world_size": d.world_size}
+            json.dump({**meta, **where, "metrics": trainer.metrics}, f, indent=1)
+    barrier()  # every rank is done with `tmp` before it changes name
+    if d.is_main:
+        shutil.rmtree(final, ignore_errors=True)  # an older run's step_<N> that a resume went back past
+        os.rename(tmp, final)
+        _prune(root, keep_last_n, trainer.step)
+        print0(f"saved checkpoint {final}")
+    barrier()
+    return final
+
+
+def _steps(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete-looking `step_<N>` folder, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        number = name[len(PREFIX) :]
+        if name.startswith(PREFIX) and number.isdigit():  # `step_<N>.tmp` fails isdigit
+            found.append((int(number), os.path.join(root, name)))
+    return sorted(found)
+
+
+def _prune(root: str, keep_last_n: int, step: int) -> None:
+    """Delete all but the newest `keep_last_n` checkpoints up to `step`. Later ones exist only when a
+    run was resumed from an older checkpoint by path: they are left alone (not ours to delete)."""
+    if keep_last_n <= 0:
+        return
+    for _, path in [s for s in _steps(root) if s[0] <= step][:-keep_last_n]:
+        shutil.rmtree(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Find, check, load
+
+
+def check_complete(path: str) -> dict:
+    """The checkpoint's meta.json, after checking that every file it needs is there and long
+    enough; raises ValueError with a sentence saying what is missing."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(path, ".metadata")):
+        raise ValueError(f"{path} is not a complete minrm checkpoint (meta.json or DCP's .metadata is missing)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        storage = FileSystemReader(path).read_metadata().storage_data
+    except Exception as e:  # a truncated json or pickle
+        raise ValueError(f"{path}: cannot read its metadata ({type(e).__name__}: {e})") from e
+    sizes = {}
+    for info in storage.values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sizes.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"{path} is incomplete: shard file {name} is missing")
+        if os.path.getsize(file) < size:
+            raise ValueError(
+                f"{path} is incomplete: shard file {name} is truncated ({os.path.getsize(file)} < {size} bytes)"
+            )
+    return meta
+
+
+def find_latest(run_dir: str) -> str | None:
+    """The newest complete checkpoint of a run, skipping (and naming) incomplete ones."""
+    for _, path in reversed(_steps(os.path.join(run_dir, "checkpoints"))):
+        try:
+            check_complete(path)
+            return path
+        except ValueError as e:
+            print0(f"skipping checkpoint: {e}")
+    return None
+
+
+def resolve_resume(args, run_dir: str) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names (`auto`: the run's newest), or None."""
+    where = args.resume_from_checkpoint
+    if where is None:
+        return None
+    if where != "auto":
+        return where
+    path = find_latest(run_dir)
+    print0(f"resume: {path}" if path else f"resume: no complete checkpoint in {run_dir}/checkpoints; starting fresh")
+    return path
+
+
+def check_resume_args(args) -> None:
+    """`auto` looks in OUTPUT_DIR/RUN_NAME: without a fixed run name there is nothing to find."""
+    if args.resume_from_checkpoint == "auto" and not args.run_name:
+        raise SystemExit("minrm: error: --resume_from_checkpoint auto needs --run_name (it finds the run's folder)")
+
+
+def load_checkpoint(path: str, model, optimizer, meta_now: dict) -> TrainerState:
+    """Load a checkpoint into the (sharded) model and optimizer, after checking it belongs to this
+    run; returns the trainer state to continue from. Reads only: nothing is written."""
+    try:
+        meta = check_complete(path)
+    except ValueError as e:
+        raise SystemExit(f"minrm: error: --resume_from_checkpoint: {e}") from e
+    wrong = []
+    if meta["config_hash"] != meta_now["config_hash"]:
+        wrong.append(f"model config ({meta['args']['model_name_or_path']} vs {meta_now['args']['model_name_or_path']})")
+    for key in MUST_MATCH_DERIVED:
+        if meta["derived"].get(key) != meta_now["derived"][key]:
+            wrong.append(f"{key} ({meta['derived'].get(key)} vs {meta_now['derived'][key]})")
+    for key in MUST_MATCH_ARGS:
+        if meta["args"].get(key) != meta_now["args"][key]:
+            wrong.append(f"--{key} ({meta['args'].get(key)} vs {meta_now['args'][key]})")
+    if wrong:
+        raise SystemExit(
+            f"minrm: error: checkpoint {path} was written by a different run; checkpoint vs now: "
+            + "; ".join(wrong)
+            + ". Resume with the flags it was written with (batch_size = per_device_train_batch_size x "
+            "processes x gradient_accumulation_steps must stay the same)."
+        )
+    trainer = TrainerState(metrics=meta.get("metrics", {}))
+    dcp.load(_checkpoint_states(model, optimizer, trainer), checkpoint_id=path)
+    print0(f"resumed from {path} at step {trainer.step} (written by {meta['world_size']} processes)")
+    return trainer
+
+
+def load_model_weights(path: str, model: torch.nn.Module) -> dict:
+    """Load only the model part of a checkpoint into an unsharded model (for export); returns meta."""
+    meta = check_complete(path)
+    dcp.load({"model": ModelState(model)}, checkpoint_id=path)
+    return meta
+
+
+def truncate_logs(run_dir: str, trainer: TrainerState) -> None:
+    """Drop log lines written after the checkpoint (a killed run kept logging past it), so that
+    the resumed run's metrics.jsonl and eval_samples.jsonl equal an uninterrupted run's."""
+    for name, key, limit in (
+        ("metrics.jsonl", "episode", trainer.episode),
+        ("eval_samples.jsonl", "step", trainer.step),
+    ):
+        file = os.path.join(run_dir, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)[key] <= limit]
+            with open(file, "w") as f:
+                f.writelines(keep)

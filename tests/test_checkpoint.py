@@ -1,0 +1,255 @@
+"""Checkpoints, exact resume, export and Hub push, run as users run them:
+
+- a training process is SIGKILLed after it has written a checkpoint, resumed with `auto`, and its
+  metrics.jsonl and final weights compared with an uninterrupted run (bitwise on 1 process);
+- the same with 2 processes (torchrun), and a 2-process checkpoint resumed on 1 process;
+- `auto` starts fresh without a checkpoint and skips one left half-written; a checkpoint from another model is refused;
+- `python -m minrm.export CHECKPOINT OUT` reloads with AutoModelForSequenceClassification and
+  scores the eval pairs as the run did;
+- the Hub upload goes through huggingface_hub with its network calls replaced.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub.hf_api
+import pytest
+import torch
+from huggingface_hub import HfApi
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from minrm import export
+from minrm.checkpoint import check_resume_args, checkpoint_interval, find_latest, load_checkpoint
+from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
+
+# 48 pairs, 2 per optimizer step, 2 epochs: 48 steps, enough for a kill to land mid-run.
+STEPS, EVERY = 48, 6
+
+
+def flags(model_dir, pairs_file, eval_file, out, name, pdbs=2):
+    return [
+        "--model_name_or_path", model_dir,
+        "--dataset_mixer_list", pairs_file, "1.0",
+        "--dataset_mixer_eval_list", eval_file, "1.0",
+        "--dataset_mixer_eval_list_splits", "train",
+        "--learning_rate", "2e-4",
+        "--warm_up_steps", "2",
+        "--seed", "3",
+        "--total_episodes", str(2 * STEPS),
+        "--per_device_train_batch_size", str(pdbs),
+        "--gradient_accumulation_steps", "1",
+        "--per_device_eval_batch_size", "4",
+        "--num_evals", "4",
+        "--checkpointing_steps", str(EVERY),
+        "--output_dir", str(out),
+        "--run_name", name,
+    ]  # fmt: skip
+
+
+def run_and_kill(args: list[str], run_dir: Path, nproc: int = 1) -> None:
+    """Start a run, SIGKILL it (all its processes) once it has written a checkpoint."""
+    proc = subprocess.Popen(
+        minrm_command(args, nproc), cwd=ROOT, env=minrm_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while find_latest(str(run_dir)) is None:
+        assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "model.safetensors").exists(), "the run finished before it was killed"
+
+
+def minrm_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def assert_same_run(a: Path, b: Path, atol: float) -> None:
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert len(ma) == len(mb) == STEPS + 4
+    for ra, rb in zip(ma, mb):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert rb[key] == pytest.approx(ra[key], abs=atol, rel=0), key
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt_runs")
+    # `auto` with no checkpoint yet: starts fresh (and says so).
+    result = run_minrm(flags(tiny_model_dir, pairs_file, eval_file, out, "full") + ["--resume_from_checkpoint", "auto"])
+    assert "starting fresh" in result.stdout
+    return out / "full"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_process(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt_runs")
+    run_minrm(flags(tiny_model_dir, pairs_file, eval_file, out, "full2", pdbs=1), nproc=2)
+    return out / "full2"
+
+
+@pytest.fixture(scope="module")
+def killed_two_process(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> Path:
+    """A 2-process run killed after a checkpoint (same global batches: 2 x 1 pair)."""
+    out = tmp_path_factory.mktemp("ckpt_runs2")
+    run_and_kill(flags(tiny_model_dir, pairs_file, eval_file, out, "two", pdbs=1), out / "two", nproc=2)
+    return out / "two"
+
+
+def test_checkpoints_are_written_and_pruned(uninterrupted):
+    names = sorted(os.listdir(uninterrupted / "checkpoints"))
+    assert names == [f"step_{STEPS - EVERY}", f"step_{STEPS}"]  # --keep_last_n_checkpoints 2
+    meta = json.loads((uninterrupted / "checkpoints" / f"step_{STEPS}" / "meta.json").read_text())
+    assert meta["step"] == STEPS and meta["world_size"] == 1 and meta["derived"]["batch_size"] == 2
+
+
+def test_kill_and_resume_one_process_is_bitwise(uninterrupted, tiny_model_dir, pairs_file, eval_file, tmp_path):
+    args = flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "resumed")
+    run_and_kill(args, tmp_path / "resumed")
+    run_minrm(args + ["--resume_from_checkpoint", "auto"])
+    assert_same_run(uninterrupted, tmp_path / "resumed", atol=0)
+
+
+def test_kill_and_resume_two_processes(
+    uninterrupted_two_process, killed_two_process, tiny_model_dir, pairs_file, eval_file
+):
+    # Resume a copy on 2 processes; the original stays for the 2 -> 1 test.
+    run_dir = killed_two_process.parent / "two_resumed"
+    shutil.copytree(killed_two_process, run_dir)
+    args = flags(tiny_model_dir, pairs_file, eval_file, run_dir.parent, "two_resumed", pdbs=1)
+    run_minrm(args + ["--resume_from_checkpoint", "auto"], nproc=2)
+    assert_same_run(uninterrupted_two_process, run_dir, atol=0)
+
+
+def test_two_process_checkpoint_resumes_on_one(
+    uninterrupted_two_process, killed_two_process, tiny_model_dir, pairs_file, eval_file
+):
+    run_dir = killed_two_process.parent / "two_to_one"
+    shutil.copytree(killed_two_process, run_dir)
+    # The same batch size (2 pairs per step) on one process: 2 pairs per device.
+    args = flags(tiny_model_dir, pairs_file, eval_file, run_dir.parent, "two_to_one", pdbs=2)
+    result = run_minrm(args + ["--resume_from_checkpoint", "auto"])
+    assert "written by 2 processes" in result.stdout
+    # After the resume point the reductions run in another order: equal within 1e-5, not bitwise.
+    assert_same_run(uninterrupted_two_process, run_dir, atol=1e-5)
+
+
+def test_checkpointing_steps_epoch():
+    assert checkpoint_interval("epoch", train_pairs=48, batch_size=5) == 10  # ceil(48 / 5)
+    assert checkpoint_interval("7", 48, 5) == 7 and checkpoint_interval(None, 48, 5) is None
+    with pytest.raises(SystemExit, match="checkpointing_steps"):
+        checkpoint_interval("0", 48, 5)
+
+
+def test_auto_needs_a_run_name():
+    with pytest.raises(SystemExit, match="needs --run_name"):
+        check_resume_args(SimpleNamespace(resume_from_checkpoint="auto", run_name=None))
+
+
+def test_auto_skips_incomplete_checkpoints(uninterrupted, tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    shutil.copytree(uninterrupted / "checkpoints", root)
+    newest, older = root / f"step_{STEPS}", root / f"step_{STEPS - EVERY}"
+    # A save killed before its rename: a temp name is never a checkpoint.
+    shutil.copytree(newest, root / f"step_{STEPS + EVERY}.tmp")
+    # A complete-looking folder missing a shard file.
+    shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    shard.unlink()
+    assert find_latest(str(tmp_path / "run")) == str(older)
+    # A truncated shard.
+    shard = next(p for p in older.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert find_latest(str(tmp_path / "run")) is None
+    # Named explicitly, an incomplete checkpoint is refused with what is wrong, before any loading.
+    with pytest.raises(SystemExit, match=r"shard file __\d_\d\.distcp is truncated"):
+        load_checkpoint(str(older), model=None, optimizer=None, meta_now={})
+
+
+def test_checkpoint_of_another_model_is_refused(uninterrupted, tiny_model_dir, pairs_file, eval_file, tmp_path):
+    from tests.conftest import tiny_llama_config
+
+    config = tiny_llama_config(AutoTokenizer.from_pretrained(tiny_model_dir).__len__(), hidden_size=16)
+    other = tmp_path / "other_model"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    ckpt = uninterrupted / "checkpoints" / f"step_{STEPS}"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
+    args = flags(str(other), pairs_file, eval_file, tmp_path, "other")
+    cmd = minrm_command(args + ["--resume_from_checkpoint", str(ckpt)], 1)
+    result = subprocess.run(cmd, cwd=ROOT, env=minrm_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "different run" in result.stderr and "model config" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before  # nothing overwritten
+
+
+def test_export_round_trip(uninterrupted, eval_file, tmp_path):
+    out = tmp_path / "exported"
+    ckpt = uninterrupted / "checkpoints" / f"step_{STEPS}"
+    # 40KB shards: the 82KB tiny model is written as several files with an index.
+    cmd = ["python", "-m", "minrm.export", str(ckpt), str(out), "--max_shard_size", "40KB"]
+    subprocess.run(cmd, cwd=ROOT, env=minrm_env(), check=True, capture_output=True, timeout=120)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 1
+    # The final checkpoint exports to the weights the end of training wrote, bitwise.
+    final, exported = load_file(uninterrupted / "model.safetensors"), {}
+    for shard in shards:
+        exported.update(load_file(out / shard))
+    assert final.keys() == exported.keys()
+    for key in final:
+        assert torch.equal(final[key], exported[key]), key
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    assert "eval/rm/accuracy" in (out / "README.md").read_text()
+    # And it scores the saved eval samples as the run did.
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    samples = [json.loads(line) for line in open(uninterrupted / "eval_samples.jsonl")]
+    samples = [s for s in samples if s["step"] == STEPS]
+    rows = [json.loads(line) for line in open(eval_file)]
+    for sample, row in zip(samples, rows):
+        for side in ("chosen", "rejected"):
+            ids = tok.apply_chat_template(row[side], return_tensors="pt", return_dict=False)
+            with torch.no_grad():
+                assert model(input_ids=ids).logits.item() == pytest.approx(sample[f"{side}_reward"], abs=1e-6)
+
+
+def test_push_to_hub_uploads_the_folder(uninterrupted, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "alice"})
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: calls.setdefault("repo", repo_id))
+    monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, branch, **k: calls.setdefault("branch", branch))
+
+    def create_commit(self, repo_id, operations, revision=None, **kwargs):
+        calls["commit"] = (repo_id, revision, sorted(op.path_in_repo for op in operations))
+        return SimpleNamespace(commit_url="https://huggingface.co/fake")
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    # With hf_xet installed, upload_folder streams through Xet storage (a server of its own); the
+    # plain path lists the same files and ends in the one create_commit call we replace.
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    # upload_folder posts README.md's front matter to the Hub for validation: keep what it would send.
+    monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **k: calls.setdefault("card", content))
+    args = SimpleNamespace(hf_entity=None, hf_repo_id=None, hf_repo_revision=None, run_name="full")
+    repo_id, revision = export.resolve_hub_repo(args)
+    url = export.push_folder(str(uninterrupted), repo_id, revision)
+    assert url == "https://huggingface.co/alice/open_instruct_dev/tree/full"
+    assert calls["repo"] == "alice/open_instruct_dev" and calls["branch"] == "full"
+    repo, branch, files = calls["commit"]
+    assert (repo, branch) == ("alice/open_instruct_dev", "full")
+    assert {"model.safetensors", "config.json", "README.md", "tokenizer_config.json"} <= set(files)
+    assert not any(f.startswith("checkpoints/") for f in files)
+    assert "base_model: " in calls["card"]
