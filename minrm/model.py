@@ -107,9 +107,10 @@ def reward_forward(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state  # (N, T, H)
     if last_index is None:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        n, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device)
         rightmost = (positions * attention_mask).argmax(-1)  # the rightmost 1 of each row's mask
-        last_index = positions[: input_ids.shape[0]] * input_ids.shape[1] + rightmost
+        last_index = torch.arange(n, device=input_ids.device) * t + rightmost
     pooled = hidden.flatten(0, 1)[last_index]  # (R, H)
     return self.score(pooled).squeeze(-1).float()
 
