@@ -1,5 +1,6 @@
 """Throughput of the batching modes: N optimizer steps of a random-init Llama reward model on
-synthetic (or JSONL) preference pairs, one fresh process per mode so peak memory is its own.
+synthetic (or JSONL) preference pairs. The modes' steps are timed interleaved in one process (so
+load from other processes falls on all alike); peak memory is taken in a fresh process per mode.
 
     python -m scripts.bench --profile multiturn --pairs 4 --steps 8 --out bench_multiturn
     python -m scripts.bench --data prefs.jsonl --tokenizer allenai/Llama-3.1-Tulu-3-8B-SFT
@@ -113,51 +114,78 @@ def attended_pairs(pairs: list[dict], batching: str) -> int:
     return total
 
 
-def run_mode(batching: str, pairs: list[dict], per_batch: int, steps: int) -> dict:
+def build(batching: str, device: torch.device):
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForSequenceClassification.from_config(model_config()).to(device)
     if batching != "padded" and device.type == "cuda":
-        model.set_attn_implementation("flex_attention")
+        model.set_attn_implementation("flex_attention")  # as minrm.model.load_model does
     model.forward = types.MethodType(reward_forward, model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-5)
-    cfg = model.config
-    params = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size
-    batches = [pairs[i * per_batch : (i + 1) * per_batch] for i in range(steps + 1)]
-    totals = dict(pairs=0, real=0, unique=0, computed=0, flops=0.0)
-    start = None
-    for i, batch in enumerate(batches):
-        if i == 1:  # step 0 warms up
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            start = time.perf_counter()
-        inputs = {k: v.to(device) for k, v in collate(batch, 0, batching).items()}
-        chosen, rejected = model(**inputs).chunk(2)
-        (-F.logsigmoid(chosen - rejected).mean()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= 1:
-            computed = inputs["input_ids"].numel()
-            totals["pairs"] += len(batch)
-            totals["real"] += sum(len(p["chosen"]) + len(p["rejected"]) for p in batch)
-            totals["unique"] += sum(len(p["chosen"]) + len(p["rejected"]) - shared_prefix_length(p) for p in batch)
-            totals["computed"] += computed
-            attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * attended_pairs(batch, batching)
-            totals["flops"] += 6 * params * computed + attention
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    seconds = time.perf_counter() - start
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-5)
+
+
+def train_step(model, optimizer, pairs: list[dict], batching: str, device: torch.device) -> torch.Tensor:
+    inputs = {k: v.to(device) for k, v in collate(pairs, 0, batching).items()}
+    chosen, rejected = model(**inputs).chunk(2)
+    (-F.logsigmoid(chosen - rejected).mean()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {
-        "mode": batching,
-        "pairs_per_s": totals["pairs"] / seconds,
-        "real_tokens_per_s": totals["real"] / seconds,
-        "wasted_fraction": 1 - totals["unique"] / totals["computed"],
-        "flops_per_s": totals["flops"] / seconds,
-        "peak_memory_mib": memory,
-        "seconds": seconds,
-    }
+        torch.cuda.synchronize()
+    return inputs["input_ids"]
+
+
+def time_modes(modes: list[str], pairs: list[dict], per_batch: int, steps: int) -> list[dict]:
+    """All modes in one process, their steps interleaved (the order rotating), so that load from
+    other processes on a shared machine falls on every mode alike; step 0 warms up."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = {m: build(m, device) for m in modes}
+    cfg = model_config()
+    params = sum(p.numel() for p in runs[modes[0]][0].parameters()) - cfg.vocab_size * cfg.hidden_size
+    totals = {m: dict(seconds=0.0, pairs=0, real=0, unique=0, computed=0, flops=0.0) for m in modes}
+    for i in range(steps + 1):
+        batch = pairs[i * per_batch : (i + 1) * per_batch]
+        for m in modes[i % len(modes) :] + modes[: i % len(modes)]:
+            start = time.perf_counter()
+            input_ids = train_step(*runs[m], batch, m, device)
+            if i == 0:
+                continue
+            t = totals[m]
+            t["seconds"] += time.perf_counter() - start
+            t["pairs"] += len(batch)
+            t["real"] += sum(len(p["chosen"]) + len(p["rejected"]) for p in batch)
+            t["unique"] += sum(len(p["chosen"]) + len(p["rejected"]) - shared_prefix_length(p) for p in batch)
+            t["computed"] += input_ids.numel()
+            attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * attended_pairs(batch, m)
+            t["flops"] += 6 * params * input_ids.numel() + attention
+    return [
+        {
+            "mode": m,
+            "pairs_per_s": t["pairs"] / t["seconds"],
+            "real_tokens_per_s": t["real"] / t["seconds"],
+            "wasted_fraction": 1 - t["unique"] / t["computed"],
+            "flops_per_s": t["flops"] / t["seconds"],
+            "seconds": t["seconds"],
+        }
+        for m, t in totals.items()
+    ]
+
+
+def peak_memory(batching: str, pairs: list[dict], per_batch: int, steps: int) -> dict:
+    """Peak memory of one mode's training steps, in a process of its own: max allocated on GPU; on
+    CPU peak RSS, and its rise over the RSS after the model and optimizer are built."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, optimizer = build(batching, device)
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    for i in range(steps + 1):
+        train_step(model, optimizer, pairs[i * per_batch : (i + 1) * per_batch], batching, device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return {"peak_memory_mib": peak, "memory_above_base_mib": peak}
+    # VmHWM, not ru_maxrss: the latter can carry the parent's high-water mark over fork and exec.
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB
+    return {"peak_memory_mib": peak, "memory_above_base_mib": peak - base}
 
 
 def matmul_peak() -> float:
@@ -181,15 +209,15 @@ def markdown(rows: list[dict], peak: float, command: str) -> str:
         f"`{command}`  ",
         f"matmul peak: {peak / 1e9:.1f} GFLOP/s",
         "",
-        "| mode | pairs/s | x padded | real tok/s | padding+repeated prompt | GFLOP/s | of peak | peak MiB | x padded |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | pairs/s | x padded | real tok/s | padding+repeated prompt | GFLOP/s | of peak | peak MiB | above base MiB | x padded |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['pairs_per_s']:.2f} | {r['pairs_per_s'] / base['pairs_per_s']:.2f} "
             f"| {r['real_tokens_per_s']:.0f} | {r['wasted_fraction']:.1%} | {r['flops_per_s'] / 1e9:.1f} "
-            f"| {r['flops_per_s'] / peak:.1%} | {r['peak_memory_mib']:.0f} "
-            f"| {r['peak_memory_mib'] / base['peak_memory_mib']:.2f} |"
+            f"| {r['flops_per_s'] / peak:.1%} | {r['peak_memory_mib']:.0f} | {r['memory_above_base_mib']:.0f} "
+            f"| {r['memory_above_base_mib'] / base['memory_above_base_mib']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -212,18 +240,19 @@ def main() -> None:
     else:
         pairs = synthetic_pairs(args.profile, n, args.seed)
     if args.one_mode:
-        print(json.dumps(run_mode(args.one_mode, pairs, args.pairs, args.steps)))
+        print(json.dumps(peak_memory(args.one_mode, pairs, args.pairs, args.steps)))
         return
     peak = matmul_peak()
-    rows = []
-    for mode in args.modes:  # a fresh process per mode: peak RSS is per process
+    rows = time_modes(args.modes, pairs, args.pairs, args.steps)
+    for row in rows:  # a fresh process per mode: peak RSS is per process
+        mode = row["mode"]
         out = subprocess.run(
             [sys.executable, "-m", "scripts.bench", *sys.argv[1:], "--one_mode", mode], capture_output=True, text=True
         )
         if out.returncode:
             raise SystemExit(f"bench: mode {mode} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+        row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(row), flush=True)
     command = "python -m scripts.bench " + " ".join(sys.argv[1:])
     with open(args.out + ".json", "w") as f:
         json.dump({"command": command, "matmul_peak_flops": peak, "rows": rows}, f, indent=1)
