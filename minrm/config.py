@@ -21,6 +21,7 @@ from typing import Literal
 from minrm.toy import TOY, TOY_RECIPE
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+BATCHINGS = ("padded", "packed", "shared_prefix")
 
 
 @dataclass
@@ -122,6 +123,13 @@ class Args:
     """Training pairs to consume in total (default: num_train_epochs x training-set size)."""
     num_evals: int = 1
     """Evaluations spread evenly through training (the last after the final step), when an eval set is given."""
+
+    # Batching
+    batching: Literal[BATCHINGS] = "padded"
+    """How a micro-batch's pairs become model input: `padded` (the reference: right padding to the
+    longest sequence), `packed` (sequences end to end with no padding, each attending only to
+    itself) or `shared_prefix` (packed, and each pair's prompt computed once for both responses).
+    Same rewards and metrics in every mode; see docs/batching.md."""
 
     # Checkpointing
     checkpointing_steps: str | None = None

@@ -3,7 +3,8 @@
 Each dataset of the mixer is read, its rows checked and tokenized (`formats.py`: conversational,
 explicit-prompt or plain-text rows), bad and over-long rows counted, then its amount taken.
 Tokenized, a pair is three id lists: `prompt`, `chosen` and `rejected` (whole sequences). The
-collator pads from the right, as the reference does. The cache is in `dataset_cache.py`.
+collator pads from the right, as the reference does, or packs sequences without padding
+(docs/batching.md). The cache is in `dataset_cache.py`.
 """
 
 import collections
@@ -18,6 +19,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from minrm import formats, toy
+from minrm.config import BATCHINGS
 from minrm.distributed import print0
 
 # Named chat templates. `tulu` is the Tulu 3 format: the last assistant turn ends with eos and
@@ -229,16 +231,75 @@ def show_pair(pair: dict, tokenizer: PreTrainedTokenizerBase) -> str:
 # Collator
 
 
-def collate(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen then rejected sequences, right-padded to the longest of the batch: (2B, T)."""
-    seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[i, : len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict[str, torch.Tensor]:
+    """One micro-batch for the model; its rewards come out chosen (B,) then rejected (B,).
+
+    - `padded`: chosen then rejected sequences right-padded to the longest: input_ids and
+      attention_mask (2B, T), as the reference does.
+    - `packed`: the 2B sequences end to end in one row (1, L) without padding, positions restarting
+      per sequence; `doc_ids` name each token's sequence, and a token attends only within it.
+    - `shared_prefix`: each pair laid out once as prompt + chosen response + rejected response; both
+      responses attend to the prompt, the rejected one not to the chosen one, and its positions
+      continue from the prompt's end, so each reward equals the one of the full sequence alone.
+    Packed modes carry `doc_ids` and `branch_ids` (1, L) from which the model builds its mask
+    (model.packed_attention_mask), and `last_index` (2B,): the flat positions to read rewards at.
+    """
+    if batching == "padded":
+        seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attention_mask[i, : len(s)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    if batching not in BATCHINGS:
+        raise ValueError(f"unknown batching {batching!r}; choose one of {BATCHINGS}")
+    ids, pos, doc, branch = [], [], [], []
+    ends = {"chosen": [], "rejected": []}
+
+    def add(tokens: list[int], first_pos: int, d: int, b: int) -> int:
+        ids.extend(tokens)
+        pos.extend(range(first_pos, first_pos + len(tokens)))
+        doc.extend([d] * len(tokens))
+        branch.extend([b] * len(tokens))
+        return len(ids) - 1  # the flat index of the last token added
+
+    if batching == "packed":
+        for side in ("chosen", "rejected"):
+            for p in pairs:
+                ends[side].append(add(p[side], 0, len(ends["chosen"]) + len(ends["rejected"]), 0))
+    else:
+        for i, p in enumerate(pairs):
+            n = shared_prefix_length(p)
+            add(p["chosen"][:n], 0, i, 0)  # branch 0: seen by both responses
+            ends["chosen"].append(add(p["chosen"][n:], n, i, 1))
+            ends["rejected"].append(add(p["rejected"][n:], n, i, 2))
+
+    def row(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long)[None]
+
+    return {
+        "input_ids": row(ids),
+        "position_ids": row(pos),
+        "doc_ids": row(doc),
+        "branch_ids": row(branch),
+        "last_index": torch.tensor(ends["chosen"] + ends["rejected"], dtype=torch.long),
+    }
+
+
+def shared_prefix_length(pair: dict) -> int:
+    """How many leading tokens a pair's two sequences can share: the prompt's ids when they are a
+    prefix of both conversations (and leave each a non-empty response), else 0 (the pair falls back
+    to two full sequences, as when a chat template renders the prompt differently)."""
+    n = len(pair["prompt"])
+    ok = all(len(pair[s]) > n and pair[s][:n] == pair["prompt"] for s in ("chosen", "rejected"))
+    return n if ok else 0
+
+
+def device_batch(pairs: list[dict], pad_id: int, batching: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """`collate`, moved to the device: what train.py and evaluate.py feed the model."""
+    return {k: v.to(device) for k, v in collate(pairs, pad_id, batching).items()}
 
 
 def pairs_at(ds: datasets.Dataset, indices: list[int]) -> list[dict]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from minrm.data import collate, pairs_at
+from minrm.data import device_batch, pairs_at
 from minrm.distributed import Dist, all_reduce_sum
 
 
@@ -23,6 +23,7 @@ def evaluate(
     tokenizer: PreTrainedTokenizerBase,
     d: Dist,
     batch_size: int,
+    batching: str = "padded",
     num_samples: int = 10,
 ) -> tuple[dict, list[dict]]:
     """Runs on ALL ranks: under FSDP every forward is a collective, so a rank-0-only eval deadlocks."""
@@ -37,8 +38,7 @@ def evaluate(
         if not indices:  # this rank ran out of pairs: run a weightless one to join the collectives
             indices, weight = [0], torch.zeros(1, device=d.device)
         pairs = pairs_at(eval_set, indices)
-        batch = {k: v.to(d.device) for k, v in collate(pairs, tokenizer.pad_token_id).items()}
-        rewards = model(**batch)  # (2B,)
+        rewards = model(**device_batch(pairs, tokenizer.pad_token_id, batching, d.device))  # (2B,)
         chosen, rejected = rewards.chunk(2)
         margin = chosen - rejected
         per_pair = torch.stack(

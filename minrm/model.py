@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from minrm import toy
+from minrm.distributed import print0
 
 
 def _no_dropout(config) -> None:
@@ -57,6 +58,13 @@ def load_model(args, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
             model.score.weight.normal_(0.0, std, generator=generator)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.batching != "padded" and torch.cuda.is_available():
+        # Packed rows need a block-diagonal mask: FlexAttention builds it block-sparse instead of
+        # materialising L x L; without it the dense-mask SDPA path runs. Untested here (no GPU in CI).
+        try:
+            model.set_attn_implementation("flex_attention")
+        except (ImportError, ValueError) as e:
+            print0(f"model: FlexAttention unavailable ({e}); packed batches use a dense mask with SDPA")
     model.forward = types.MethodType(reward_forward, model)
     return model
 
@@ -77,11 +85,13 @@ def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
 def reward_forward(
     self: PreTrainedModel,
     input_ids: torch.Tensor,  # (N, T)
-    attention_mask: torch.Tensor,  # (N, T), 1 on real tokens
+    attention_mask: torch.Tensor | None = None,  # (N, T), 1 on real tokens; None when packed
     position_ids: torch.Tensor | None = None,
-    last_index: torch.Tensor | None = None,  # (N,) position to read each reward at
+    last_index: torch.Tensor | None = None,  # (R,) flat positions in the N x T tokens to read rewards at
+    doc_ids: torch.Tensor | None = None,  # (1, L) packed batches: the sequence (or pair) of each token
+    branch_ids: torch.Tensor | None = None,  # (1, L) packed batches: 0 shared prompt, 1 chosen, 2 rejected
 ) -> torch.Tensor:
-    """Rewards (N,) in fp32: the score head applied to the hidden state of each sequence's last
+    """Rewards (R,) in fp32: the score head applied to the hidden state of each sequence's last
     real token.
 
     This replaces the instance's forward because FSDP2 gathers the root unit's parameters (embeddings,
@@ -91,11 +101,42 @@ def reward_forward(
     the text), and only the last hidden state is kept and scored at the pooled positions (the
     reference asks for every layer's hidden states and scores every position).
     """
+    if doc_ids is not None:
+        attention_mask = packed_attention_mask(self, doc_ids, branch_ids)
     hidden = backbone(self)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state  # (N, T, H)
     if last_index is None:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last_index = (positions * attention_mask).argmax(-1)  # the rightmost 1 of the mask
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # (N, H)
+        n, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device)
+        rightmost = (positions * attention_mask).argmax(-1)  # the rightmost 1 of each row's mask
+        last_index = torch.arange(n, device=input_ids.device) * t + rightmost
+    pooled = hidden.flatten(0, 1)[last_index]  # (R, H)
     return self.score(pooled).squeeze(-1).float()
+
+
+def packed_attention_mask(model: PreTrainedModel, doc_ids: torch.Tensor, branch_ids: torch.Tensor):
+    """The mask of a packed row: query q sees key k when both are in the same sequence (pair), k is
+    not after q, and k is shared (branch 0) or in q's own branch, so a rejected response sees its
+    prompt but not the chosen response beside it.
+
+    With FlexAttention (chosen at load on GPU, see `load_model`) this is a BlockMask that never
+    materialises the L x L mask; otherwise a dense (1, 1, L, L) mask for SDPA (bool) or eager
+    (additive float). Transformers passes a 4-D mask to the attention functions as it is.
+    """
+    doc, branch = doc_ids[0], branch_ids[0]
+
+    def allowed(b, h, q, k):
+        return (doc[q] == doc[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
+
+    L = doc.shape[0]
+    if model.config._attn_implementation == "flex_attention":  # GPU path: untested in CI (no GPU)
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(allowed, None, None, L, L, device=doc.device)
+    idx = torch.arange(L, device=doc.device)
+    mask = allowed(None, None, idx[:, None], idx[None, :])[None, None]  # (1, 1, L, L)
+    if model.config._attn_implementation == "sdpa":
+        return mask
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=doc.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -34,7 +34,7 @@ from minrm.checkpoint import (
     truncate_logs,
 )
 from minrm.config import Args, parse_args
-from minrm.data import collate, load_tokenizer, pairs_at, show_pair, stream_indices
+from minrm.data import device_batch, load_tokenizer, pairs_at, show_pair, stream_indices
 from minrm.dataset_cache import load_datasets
 from minrm.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, print0, shard_model
 from minrm.evaluate import evaluate
@@ -141,8 +141,9 @@ def main(args: Args) -> dict:
             pairs = pairs_at(
                 train_set, stream_indices(start, args.per_device_train_batch_size, len(train_set), args.seed)
             )
-            batch = {k: v.to(d.device) for k, v in collate(pairs, tokenizer.pad_token_id).items()}
-            rewards = model(**batch)  # (2B,): chosen then rejected
+            rewards = model(
+                **device_batch(pairs, tokenizer.pad_token_id, args.batching, d.device)
+            )  # (2B,): chosen then rejected
             chosen, rejected = rewards.chunk(2)
             margin = chosen - rejected
             loss = -F.logsigmoid(margin).mean()
@@ -167,7 +168,9 @@ def main(args: Args) -> dict:
             bar.write(f"step {step + 1}/{num_training_steps} {summary_line(metrics)} grad_norm={grad_norm.item():.4g}")
 
         if step + 1 in eval_steps:
-            eval_metrics, samples = evaluate(model, eval_set, tokenizer, d, args.per_device_eval_batch_size)
+            eval_metrics, samples = evaluate(
+                model, eval_set, tokenizer, d, args.per_device_eval_batch_size, args.batching
+            )
             eval_metrics = {"episode": episode, "epoch": episode / len(train_set), **eval_metrics}
             metrics.update(eval_metrics)
             if d.is_main:

@@ -54,6 +54,15 @@ def test_rewards_match_hf_on_right_padded_batches(make_config):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
+def test_pooling_when_the_batch_has_more_sequences_than_tokens():
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_llama_config(100)).eval()
+    model.config.pad_token_id = PAD
+    batch = collate(random_pairs(100, [(2, 3)] * 5), pad_id=PAD)  # (10, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(reward_forward(model, **batch), model(**batch).logits.squeeze(-1))
+
+
 def test_pooling_uses_the_mask_even_when_the_pad_id_is_in_the_text():
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(tiny_llama_config(50)).eval()

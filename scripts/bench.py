@@ -1,0 +1,266 @@
+"""Throughput of the batching modes: N optimizer steps of a random-init Llama reward model on
+synthetic (or JSONL) preference pairs. The modes' steps are timed interleaved in one process (so
+load from other processes falls on all alike); peak memory is taken in a fresh process per mode.
+
+    python -m scripts.bench --profile multiturn --pairs 4 --steps 8 --out bench_multiturn
+    python -m scripts.bench --data prefs.jsonl --tokenizer allenai/Llama-3.1-Tulu-3-8B-SFT
+
+Per mode: pairs/s, real tokens/s (chosen + rejected tokens, as the reference counts them), the
+fraction of computed tokens that are padding or a repeated prompt, achieved FLOP/s and its ratio to
+a matmul peak measured in the same run, and peak memory (RSS on CPU, max allocated on GPU). FLOPs
+are 6 x non-embedding params per computed token plus 12 x layers x hidden per attended
+(query, key) pair that the mask allows. Writes OUT.json and OUT.md. Batches and rewards come from
+minrm's `collate` and `reward_forward`; this file only times them.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+from minrm.config import BATCHINGS
+from minrm.data import collate, shared_prefix_length
+from minrm.model import reward_forward
+
+# Token-count deciles (10%..90%) of the `multiturn` profile: prompt, chosen and rejected responses.
+MULTITURN = {
+    "prompt": [16, 23, 42, 66, 90, 116, 146, 189, 275],
+    "chosen": [8, 12, 16, 21, 28, 36, 48, 65, 96],
+    "rejected": [9, 15, 20, 27, 36, 47, 61, 80, 115],
+}
+VOCAB = 8192
+
+
+def model_config() -> LlamaConfig:  # ~9M parameters, 6M of them outside the embeddings
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        num_labels=1,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def synthetic_lengths(profile: str, n: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    if profile == "multiturn":
+        # Inverse CDF through the deciles, extended linearly to the 0% and 100% ends.
+        def draw(deciles):
+            q = [0.0, *np.linspace(0.1, 0.9, 9), 1.0]
+            v = [max(1, deciles[0] / 2), *deciles, 2 * deciles[-1] - deciles[-2]]
+            return np.maximum(1, np.interp(rng.random(n), q, v).round()).astype(int)
+
+        return list(zip(*(draw(MULTITURN[k]) for k in ("prompt", "chosen", "rejected"))))
+    out = []  # longresponse: log-normal, medians 150 (prompt) and 350 (responses), sigma 0.8
+    while len(out) < n:
+        p, c, r = np.maximum(1, rng.lognormal(np.log([150, 350, 350]), 0.8).round()).astype(int)
+        if p + max(c, r) <= 2048:
+            out.append((p, c, r))
+    return out
+
+
+def synthetic_pairs(profile: str, n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for p, c, r in synthetic_lengths(profile, n, rng):
+        prompt = rng.integers(1, VOCAB, p).tolist()
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": prompt + rng.integers(1, VOCAB, c).tolist(),
+                "rejected": prompt + rng.integers(1, VOCAB, r).tolist(),
+            }
+        )
+    return pairs
+
+
+def jsonl_pairs(path: str, tokenizer_name: str, n: int) -> list[dict]:
+    from minrm.config import parse_args
+    from minrm.data import build_dataset, load_tokenizer, pairs_at
+
+    flags = ["--dataset_mixer_list", path, "1.0", "--max_token_length", "2048", "--max_prompt_token_length", "2048"]
+    if tokenizer_name:
+        flags += ["--model_name_or_path", tokenizer_name]
+    args = parse_args(flags)
+    ds = build_dataset(args.dataset_mixer_list, ["train"], load_tokenizer(args), args, "bench")
+    pairs = pairs_at(ds, list(range(min(n, len(ds)))))
+    for p in pairs:  # a random-init model of VOCAB rows: fold the ids into it
+        for k in p:
+            p[k] = [t % VOCAB for t in p[k]]
+    return pairs
+
+
+def attended_pairs(pairs: list[dict], batching: str) -> int:
+    """(query, key) pairs the mask allows: what a block-sparse or varlen kernel computes."""
+    tri = lambda n: n * (n + 1) // 2  # noqa: E731
+    total = sum(tri(len(p["chosen"])) + tri(len(p["rejected"])) for p in pairs)
+    if batching == "shared_prefix":
+        total -= sum(tri(shared_prefix_length(p)) for p in pairs)  # the prompt's own block, once
+    if batching == "padded":
+        width = max(len(s) for p in pairs for s in (p["chosen"], p["rejected"]))
+        total = 2 * len(pairs) * tri(width)
+    return total
+
+
+def build(batching: str, device: torch.device):
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(model_config()).to(device)
+    if batching != "padded" and device.type == "cuda":
+        model.set_attn_implementation("flex_attention")  # as minrm.model.load_model does
+    model.forward = types.MethodType(reward_forward, model)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-5)
+
+
+def train_step(model, optimizer, pairs: list[dict], batching: str, device: torch.device) -> torch.Tensor:
+    inputs = {k: v.to(device) for k, v in collate(pairs, 0, batching).items()}
+    chosen, rejected = model(**inputs).chunk(2)
+    (-F.logsigmoid(chosen - rejected).mean()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return inputs["input_ids"]
+
+
+def time_modes(modes: list[str], pairs: list[dict], per_batch: int, steps: int) -> list[dict]:
+    """All modes in one process, their steps interleaved (the order rotating), so that load from
+    other processes on a shared machine falls on every mode alike; step 0 warms up."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = {m: build(m, device) for m in modes}
+    cfg = model_config()
+    params = sum(p.numel() for p in runs[modes[0]][0].parameters()) - cfg.vocab_size * cfg.hidden_size
+    totals = {m: dict(seconds=0.0, pairs=0, real=0, unique=0, computed=0, flops=0.0) for m in modes}
+    for i in range(steps + 1):
+        batch = pairs[i * per_batch : (i + 1) * per_batch]
+        for m in modes[i % len(modes) :] + modes[: i % len(modes)]:
+            start = time.perf_counter()
+            input_ids = train_step(*runs[m], batch, m, device)
+            if i == 0:
+                continue
+            t = totals[m]
+            t["seconds"] += time.perf_counter() - start
+            t["pairs"] += len(batch)
+            t["real"] += sum(len(p["chosen"]) + len(p["rejected"]) for p in batch)
+            t["unique"] += sum(len(p["chosen"]) + len(p["rejected"]) - shared_prefix_length(p) for p in batch)
+            t["computed"] += input_ids.numel()
+            attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * attended_pairs(batch, m)
+            t["flops"] += 6 * params * input_ids.numel() + attention
+    return [
+        {
+            "mode": m,
+            "pairs_per_s": t["pairs"] / t["seconds"],
+            "real_tokens_per_s": t["real"] / t["seconds"],
+            "wasted_fraction": 1 - t["unique"] / t["computed"],
+            "flops_per_s": t["flops"] / t["seconds"],
+            "seconds": t["seconds"],
+        }
+        for m, t in totals.items()
+    ]
+
+
+def peak_memory(batching: str, pairs: list[dict], per_batch: int, steps: int) -> dict:
+    """Peak memory of one mode's training steps, in a process of its own: max allocated on GPU; on
+    CPU peak RSS, and its rise over the RSS after the model and optimizer are built."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, optimizer = build(batching, device)
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    for i in range(steps + 1):
+        train_step(model, optimizer, pairs[i * per_batch : (i + 1) * per_batch], batching, device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return {"peak_memory_mib": peak, "memory_above_base_mib": peak}
+    # VmHWM, not ru_maxrss: the latter can carry the parent's high-water mark over fork and exec.
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB
+    return {"peak_memory_mib": peak, "memory_above_base_mib": peak - base}
+
+
+def matmul_peak() -> float:
+    """FLOP/s of a large matmul: fp32 on CPU, bf16 on GPU; the best of a few tries."""
+    cuda = torch.cuda.is_available()
+    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
+    a = torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu")
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize() if cuda else None
+        t = time.perf_counter()
+        a @ a
+        torch.cuda.synchronize() if cuda else None
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def markdown(rows: list[dict], peak: float, command: str) -> str:
+    base = next(r for r in rows if r["mode"] == "padded") if any(r["mode"] == "padded" for r in rows) else rows[0]
+    lines = [
+        f"`{command}`  ",
+        f"matmul peak: {peak / 1e9:.1f} GFLOP/s",
+        "",
+        "| mode | pairs/s | x padded | real tok/s | padding+repeated prompt | GFLOP/s | of peak | peak MiB | above base MiB | x padded |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['pairs_per_s']:.2f} | {r['pairs_per_s'] / base['pairs_per_s']:.2f} "
+            f"| {r['real_tokens_per_s']:.0f} | {r['wasted_fraction']:.1%} | {r['flops_per_s'] / 1e9:.1f} "
+            f"| {r['flops_per_s'] / peak:.1%} | {r['peak_memory_mib']:.0f} | {r['memory_above_base_mib']:.0f} "
+            f"| {r['memory_above_base_mib'] / base['memory_above_base_mib']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=["multiturn", "longresponse"], default="multiturn")
+    parser.add_argument("--data", help="a JSONL preference file instead of synthetic pairs")
+    parser.add_argument("--tokenizer", help="tokenizer for --data (default: the toy one)")
+    parser.add_argument("--pairs", type=int, default=4, help="pairs per micro-batch (= optimizer step)")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps, after one warm-up step")
+    parser.add_argument("--modes", nargs="+", choices=BATCHINGS, default=list(BATCHINGS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench", help="writes OUT.json and OUT.md")
+    parser.add_argument("--one_mode", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
+    args = parser.parse_args()
+    n = args.pairs * (args.steps + 1)
+    if args.data:
+        pairs = jsonl_pairs(args.data, args.tokenizer, n)
+    else:
+        pairs = synthetic_pairs(args.profile, n, args.seed)
+    if args.one_mode:
+        print(json.dumps(peak_memory(args.one_mode, pairs, args.pairs, args.steps)))
+        return
+    peak = matmul_peak()
+    rows = time_modes(args.modes, pairs, args.pairs, args.steps)
+    for row in rows:  # a fresh process per mode: peak RSS is per process
+        mode = row["mode"]
+        out = subprocess.run(
+            [sys.executable, "-m", "scripts.bench", *sys.argv[1:], "--one_mode", mode], capture_output=True, text=True
+        )
+        if out.returncode:
+            raise SystemExit(f"bench: mode {mode} failed:\n{out.stderr[-3000:]}")
+        row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(row), flush=True)
+    command = "python -m scripts.bench " + " ".join(sys.argv[1:])
+    with open(args.out + ".json", "w") as f:
+        json.dump({"command": command, "matmul_peak_flops": peak, "rows": rows}, f, indent=1)
+    table = markdown(rows, peak, command)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
