@@ -5,7 +5,7 @@ download and no GPU: a closed-vocabulary word tokenizer, a tiny Llama config
 and a synthetic "repeat the words" preference data set.  The task is chosen so
 the reward depends on the prompt (a response is only good if it copies *this*
 prompt), which a response-only classifier cannot solve, yet a 2-layer model
-learns it in well under a minute on two CPU cores.
+learns it (eval accuracy ~0.99) in about half a minute on two CPU cores.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 TOY = "minrm:toy"  # sentinel for --model_name_or_path and the dataset mixers
 
 # Closed vocabulary: every string the generator can emit is one token, so the
-# model never sees <unk> and word identity is a single embedding lookup.
+# model never sees <unk> (any other word maps to it) and word identity is a
+# single embedding lookup.
 WORDS = (
     "red blue green black white pink gray gold "
     "cat dog cow pig fox owl bee ant "
@@ -29,7 +30,9 @@ WORDS = (
 VERBS = ("repeat:", "copy:", "echo:")
 SYSTEM = "be exact"
 CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>"]
-SPLIT_SIZES = {"train": 4096, "test": 512}
+# One epoch of train is 1536 steps at batch 16; 1024 steps reached only ~0.975
+# eval accuracy, 1536 reach >= 0.99 on every seed tried.
+SPLIT_SIZES = {"train": 24576, "test": 512}
 
 
 def toy_tokenizer() -> PreTrainedTokenizerFast:
@@ -66,6 +69,9 @@ def toy_model_config(vocab_size: int) -> LlamaConfig:
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         num_labels=1,
+        # 5x the Llama default: with std 0.02 the q/k product starts near zero
+        # and the token-matching attention takes several epochs to appear.
+        initializer_range=0.1,
         bos_token_id=1,  # ids match toy_tokenizer's vocab order
         eos_token_id=2,
         pad_token_id=None,  # the trainer adds <pad> and resizes
@@ -80,7 +86,7 @@ def _pairs(rng: random.Random, n: int, seen: set[tuple[str, ...]]) -> list[dict[
         if tuple(words) in seen:
             continue
         seen.add(tuple(words))
-        # The rejected copy swaps one word for a word absent from the prompt,
+        # The rejected copy replaces one word by a word absent from the prompt,
         # so both responses look equally plausible without the prompt.
         bad = list(words)
         bad[rng.randrange(len(bad))] = rng.choice([w for w in WORDS if w not in words])
@@ -109,7 +115,7 @@ def toy_dataset(split: str) -> datasets.Dataset:
 
 # Defaults the trainer applies when the toy model is used and a flag is unset.
 TOY_RECIPE: dict[str, object] = {
-    "learning_rate": 3e-3,
+    "learning_rate": 1e-3,  # 3e-3 and above learned the copy check worse
     "per_device_train_batch_size": 16,
     "gradient_accumulation_steps": 1,
     "num_train_epochs": 1,
