@@ -205,14 +205,6 @@ def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, 
     return pairs, held_out, log
 
 
-def build_dataset(mixer, splits, tokenizer, args, what: str) -> datasets.Dataset:
-    """One side, built in memory without the cache, its log printed."""
-    pairs, _, log = build_side(mixer, splits, tokenizer, args, what)
-    for line in log:
-        print0(line)
-    return pairs
-
-
 def show_pair(pair: dict, tokenizer: PreTrainedTokenizerBase) -> str:
     """One pair's tokens with ANSI colours: prompt tokens blue/cyan, chosen response green/yellow,
     rejected response red/magenta (alternating, so token boundaries show)."""

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 from minrm import toy
+from minrm.data import build_side
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +92,10 @@ def run_minrm(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess
 def read_metrics(run_dir: Path) -> list[dict]:
     with open(Path(run_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+def build_dataset(mixer, splits, tokenizer, args, what: str):
+    """One side of the data built in memory without the cache, its log printed (as train.py logs it)."""
+    pairs, _, log = build_side(mixer, splits, tokenizer, args, what)
+    print("\n".join(log))
+    return pairs

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from minrm.config import parse_args
-from minrm.data import CHAT_TEMPLATES, build_dataset, collate, load_tokenizer, stream_indices, take
+from minrm.data import CHAT_TEMPLATES, collate, load_tokenizer, stream_indices, take
+from tests.conftest import build_dataset
 
 
 def numbered(n: int) -> datasets.Dataset:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from minrm.config import parse_args
-from minrm.data import build_dataset, load_tokenizer, take_indices
+from minrm.data import load_tokenizer, take_indices
 from minrm.dataset_cache import build_datasets, cache_key
-from tests.conftest import run_minrm
+from tests.conftest import build_dataset, run_minrm
 
 
 def user(text):
