@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -200,7 +201,7 @@ def test_export_round_trip(uninterrupted, eval_file, tmp_path):
     out = tmp_path / "exported"
     ckpt = uninterrupted / "checkpoints" / f"step_{STEPS}"
     # 40KB shards: the 82KB tiny model is written as several files with an index.
-    cmd = ["python", "-m", "minrm.export", str(ckpt), str(out), "--max_shard_size", "40KB"]
+    cmd = [sys.executable, "-m", "minrm.export", str(ckpt), str(out), "--max_shard_size", "40KB"]
     subprocess.run(cmd, cwd=ROOT, env=minrm_env(), check=True, capture_output=True, timeout=120)
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     shards = sorted(set(index.values()))
