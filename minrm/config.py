@@ -22,6 +22,7 @@ from minrm.toy import TOY, TOY_RECIPE
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 BATCHINGS = ("padded", "packed", "shared_prefix")
+PACKED_ATTENTIONS = ("auto", "flex_attention", "segments", "mask")
 
 
 @dataclass
@@ -130,6 +131,16 @@ class Args:
     longest sequence), `packed` (sequences end to end with no padding, each attending only to
     itself) or `shared_prefix` (packed, and each pair's prompt computed once for both responses).
     Same rewards and metrics in every mode; see docs/batching.md."""
+    packed_attention: Literal[PACKED_ATTENTIONS] = "auto"
+    """The attention that runs packed rows: `flex_attention` (a block mask; the `auto` choice on GPU),
+    `segments` (SDPA on each sequence's span of the row; `auto` elsewhere) or `mask` (one dense
+    L x L mask through the model's own attention). [minrm]"""
+    max_tokens_per_batch: int | None = None
+    """A token budget per micro-batch: each optimizer step still takes per_device_train_batch_size x
+    gradient_accumulation_steps pairs per process, cut into as few micro-batches as keep each within
+    this many computed tokens (padding included), instead of micro-batches of
+    per_device_train_batch_size pairs; evaluation batches are cut the same way. Same loss and
+    metrics. [minrm]"""
 
     # Checkpointing
     checkpointing_steps: str | None = None
@@ -232,6 +243,8 @@ def validate(args: Args) -> None:
     for name in ("warm_up_steps", "num_evals"):
         if getattr(args, name) < 0:
             fail(name, f"must be >= 0, got {getattr(args, name)}")
+    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch < 1:
+        fail("max_tokens_per_batch", f"must be at least 1, got {args.max_tokens_per_batch}")
     if args.total_episodes is not None and args.total_episodes < 1:
         fail("total_episodes", f"must be at least 1, got {args.total_episodes}")
     if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:

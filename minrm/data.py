@@ -15,6 +15,7 @@ import re
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -223,7 +224,7 @@ def show_pair(pair: dict, tokenizer: PreTrainedTokenizerBase) -> str:
 # Collator
 
 
-def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict[str, torch.Tensor]:
+def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict:
     """One micro-batch for the model; its rewards come out chosen (B,) then rejected (B,).
 
     - `padded`: chosen then rejected sequences right-padded to the longest: input_ids and
@@ -233,8 +234,10 @@ def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict[st
     - `shared_prefix`: each pair laid out once as prompt + chosen response + rejected response; both
       responses attend to the prompt, the rejected one not to the chosen one, and its positions
       continue from the prompt's end, so each reward equals the one of the full sequence alone.
-    Packed modes carry `doc_ids` and `branch_ids` (1, L) from which the model builds its mask
-    (model.packed_attention_mask), and `last_index` (2B,): the flat positions to read rewards at.
+    Packed modes carry `segments` (each sequence's span of the row and the key spans it attends to,
+    for model.segment_attention), `doc_ids` and `branch_ids` (1, L) from which the mask-based
+    attentions build their mask (model.packed_attention_mask), and `last_index` (2B,): the flat
+    positions to read rewards at.
     """
     if batching == "padded":
         seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
@@ -257,16 +260,22 @@ def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict[st
         branch.extend([b] * len(tokens))
         return len(ids) - 1  # the flat index of the last token added
 
+    segments = []  # (q_start, q_end, key spans): see model.segment_attention
     if batching == "packed":
         for side in ("chosen", "rejected"):
             for p in pairs:
-                ends[side].append(add(p[side], 0, len(ends["chosen"]) + len(ends["rejected"]), 0))
+                s = len(ids)
+                ends[side].append(add(p[side], 0, len(segments), 0))
+                segments.append((s, len(ids), ((s, len(ids)),)))
     else:
         for i, p in enumerate(pairs):
-            n = shared_prefix_length(p)
+            n, s = shared_prefix_length(p), len(ids)
             add(p["chosen"][:n], 0, i, 0)  # branch 0: seen by both responses
             ends["chosen"].append(add(p["chosen"][n:], n, i, 1))
+            a = len(ids)
             ends["rejected"].append(add(p["rejected"][n:], n, i, 2))
+            segments.append((s, a, ((s, a),)))
+            segments.append((a, len(ids), ((s, s + n), (a, len(ids))) if n else ((a, len(ids)),)))
 
     def row(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long)[None]
@@ -277,6 +286,7 @@ def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict[st
         "doc_ids": row(doc),
         "branch_ids": row(branch),
         "last_index": torch.tensor(ends["chosen"] + ends["rejected"], dtype=torch.long),
+        "segments": segments,
     }
 
 
@@ -289,9 +299,57 @@ def shared_prefix_length(pair: dict) -> int:
     return n if ok else 0
 
 
-def device_batch(pairs: list[dict], pad_id: int, batching: str, device: torch.device) -> dict[str, torch.Tensor]:
+def micro_batches(pairs: list[dict], size: int, max_tokens: int | None, batching: str) -> list[list[dict]]:
+    """Cut one step's pairs (in order) into micro-batches: `size` pairs each, or, given a token
+    budget, as few as keep each within `max_tokens` computed tokens (padding included: 2 x pairs x
+    longest when padded). A pair over the budget by itself goes alone (`check_token_budget` refuses
+    such data up front). The loss and gradient are means over the step's pairs, whatever the cut."""
+    if not max_tokens:
+        return [pairs[i : i + size] for i in range(0, len(pairs), size)]
+    out, chunk, packed, longest = [], [], 0, 0  # packed: the chunk's tokens laid end to end
+    for p in pairs:
+        c, r = len(p["chosen"]), len(p["rejected"])
+        own = c + r - (shared_prefix_length(p) if batching == "shared_prefix" else 0)
+        grown = 2 * (len(chunk) + 1) * max(longest, c, r) if batching == "padded" else packed + own
+        if chunk and grown > max_tokens:
+            out.append(chunk)
+            chunk, packed, longest = [], 0, 0
+        chunk.append(p)
+        packed, longest = packed + own, max(longest, c, r)
+    return out + [chunk] if chunk else out
+
+
+def split_to(chunks: list[list[dict]], k: int) -> list[list[dict]]:
+    """`k` micro-batches from `chunks` (k >= len(chunks)), halving the largest until there are k:
+    under FSDP every rank must run the same number of forward passes."""
+    chunks = list(chunks)
+    while len(chunks) < k:
+        i = max(range(len(chunks)), key=lambda j: len(chunks[j]))
+        if len(chunks[i]) < 2:
+            raise ValueError(f"cannot cut {sum(map(len, chunks))} pairs into {k} micro-batches")
+        half = len(chunks[i]) // 2
+        chunks[i : i + 1] = [chunks[i][:half], chunks[i][half:]]
+    return chunks
+
+
+def check_token_budget(ds: datasets.Dataset | None, max_tokens: int | None, batching: str, what: str) -> None:
+    """Refuse, before training, a --max_tokens_per_batch that the longest pair alone exceeds."""
+    if not max_tokens or ds is None:
+        return
+    table = ds.with_format("arrow")[:]
+    c, r, p = (pc.list_value_length(table[k]).to_numpy() for k in ("chosen", "rejected", "prompt"))
+    need = {"padded": 2 * np.maximum(c, r), "packed": c + r, "shared_prefix": c + r - p}[batching]
+    i = int(need.argmax())
+    if need[i] > max_tokens:
+        raise SystemExit(
+            f"minrm: error: --max_tokens_per_batch {max_tokens} is below the {need[i]} tokens that {what} pair "
+            f"{i} needs with --batching {batching}; raise the budget or lower --max_token_length."
+        )
+
+
+def device_batch(pairs: list[dict], pad_id: int, batching: str, device: torch.device) -> dict:
     """`collate`, moved to the device: what train.py and evaluate.py feed the model."""
-    return {k: v.to(device) for k, v in collate(pairs, pad_id, batching).items()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(pairs, pad_id, batching).items()}
 
 
 def pairs_at(ds: datasets.Dataset, indices: list[int]) -> list[dict]:

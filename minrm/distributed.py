@@ -89,6 +89,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(n: int, device: torch.device) -> int:
+    """The largest of every rank's `n` (every rank must call this)."""
+    t = torch.tensor(n, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_object(obj):
     """Rank 0's value of `obj` on every rank (every rank must call this)."""
     box = [obj]

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from minrm.data import device_batch, pairs_at
-from minrm.distributed import Dist, all_reduce_sum
+from minrm.data import device_batch, micro_batches, pairs_at, split_to
+from minrm.distributed import Dist, all_reduce_max, all_reduce_sum
 
 
 @torch.no_grad()
@@ -24,6 +24,7 @@ def evaluate(
     d: Dist,
     batch_size: int,
     batching: str = "padded",
+    max_tokens: int | None = None,
     num_samples: int = 10,
 ) -> tuple[dict, list[dict]]:
     """Runs on ALL ranks: under FSDP every forward is a collective, so a rank-0-only eval deadlocks."""
@@ -33,20 +34,25 @@ def evaluate(
     sums = torch.zeros(6, device=d.device)  # pairs, correct, loss, chosen, rejected, margin
     samples = []
     for b in range(math.ceil(per_rank / batch_size)):  # the same number of batches on every rank
-        indices = mine[b * batch_size : (b + 1) * batch_size]
-        weight = torch.ones(len(indices), device=d.device)
-        if not indices:  # this rank ran out of pairs: run a weightless one to join the collectives
-            indices, weight = [0], torch.zeros(1, device=d.device)
-        pairs = pairs_at(eval_set, indices)
-        rewards = model(**device_batch(pairs, tokenizer.pad_token_id, batching, d.device))  # (2B,)
-        chosen, rejected = rewards.chunk(2)
-        margin = chosen - rejected
-        per_pair = torch.stack(
-            [torch.ones_like(margin), (margin > 0).float(), -F.logsigmoid(margin), chosen, rejected, margin]
-        )
-        sums += (per_pair * weight).sum(dim=1)
-        if d.is_main and len(samples) < num_samples:
-            samples += sample_rows(pairs, chosen, rejected, tokenizer)[: num_samples - len(samples)]
+        batch = pairs_at(eval_set, mine[b * batch_size : (b + 1) * batch_size])
+        chunks = micro_batches(batch, batch_size, max_tokens, batching) or [[]]
+        if max_tokens and d.world_size > 1:  # ... and of forward passes in each
+            k = all_reduce_max(len(chunks), d.device)
+            chunks = split_to(chunks, min(k, len(batch))) if batch else chunks
+            chunks += [[]] * (k - len(chunks))
+        for pairs in chunks:
+            weight = torch.ones(len(pairs), device=d.device)
+            if not pairs:  # this rank ran out of pairs: run a weightless one to join the collectives
+                pairs, weight = pairs_at(eval_set, [0]), torch.zeros(1, device=d.device)
+            rewards = model(**device_batch(pairs, tokenizer.pad_token_id, batching, d.device))  # (2B,)
+            chosen, rejected = rewards.chunk(2)
+            margin = chosen - rejected
+            per_pair = torch.stack(
+                [torch.ones_like(margin), (margin > 0).float(), -F.logsigmoid(margin), chosen, rejected, margin]
+            )
+            sums += (per_pair * weight).sum(dim=1)
+            if d.is_main and len(samples) < num_samples:
+                samples += sample_rows(pairs, chosen, rejected, tokenizer)[: num_samples - len(samples)]
     all_reduce_sum(sums)
     model.train()
     names = ["accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin"]

@@ -6,8 +6,15 @@ import math
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from minrm import toy
 from minrm.distributed import print0
@@ -58,13 +65,8 @@ def load_model(args, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
             model.score.weight.normal_(0.0, std, generator=generator)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.batching != "padded" and torch.cuda.is_available():
-        # Packed rows need a block-diagonal mask: FlexAttention builds it block-sparse instead of
-        # materialising L x L; without it the dense-mask SDPA path runs. Untested here (no GPU in CI).
-        try:
-            model.set_attn_implementation("flex_attention")
-        except (ImportError, ValueError) as e:
-            print0(f"model: FlexAttention unavailable ({e}); packed batches use a dense mask with SDPA")
+    if args.batching != "padded":
+        use_packed_attention(model, args.packed_attention, torch.cuda.is_available())
     model.forward = types.MethodType(reward_forward, model)
     return model
 
@@ -90,6 +92,7 @@ def reward_forward(
     last_index: torch.Tensor | None = None,  # (R,) flat positions in the N x T tokens to read rewards at
     doc_ids: torch.Tensor | None = None,  # (1, L) packed batches: the sequence (or pair) of each token
     branch_ids: torch.Tensor | None = None,  # (1, L) packed batches: 0 shared prompt, 1 chosen, 2 rejected
+    segments: list[tuple] | None = None,  # packed batches: the attention spans (see segment_attention)
 ) -> torch.Tensor:
     """Rewards (R,) in fp32: the score head applied to the hidden state of each sequence's last
     real token.
@@ -101,10 +104,14 @@ def reward_forward(
     the text), and only the last hidden state is kept and scored at the pooled positions (the
     reference asks for every layer's hidden states and scores every position).
     """
-    if doc_ids is not None:
-        attention_mask = packed_attention_mask(self, doc_ids, branch_ids)
+    extra = {}
+    if doc_ids is not None:  # a packed row: which attention runs it was chosen at load
+        if self.config._attn_implementation == SEGMENTS:
+            extra["segments"] = segments
+        else:
+            attention_mask = packed_attention_mask(self, doc_ids, branch_ids, position_ids)
     hidden = backbone(self)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
     ).last_hidden_state  # (N, T, H)
     if last_index is None:
         n, t = input_ids.shape
@@ -115,22 +122,122 @@ def reward_forward(
     return self.score(pooled).squeeze(-1).float()
 
 
-def packed_attention_mask(model: PreTrainedModel, doc_ids: torch.Tensor, branch_ids: torch.Tensor):
+# ----------------------------------------------------------------------------------------------
+# Attention over packed rows (docs/batching.md). Three ways, chosen once at load:
+# - GPU: FlexAttention with a block mask built from doc_ids/branch_ids (never L x L).
+# - elsewhere: `segment_attention`, SDPA on each sequence's own span of the row (varlen attention).
+# - a model that cannot swap its attention function: a dense L x L mask through its own attention.
+
+SEGMENTS = "minrm_segments"
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, **kwargs):
+    """Attention over a packed row, one span at a time: query, key, value (1, heads, L, head_dim).
+
+    `segments` lists (q_start, q_end, key_spans): the queries [q_start, q_end) attend to the keys
+    of `key_spans` laid end to end, causally with the last query aligned to the last key. A packed
+    sequence is (s, e, ((s, e),)); in shared_prefix the rejected response is
+    (a, b, ((s, s + prompt), (a, b))): its prompt and itself, not the chosen response between. The
+    spans cover the row in order, so the outputs concatenate back into it. Attention is computed
+    only inside spans: sum(l^2) work instead of L^2, and no L x L mask.
+    """
+    if segments is None:
+        raise ValueError(f"attention {SEGMENTS!r} needs the `segments` of a packed batch (data.collate)")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError(
+            "packed batching cannot run logit softcapping or attention sinks; use --batching padded"
+        )
+    window = kwargs.get("sliding_window")
+    gqa = query.shape[1] != key.shape[1]
+    outputs = []
+    for q0, q1, spans in segments:
+        k = (
+            key[:, :, spans[0][0] : spans[0][1]]
+            if len(spans) == 1
+            else torch.cat([key[:, :, a:b] for a, b in spans], 2)
+        )
+        v = (
+            value[:, :, spans[0][0] : spans[0][1]]
+            if len(spans) == 1
+            else torch.cat([value[:, :, a:b] for a, b in spans], 2)
+        )
+        nq, nk = q1 - q0, k.shape[2]
+        mask = None  # plain causal
+        if nq != nk or (window is not None and nk > window):
+            j = torch.arange(nk, device=query.device)
+            i = torch.arange(nk - nq, nk, device=query.device)[:, None]  # each query's position among the keys
+            mask = (j <= i) if window is None else (j <= i) & (j > i - window)
+        out = F.scaled_dot_product_attention(
+            query[:, :, q0:q1], k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
+        )
+        outputs.append(out)
+    return torch.cat(outputs, 2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENTS, segment_attention)
+
+
+def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: bool = False) -> None:
+    """Switch the backbone to the attention that runs packed rows (--packed_attention): `auto` takes
+    FlexAttention on GPU and `segment_attention` elsewhere, falling back to `mask` (a dense L x L
+    mask through the model's own attention) for a model that cannot swap its attention function."""
+    config = model.config.get_text_config()
+    if getattr(config, "attn_logit_softcapping", None):
+        raise SystemExit(
+            f"minrm: error: {config.model_type} softcaps its attention logits, which the packed attention "
+            "kernels cannot do; use --batching padded"
+        )
+    mixed = mask_window(config) == "mixed"  # per-layer windows: only segment_attention has them
+    if choice == "auto":
+        names = (["flex_attention"] if cuda and not mixed else []) + [SEGMENTS]
+    else:
+        names = {"flex_attention": ["flex_attention"], "segments": [SEGMENTS], "mask": []}[choice]
+    for name in names:
+        try:
+            model.set_attn_implementation(name)
+        except (ImportError, ValueError) as e:
+            print0(f"model: attention {name} unavailable ({e})")
+        if model.config._attn_implementation == name:
+            print0(f"model: packed rows run attention {name}")
+            return
+    if choice not in ("auto", "mask") or mixed:
+        why = "mixes sliding-window and full attention layers, which one mask cannot express" if mixed else ""
+        raise SystemExit(
+            f"minrm: error: --packed_attention {choice}: {config.model_type} {why or 'cannot run it'}; "
+            "use --packed_attention auto or --batching padded"
+        )
+    print0(f"model: packed rows use a dense L x L mask with attention {model.config._attn_implementation}")
+
+
+def mask_window(config) -> int | str | None:
+    """The sliding window one mask for every layer must apply: the config's when all layers slide,
+    None when none does, "mixed" when some layers slide and others attend in full."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+    if window is None or kinds == {"sliding_attention"}:
+        return window
+    return "mixed" if "sliding_attention" in kinds else None
+
+
+def packed_attention_mask(model: PreTrainedModel, doc_ids, branch_ids, position_ids):
     """The mask of a packed row: query q sees key k when both are in the same sequence (pair), k is
     not after q, and k is shared (branch 0) or in q's own branch, so a rejected response sees its
-    prompt but not the chosen response beside it.
+    prompt but not the chosen response beside it; with a sliding window, only keys fewer than
+    `sliding_window` positions back (a mask given whole replaces the model's own window).
 
-    With FlexAttention (chosen at load on GPU, see `load_model`) this is a BlockMask that never
-    materialises the L x L mask; otherwise a dense (1, 1, L, L) mask for SDPA (bool) or eager
-    (additive float). Transformers passes a 4-D mask to the attention functions as it is.
+    With FlexAttention a BlockMask that never materialises the L x L mask (tested forward-only on
+    CPU: FlexAttention has no CPU backward); otherwise a dense (1, 1, L, L) mask for SDPA (bool) or
+    eager (additive float). Transformers passes a 4-D mask to the attention functions as it is.
     """
-    doc, branch = doc_ids[0], branch_ids[0]
+    doc, branch, pos = doc_ids[0], branch_ids[0], position_ids[0]
+    window = mask_window(model.config.get_text_config())
 
     def allowed(b, h, q, k):
-        return (doc[q] == doc[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
+        ok = (doc[q] == doc[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
+        return ok if window is None else ok & (pos[q] - pos[k] < window)
 
     L = doc.shape[0]
-    if model.config._attn_implementation == "flex_attention":  # GPU path: untested in CI (no GPU)
+    if model.config._attn_implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
         return create_block_mask(allowed, None, None, L, L, device=doc.device)

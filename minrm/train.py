@@ -9,8 +9,9 @@
 
 Phases: setup -> data -> model -> shard -> loop (step, log, eval) -> export. One optimizer step
 consumes `batch_size` = per_device_train_batch_size x world_size x gradient_accumulation_steps
-pairs; each micro-batch runs its chosen and rejected sequences through the model in one forward
-pass of 2B sequences, and the loss is -logsigmoid(r_chosen - r_rejected), averaged.
+pairs, in micro-batches of per_device_train_batch_size pairs per process (or cut by a token budget,
+--max_tokens_per_batch). A micro-batch's chosen and rejected sequences go through the model in one
+forward pass, and the loss is -logsigmoid(r_chosen - r_rejected), averaged over the step's pairs.
 """
 
 import dataclasses
@@ -34,9 +35,26 @@ from minrm.checkpoint import (
     truncate_logs,
 )
 from minrm.config import Args, parse_args
-from minrm.data import device_batch, load_tokenizer, pairs_at, show_pair, stream_indices
+from minrm.data import (
+    check_token_budget,
+    device_batch,
+    load_tokenizer,
+    micro_batches,
+    pairs_at,
+    show_pair,
+    split_to,
+    stream_indices,
+)
 from minrm.dataset_cache import load_datasets
-from minrm.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, print0, shard_model
+from minrm.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    print0,
+    shard_model,
+)
 from minrm.evaluate import evaluate
 from minrm.export import model_card, push_folder, resolve_hub_repo, save_hf_folder
 from minrm.liger import apply_liger_kernel
@@ -65,6 +83,8 @@ def main(args: Args) -> dict:
         print0("data: the dataset cache is built (--cache_dataset_only); exiting without training")
         dist.destroy_process_group()
         return {}
+    check_token_budget(train_set, args.max_tokens_per_batch, args.batching, "training")
+    check_token_budget(eval_set, args.max_tokens_per_batch, args.batching, "eval")
     if d.is_main and not args.no_visualize:
         print0(show_pair(train_set[0], tokenizer))
 
@@ -128,37 +148,47 @@ def main(args: Args) -> dict:
         steps, initial=trainer.step, total=num_training_steps, disable=not d.is_main, desc="train", dynamic_ncols=True
     )
     metrics = trainer.metrics
+    forwards = 0  # micro-batches run on this rank
     for step in bar:
         lr = args.learning_rate * lr_multiplier(
             args.lr_scheduler_type, step, args.warm_up_steps, num_training_steps, args.learning_rate
         )
         set_lr(optimizer, lr)
-        sums = torch.zeros(5, device=d.device)  # per-micro-batch means, summed: stays on the device
+        # This rank's pairs of the step: its slice of each of the GA micro-batches of the stream.
+        indices = []
         for micro in range(ga):
-            # Reduce-scatter gradients only after the last micro-batch; earlier ones accumulate locally.
-            model.set_requires_gradient_sync(micro == ga - 1)
             start = step * batch_size + micro * micro_batch_size + d.rank * args.per_device_train_batch_size
-            pairs = pairs_at(
-                train_set, stream_indices(start, args.per_device_train_batch_size, len(train_set), args.seed)
-            )
+            indices += stream_indices(start, args.per_device_train_batch_size, len(train_set), args.seed)
+        chunks = micro_batches(
+            pairs_at(train_set, indices), args.per_device_train_batch_size, args.max_tokens_per_batch, args.batching
+        )
+        if args.max_tokens_per_batch and d.world_size > 1:  # every rank runs as many forwards
+            chunks = split_to(chunks, all_reduce_max(len(chunks), d.device))
+        sums = torch.zeros(5, device=d.device)  # per-pair values, summed: stays on the device
+        forwards += len(chunks)
+        for k, pairs in enumerate(chunks):
+            # Reduce-scatter gradients only after the last micro-batch; earlier ones accumulate locally.
+            model.set_requires_gradient_sync(k == len(chunks) - 1)
             rewards = model(
                 **device_batch(pairs, tokenizer.pad_token_id, args.batching, d.device)
             )  # (2B,): chosen then rejected
             chosen, rejected = rewards.chunk(2)
             margin = chosen - rejected
-            loss = -F.logsigmoid(margin).mean()
-            # Divided by the accumulation steps so the summed gradient is the mean over this rank's
-            # B x GA pairs; FSDP's reduce-scatter then averages over ranks: the global-batch mean.
-            (loss / ga).backward()
-            episode += micro_batch_size
+            losses = -F.logsigmoid(margin)
+            # The sum over this rank's B x GA pairs of the step, divided by their number: the mean,
+            # however the pairs were cut. FSDP's reduce-scatter then averages over ranks.
+            (losses.sum() / len(indices)).backward()
             with torch.no_grad():
-                sums += torch.stack([(margin > 0).float().mean(), loss, chosen.mean(), rejected.mean(), margin.mean()])
+                sums += torch.stack(
+                    [(margin > 0).float().sum(), losses.sum(), chosen.sum(), rejected.sum(), margin.sum()]
+                )
+        episode += batch_size
         grad_norm = clip_grad_norm_(model, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # The reference's semantics: mean over micro-batches of micro-batch means, then over ranks.
-        means = (all_reduce_sum(sums) / (ga * d.world_size)).tolist()
+        # Means over the step's pairs: the reference's mean of equal micro-batches' means.
+        means = (all_reduce_sum(sums) / batch_size).tolist()
         metrics = {"episode": episode, "epoch": episode / len(train_set)}
         for name, value in zip(["accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin"], means):
             metrics[f"train/rm/{name}"] = value
@@ -169,7 +199,7 @@ def main(args: Args) -> dict:
 
         if step + 1 in eval_steps:
             eval_metrics, samples = evaluate(
-                model, eval_set, tokenizer, d, args.per_device_eval_batch_size, args.batching
+                model, eval_set, tokenizer, d, args.per_device_eval_batch_size, args.batching, args.max_tokens_per_batch
             )
             eval_metrics = {"episode": episode, "epoch": episode / len(train_set), **eval_metrics}
             metrics.update(eval_metrics)
@@ -186,6 +216,8 @@ def main(args: Args) -> dict:
         if checkpoint_every and (step + 1) % checkpoint_every == 0:
             trainer = TrainerState(step + 1, episode, metrics)
             save_checkpoint(run_dir, trainer, model, optimizer, meta, args.keep_last_n_checkpoints, d)
+
+    print0(f"train: {forwards} micro-batches on rank 0 over {len(steps)} steps")
 
     # ------------------------------------------------------------------------------------------
     # Export

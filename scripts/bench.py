@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 from minrm.config import BATCHINGS
-from minrm.data import collate, shared_prefix_length
-from minrm.model import reward_forward
+from minrm.data import device_batch, shared_prefix_length
+from minrm.model import reward_forward, use_packed_attention
 
 # Token-count deciles (10%..90%) of the `multiturn` profile: prompt, chosen and rejected responses.
 MULTITURN = {
@@ -117,14 +117,14 @@ def attended_pairs(pairs: list[dict], batching: str) -> int:
 def build(batching: str, device: torch.device):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(model_config()).to(device)
-    if batching != "padded" and device.type == "cuda":
-        model.set_attn_implementation("flex_attention")  # as minrm.model.load_model does
+    if batching != "padded":
+        use_packed_attention(model, "auto", device.type == "cuda")  # as minrm.model.load_model does
     model.forward = types.MethodType(reward_forward, model)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-5)
 
 
 def train_step(model, optimizer, pairs: list[dict], batching: str, device: torch.device) -> torch.Tensor:
-    inputs = {k: v.to(device) for k, v in collate(pairs, 0, batching).items()}
+    inputs = device_batch(pairs, 0, batching, device)
     chosen, rejected = model(**inputs).chunk(2)
     (-F.logsigmoid(chosen - rejected).mean()).backward()
     optimizer.step()

@@ -1,18 +1,25 @@
 """Packed and shared-prefix batches against padded ones: the same rewards, loss and gradients on one
-micro-batch, no attention across packed sequences, and the same training metrics through the
-trainer (one process and two under FSDP)."""
+micro-batch through each attention that runs packed rows, no attention across packed sequences,
+token-budget micro-batches, and the same training metrics through the trainer (one process and two
+under FSDP)."""
 
+import re
+
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, Gemma2Config, MistralConfig
 
-from minrm.data import collate, shared_prefix_length
-from minrm.model import reward_forward
+from minrm.data import check_token_budget, collate, micro_batches, shared_prefix_length, split_to
+from minrm.model import SEGMENTS, reward_forward, use_packed_attention
 from tests.conftest import read_metrics, run_minrm, tiny_llama_config
 
 PAD, VOCAB = 0, 100
 MODES = ["packed", "shared_prefix"]
+# How packed rows get their attention: SDPA per sequence span (the default off GPU), or one dense
+# L x L mask through the model's own SDPA (the fallback for models that cannot swap attention).
+ATTENTIONS = ["segments", "mask"]
 
 
 def pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict:
@@ -39,10 +46,15 @@ def varied_pairs() -> list[dict]:
     return pairs + [broken]
 
 
-def tiny_model():
+def tiny_model(attention: str | None = None, config=None):
+    """The same weights every call; `attention` (a --packed_attention choice) switches the
+    attention as load_model does for the packed modes."""
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(tiny_llama_config(VOCAB))
+    model = AutoModelForSequenceClassification.from_config(config or tiny_llama_config(VOCAB))
     model.config.pad_token_id = PAD
+    if attention:
+        use_packed_attention(model, attention)
+        assert model.config._attn_implementation == {"segments": SEGMENTS, "mask": "sdpa"}[attention]
     return model
 
 
@@ -60,11 +72,12 @@ def test_shared_prefix_length_checks_the_prefix():
     assert [shared_prefix_length(p) for p in pairs] == [len(p["prompt"]) for p in pairs[:-1]] + [0]
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("batching", MODES)
-def test_rewards_loss_and_gradients_match_padded(batching):
-    model, pairs = tiny_model(), varied_pairs()
-    r0, l0, g0 = rewards_loss_grads(model, pairs, "padded")
-    r1, l1, g1 = rewards_loss_grads(model, pairs, batching)
+def test_rewards_loss_and_gradients_match_padded(batching, attention):
+    pairs = varied_pairs()
+    r0, l0, g0 = rewards_loss_grads(tiny_model(), pairs, "padded")
+    r1, l1, g1 = rewards_loss_grads(tiny_model(attention), pairs, batching)
     assert collate(pairs, PAD, batching)["input_ids"].shape[0] == 1  # one row, no padding
     torch.testing.assert_close(r1, r0, rtol=0, atol=1e-5)
     torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
@@ -72,11 +85,12 @@ def test_rewards_loss_and_gradients_match_padded(batching):
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("batching", MODES)
-def test_no_attention_across_packed_sequences(batching):
+def test_no_attention_across_packed_sequences(batching, attention):
     """Change every token a sequence must not see; its reward must not move (and the changed ones
     must, so the check has teeth)."""
-    model, pairs = tiny_model().eval(), varied_pairs()
+    model, pairs = tiny_model(attention).eval(), varied_pairs()
     with torch.no_grad():
         before = reward_forward(model, **collate(pairs, PAD, batching))
         edited = [dict(p) for p in pairs]
@@ -87,6 +101,77 @@ def test_no_attention_across_packed_sequences(batching):
     assert abs(after[0] - before[0]) > 1e-4  # the edited sequence's own reward changes
     # No other one does, pair 0's rejected response (packed right after the chosen one) included.
     torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("batching", MODES)
+def test_sliding_window_model_matches_padded(batching, attention):
+    """A Mistral with an 8-token window (shorter than most sequences here): packed rows must apply
+    the window as the padded forward does, positions counted from each sequence's start."""
+    config = MistralConfig(**{**tiny_llama_config(VOCAB).to_dict(), "model_type": "mistral", "sliding_window": 8})
+    pairs = varied_pairs()
+    r0, l0, g0 = rewards_loss_grads(tiny_model(config=config), pairs, "padded")
+    config.sliding_window = None
+    unwindowed, _, _ = rewards_loss_grads(tiny_model(config=config), pairs, "padded")
+    assert (unwindowed - r0).abs().max() > 1e-3  # the window changes the rewards: the test has teeth
+    config.sliding_window = 8
+    r1, l1, g1 = rewards_loss_grads(tiny_model(attention, config), pairs, batching)
+    torch.testing.assert_close(r1, r0, rtol=0, atol=1e-5)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_flex_attention_block_mask_matches_padded():
+    """The GPU path's block mask, run forward-only on CPU (FlexAttention has no CPU backward)."""
+    pairs = varied_pairs()
+    with torch.no_grad():
+        r0 = reward_forward(tiny_model(), **collate(pairs, PAD, "padded"))
+        model = tiny_model()
+        use_packed_attention(model, "flex_attention")
+        assert model.config._attn_implementation == "flex_attention"
+        for batching in MODES:
+            r1 = reward_forward(model, **collate(pairs, PAD, batching))
+            torch.testing.assert_close(r1, r0, rtol=0, atol=1e-5, msg=batching)
+
+
+def test_softcapping_model_refused():
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_labels=1)  # fmt: skip
+    model = AutoModelForSequenceClassification.from_config(config)
+    with pytest.raises(SystemExit, match="softcaps its attention logits.*--batching padded"):
+        use_packed_attention(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token budget: micro-batches cut by computed tokens
+
+
+@pytest.mark.parametrize("batching", ["padded", *MODES])
+def test_micro_batches_respect_the_token_budget(batching):
+    g = torch.Generator().manual_seed(1)
+    pairs = [
+        pair(list(range(1, 1 + int(n))), [7] * int(c), [8] * int(r))
+        for n, c, r in torch.randint(1, 40, (50, 3), generator=g)
+    ]
+    budget = 300
+    chunks = micro_batches(pairs, 4, budget, batching)
+    assert [p for c in chunks for p in c] == pairs  # every pair once, in order
+    computed = [collate(c, PAD, batching)["input_ids"].numel() for c in chunks]
+    assert max(computed) <= budget
+    # Greedy: the next chunk's first pair would not have fit in the chunk before it.
+    for a, b in zip(chunks, chunks[1:]):
+        assert collate(a + b[:1], PAD, batching)["input_ids"].numel() > budget
+    assert micro_batches(pairs, 4, None, batching) == [pairs[i : i + 4] for i in range(0, 50, 4)]
+    # Cut into more, as a rank with fewer micro-batches than another must be.
+    more = split_to(chunks, len(chunks) + 3)
+    assert len(more) == len(chunks) + 3 and [p for c in more for p in c] == pairs
+
+
+def test_token_budget_below_the_longest_pair_is_refused():
+    ds = datasets.Dataset.from_list([pair([1, 2], [3] * 5, [4] * 9), pair([1], [3] * 30, [4])])
+    check_token_budget(ds, 35, "packed", "training")  # 32 + 2 tokens: fits
+    with pytest.raises(SystemExit, match="--max_tokens_per_batch 35 is below the 62 tokens that training pair 1"):
+        check_token_budget(ds, 35, "padded", "training")  # 2 x 31
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,5 +214,26 @@ def test_training_metrics_match_padded(padded_run, batching, nproc, tiny_model_d
     assert len(rows) == len(padded_run) == 6  # 5 steps and one eval
     for a, b in zip(padded_run, rows):
         assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize(
+    ("batching", "nproc"),
+    [("padded", 1), ("packed", 2), ("shared_prefix", 1)],
+    ids=["padded", "packed-fsdp2proc", "shared_prefix"],
+)
+def test_token_budget_training_matches_padded(
+    padded_run, batching, nproc, tiny_model_dir, pairs_file, eval_file, tmp_path
+):
+    """A 150-token budget cuts each step's 8 pairs into more micro-batches than the 2 of padded_run
+    (the toy pairs need 36 to 88 tokens), unevenly across ranks; the metrics must not change."""
+    flags = run_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "run", batching, 4 // nproc)
+    result = run_minrm(flags + ["--max_tokens_per_batch", "150"], nproc=nproc)
+    forwards = int(re.search(r"train: (\d+) micro-batches on rank 0 over 5 steps", result.stdout).group(1))
+    assert forwards > 5 * 2
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == len(padded_run) == 6
+    for a, b in zip(padded_run, rows):
         for key in a:
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
