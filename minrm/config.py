@@ -126,7 +126,7 @@ class Args:
     """Evaluations spread evenly through training (the last after the final step), when an eval set is given."""
 
     # Batching
-    batching: Literal[BATCHINGS] = "padded"
+    batching: Literal[BATCHINGS] = "shared_prefix"
     """How a micro-batch's pairs become model input: `padded` (the reference: right padding to the
     longest sequence), `packed` (sequences end to end with no padding, each attending only to
     itself) or `shared_prefix` (packed, and each pair's prompt computed once for both responses).

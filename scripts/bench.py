@@ -39,14 +39,24 @@ MULTITURN = {
 VOCAB = 8192
 
 
-def model_config() -> LlamaConfig:  # ~9M parameters, 6M of them outside the embeddings
+# Llama shapes (hidden, intermediate, layers, heads, kv heads) by total parameter count, vocab 8192.
+SIZES = {
+    "9m": (384, 1024, 4, 6, 2),
+    "20m": (512, 1408, 6, 8, 2),
+    "100m": (768, 2560, 12, 12, 4),
+    "8b": (4096, 14336, 32, 32, 8),
+}
+
+
+def model_config(size: str = "9m") -> LlamaConfig:
+    hidden, intermediate, layers, heads, kv_heads = SIZES[size]
     return LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=384,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         num_labels=1,
         pad_token_id=0,
@@ -114,9 +124,9 @@ def attended_pairs(pairs: list[dict], batching: str) -> int:
     return total
 
 
-def build(batching: str, device: torch.device):
+def build(batching: str, device: torch.device, size: str):
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(model_config()).to(device)
+    model = AutoModelForSequenceClassification.from_config(model_config(size)).to(device)
     if batching != "padded":
         use_packed_attention(model, "auto", device.type == "cuda")  # as minrm.model.load_model does
     model.forward = types.MethodType(reward_forward, model)
@@ -134,12 +144,12 @@ def train_step(model, optimizer, pairs: list[dict], batching: str, device: torch
     return inputs["input_ids"]
 
 
-def time_modes(modes: list[str], pairs: list[dict], per_batch: int, steps: int) -> list[dict]:
+def time_modes(modes: list[str], pairs: list[dict], per_batch: int, steps: int, size: str) -> list[dict]:
     """All modes in one process, their steps interleaved (the order rotating), so that load from
     other processes on a shared machine falls on every mode alike; step 0 warms up."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runs = {m: build(m, device) for m in modes}
-    cfg = model_config()
+    runs = {m: build(m, device, size) for m in modes}
+    cfg = model_config(size)
     params = sum(p.numel() for p in runs[modes[0]][0].parameters()) - cfg.vocab_size * cfg.hidden_size
     totals = {m: dict(seconds=0.0, pairs=0, real=0, unique=0, computed=0, flops=0.0) for m in modes}
     for i in range(steps + 1):
@@ -170,11 +180,11 @@ def time_modes(modes: list[str], pairs: list[dict], per_batch: int, steps: int) 
     ]
 
 
-def peak_memory(batching: str, pairs: list[dict], per_batch: int, steps: int) -> dict:
+def peak_memory(batching: str, pairs: list[dict], per_batch: int, steps: int, size: str) -> dict:
     """Peak memory of one mode's training steps, in a process of its own: max allocated on GPU; on
     CPU peak RSS, and its rise over the RSS after the model and optimizer are built."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, optimizer = build(batching, device)
+    model, optimizer = build(batching, device, size)
     with open("/proc/self/statm") as f:
         base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
     for i in range(steps + 1):
@@ -229,6 +239,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="tokenizer for --data (default: the toy one)")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per micro-batch (= optimizer step)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps, after one warm-up step")
+    parser.add_argument("--size", choices=list(SIZES), default="9m", help="model shape, by parameter count")
     parser.add_argument("--modes", nargs="+", choices=BATCHINGS, default=list(BATCHINGS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench", help="writes OUT.json and OUT.md")
@@ -240,10 +251,10 @@ def main() -> None:
     else:
         pairs = synthetic_pairs(args.profile, n, args.seed)
     if args.one_mode:
-        print(json.dumps(peak_memory(args.one_mode, pairs, args.pairs, args.steps)))
+        print(json.dumps(peak_memory(args.one_mode, pairs, args.pairs, args.steps, args.size)))
         return
     peak = matmul_peak()
-    rows = time_modes(args.modes, pairs, args.pairs, args.steps)
+    rows = time_modes(args.modes, pairs, args.pairs, args.steps, args.size)
     for row in rows:  # a fresh process per mode: peak RSS is per process
         mode = row["mode"]
         out = subprocess.run(

@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, Gemma2Config, MistralConfig
+from transformers import AutoModelForSequenceClassification, Gemma2Config, MistralConfig, Qwen2Config
 
 from minrm.data import check_token_budget, collate, micro_batches, shared_prefix_length, split_to
 from minrm.model import SEGMENTS, reward_forward, use_packed_attention
@@ -103,22 +103,38 @@ def test_no_attention_across_packed_sequences(batching, attention):
     torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
+def windowed_config(arch: str, window: int | None):
+    """Every layer slides (Mistral), or only the second of two does (Qwen2's max_window_layers)."""
+    base = tiny_llama_config(VOCAB).to_dict()
+    if arch == "mistral":
+        return MistralConfig(**{**base, "model_type": "mistral", "sliding_window": window})
+    return Qwen2Config(
+        **{**base, "model_type": "qwen2", "use_sliding_window": window is not None, "sliding_window": window or 256},
+        max_window_layers=1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("arch", "attention"), [("mistral", "segments"), ("mistral", "mask"), ("qwen2_mixed", "segments")]
+)
 @pytest.mark.parametrize("batching", MODES)
-def test_sliding_window_model_matches_padded(batching, attention):
-    """A Mistral with an 8-token window (shorter than most sequences here): packed rows must apply
-    the window as the padded forward does, positions counted from each sequence's start."""
-    config = MistralConfig(**{**tiny_llama_config(VOCAB).to_dict(), "model_type": "mistral", "sliding_window": 8})
+def test_sliding_window_model_matches_padded(batching, arch, attention):
+    """An 8-token window (shorter than most sequences here): packed rows must apply it as the
+    padded forward does, positions counted from each sequence's start, and only in the layers that
+    slide."""
     pairs = varied_pairs()
-    r0, l0, g0 = rewards_loss_grads(tiny_model(config=config), pairs, "padded")
-    config.sliding_window = None
-    unwindowed, _, _ = rewards_loss_grads(tiny_model(config=config), pairs, "padded")
+    r0, l0, g0 = rewards_loss_grads(tiny_model(config=windowed_config(arch, 8)), pairs, "padded")
+    unwindowed, _, _ = rewards_loss_grads(tiny_model(config=windowed_config(arch, None)), pairs, "padded")
     assert (unwindowed - r0).abs().max() > 1e-3  # the window changes the rewards: the test has teeth
-    config.sliding_window = 8
-    r1, l1, g1 = rewards_loss_grads(tiny_model(attention, config), pairs, batching)
+    r1, l1, g1 = rewards_loss_grads(tiny_model(attention, windowed_config(arch, 8)), pairs, batching)
     torch.testing.assert_close(r1, r0, rtol=0, atol=1e-5)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_one_mask_for_mixed_window_layers_refused():
+    with pytest.raises(SystemExit, match="mixes sliding-window and full attention layers"):
+        use_packed_attention(tiny_model(config=windowed_config("qwen2_mixed", 8)), "mask")
 
 
 def test_flex_attention_block_mask_matches_padded():

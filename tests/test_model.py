@@ -118,7 +118,7 @@ def test_no_active_dropout_anywhere(tmp_path):
     for name, module in model.named_modules():
         assert not isinstance(module, nn.Dropout) or module.p == 0.0, name
         assert getattr(module, "attention_dropout", 0.0) == 0.0, name
-    batch = collate(random_pairs(64, [(9, 14)]), pad_id=0)
+    batch = collate(random_pairs(64, [(9, 14)]), pad_id=0, batching=args.batching)
     torch.testing.assert_close(model(**batch), model(**batch), rtol=0, atol=0)  # deterministic in train mode
 
 
