@@ -1,9 +1,9 @@
 """Throughput of the batching modes: N optimizer steps of a random-init Llama reward model on
-synthetic (or JSONL) preference pairs. The modes' steps are timed interleaved in one process (so
+synthetic (or a file's) preference pairs. The modes' steps are timed interleaved in one process (so
 load from other processes falls on all alike); peak memory is taken in a fresh process per mode.
 
     python -m scripts.bench --profile multiturn --pairs 4 --steps 8 --out bench_multiturn
-    python -m scripts.bench --data prefs.jsonl --tokenizer allenai/Llama-3.1-Tulu-3-8B-SFT
+    python -m scripts.bench --data prefs.parquet --tokenizer allenai/Llama-3.1-Tulu-3-8B-SFT
 
 Per mode: pairs/s, real tokens/s (chosen + rejected tokens, as the reference counts them), the
 fraction of computed tokens that are padding or a repeated prompt, achieved FLOP/s and its ratio to
@@ -96,15 +96,18 @@ def synthetic_pairs(profile: str, n: int, seed: int) -> list[dict]:
     return pairs
 
 
-def jsonl_pairs(path: str, tokenizer_name: str, n: int) -> list[dict]:
+def file_pairs(path: str, tokenizer_name: str | None, n: int) -> list[dict]:
+    """The first n pairs of a preference file in any format minrm reads, tokenized as minrm does
+    (chat template `tulu`; the toy tokenizer unless `tokenizer_name` is given)."""
     from minrm.config import parse_args
-    from minrm.data import build_dataset, load_tokenizer, pairs_at
+    from minrm.data import build_side, load_tokenizer, pairs_at
 
     flags = ["--dataset_mixer_list", path, "1.0", "--max_token_length", "2048", "--max_prompt_token_length", "2048"]
     if tokenizer_name:
         flags += ["--model_name_or_path", tokenizer_name]
     args = parse_args(flags)
-    ds = build_dataset(args.dataset_mixer_list, ["train"], load_tokenizer(args), args, "bench")
+    ds, _, log = build_side(args.dataset_mixer_list, ["train"], load_tokenizer(args), args, "bench")
+    print("\n".join(log), file=sys.stderr)
     pairs = pairs_at(ds, list(range(min(n, len(ds)))))
     for p in pairs:  # a random-init model of VOCAB rows: fold the ids into it
         for k in p:
@@ -235,7 +238,7 @@ def markdown(rows: list[dict], peak: float, command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=["multiturn", "longresponse"], default="multiturn")
-    parser.add_argument("--data", help="a JSONL preference file instead of synthetic pairs")
+    parser.add_argument("--data", help="a preference file (.jsonl/.json/.parquet, any row format minrm reads)")
     parser.add_argument("--tokenizer", help="tokenizer for --data (default: the toy one)")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per micro-batch (= optimizer step)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps, after one warm-up step")
@@ -247,7 +250,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.pairs * (args.steps + 1)
     if args.data:
-        pairs = jsonl_pairs(args.data, args.tokenizer, n)
+        pairs = file_pairs(args.data, args.tokenizer, n)
     else:
         pairs = synthetic_pairs(args.profile, n, args.seed)
     if args.one_mode:
