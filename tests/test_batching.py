@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, Gemma2Config, MistralConfig, Qwen2Config
 
-from minrm.data import check_token_budget, collate, micro_batches, shared_prefix_length, split_to
+from minrm.data import check_token_budget, collate, device_batch, micro_batches, shared_prefix_length, split_to
 from minrm.model import SEGMENTS, reward_forward, use_packed_attention
 from tests.conftest import read_metrics, run_minrm, tiny_llama_config
 
@@ -58,9 +58,9 @@ def tiny_model(attention: str | None = None, config=None):
     return model
 
 
-def rewards_loss_grads(model, pairs, batching):
+def rewards_loss_grads(model, pairs, batching, device="cpu"):
     model.zero_grad()
-    rewards = reward_forward(model, **collate(pairs, PAD, batching))
+    rewards = reward_forward(model, **device_batch(pairs, PAD, batching, torch.device(device)))
     chosen, rejected = rewards.chunk(2)
     loss = -F.logsigmoid(chosen - rejected).mean()
     loss.backward()
@@ -148,6 +148,22 @@ def test_flex_attention_block_mask_matches_padded():
         for batching in MODES:
             r1 = reward_forward(model, **collate(pairs, PAD, batching))
             torch.testing.assert_close(r1, r0, rtol=0, atol=1e-5, msg=batching)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU")
+@pytest.mark.parametrize("batching", MODES)
+def test_flex_attention_gradients_match_padded_on_gpu(batching):
+    """The `auto` GPU path end to end in fp32: rewards, loss and every gradient against padded."""
+    pairs, cuda = varied_pairs(), torch.device("cuda")
+    r0, l0, g0 = rewards_loss_grads(tiny_model().to(cuda), pairs, "padded", cuda)
+    model = tiny_model().to(cuda)
+    use_packed_attention(model, "auto", cuda=True)
+    assert model.config._attn_implementation == "flex_attention"
+    r1, l1, g1 = rewards_loss_grads(model, pairs, batching, cuda)
+    torch.testing.assert_close(r1, r0, rtol=0, atol=1e-4)
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-4)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-4, msg=name)
 
 
 def test_softcapping_model_refused():
