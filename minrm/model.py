@@ -151,15 +151,9 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     gqa = query.shape[1] != key.shape[1]
     outputs = []
     for q0, q1, spans in segments:
-        k = (
-            key[:, :, spans[0][0] : spans[0][1]]
-            if len(spans) == 1
-            else torch.cat([key[:, :, a:b] for a, b in spans], 2)
-        )
-        v = (
-            value[:, :, spans[0][0] : spans[0][1]]
-            if len(spans) == 1
-            else torch.cat([value[:, :, a:b] for a, b in spans], 2)
+        k, v = (
+            torch.cat([t[:, :, a:b] for a, b in spans], 2) if len(spans) > 1 else t[:, :, slice(*spans[0])]
+            for t in (key, value)
         )
         nq, nk = q1 - q0, k.shape[2]
         mask = None  # plain causal
@@ -182,11 +176,8 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
     FlexAttention on GPU and `segment_attention` elsewhere, falling back to `mask` (a dense L x L
     mask through the model's own attention) for a model that cannot swap its attention function."""
     config = model.config.get_text_config()
-    if getattr(config, "attn_logit_softcapping", None):
-        raise SystemExit(
-            f"minrm: error: {config.model_type} softcaps its attention logits, which the packed attention "
-            "kernels cannot do; use --batching padded"
-        )
+    if problem := packing_problem(config):
+        raise SystemExit(f"minrm: error: {config.model_type} {problem}; use --batching padded")
     mixed = mask_window(config) == "mixed"  # per-layer windows: only segment_attention has them
     if choice == "auto":
         names = (["flex_attention"] if cuda and not mixed else []) + [SEGMENTS]
@@ -207,6 +198,30 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
             "use --packed_attention auto or --batching padded"
         )
     print0(f"model: packed rows use a dense L x L mask with attention {model.config._attn_implementation}")
+
+
+def packing_problem(config) -> str | None:
+    """Why packed rows cannot run this model (None when they can)."""
+    config = config.get_text_config()
+    if getattr(config, "attn_logit_softcapping", None):  # Gemma 2
+        return "softcaps its attention logits, which the packed attentions do not"
+    if config.model_type == "gpt_oss":  # sink logits per head, and layers that mix windows
+        return "has attention sinks, which the packed attentions do not run with its mixed sliding layers"
+    return None
+
+
+def check_packing(args) -> None:
+    """Refuse at start, from the model's config alone and before any data is built, a model that
+    --batching packed / shared_prefix cannot run."""
+    if args.batching == "padded" or args.model_name_or_path == toy.TOY:
+        return
+    config = AutoConfig.from_pretrained(
+        args.model_name_or_path, revision=args.model_revision, trust_remote_code=args.trust_remote_code
+    )
+    if problem := packing_problem(config):
+        raise SystemExit(
+            f"minrm: error: --batching {args.batching}: {config.model_type} {problem}; use --batching padded"
+        )
 
 
 def mask_window(config) -> int | str | None:

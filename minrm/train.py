@@ -58,7 +58,7 @@ from minrm.distributed import (
 from minrm.evaluate import evaluate
 from minrm.export import model_card, push_folder, resolve_hub_repo, save_hf_folder
 from minrm.liger import apply_liger_kernel
-from minrm.model import load_model, transformer_blocks
+from minrm.model import check_packing, load_model, transformer_blocks
 from minrm.optim import build_optimizer, clip_grad_norm_, lr_multiplier, set_lr
 from minrm.tracking import Tracker, summary_line
 
@@ -67,6 +67,7 @@ def main(args: Args) -> dict:
     # ------------------------------------------------------------------------------------------
     # Setup
     check_resume_args(args)
+    check_packing(args)
     d = init_distributed()
     # Every rank must agree on the run name (it names the output folder): rank 0's clock decides.
     args.run_name = broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")

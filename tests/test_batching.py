@@ -9,10 +9,11 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, Gemma2Config, MistralConfig, Qwen2Config
+from transformers import AutoModelForSequenceClassification, Gemma2Config, GptOssConfig, MistralConfig, Qwen2Config
 
+from minrm.config import parse_args
 from minrm.data import check_token_budget, collate, device_batch, micro_batches, shared_prefix_length, split_to
-from minrm.model import SEGMENTS, reward_forward, use_packed_attention
+from minrm.model import SEGMENTS, check_packing, packing_problem, reward_forward, use_packed_attention
 from tests.conftest import read_metrics, run_minrm, tiny_llama_config
 
 PAD, VOCAB = 0, 100
@@ -166,12 +167,19 @@ def test_flex_attention_gradients_match_padded_on_gpu(batching):
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-4, msg=name)
 
 
-def test_softcapping_model_refused():
-    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+def test_models_packing_cannot_run_are_refused_before_the_data(tmp_path):
+    """Gemma 2 (logit softcapping) and gpt-oss (attention sinks): refused from the config alone, at
+    start, unless --batching padded."""
+    gemma2 = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_labels=1)  # fmt: skip
-    model = AutoModelForSequenceClassification.from_config(config)
-    with pytest.raises(SystemExit, match="softcaps its attention logits.*--batching padded"):
-        use_packed_attention(model)
+    gemma2.save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="--batching shared_prefix: gemma2 softcaps its attention logits"):
+        check_packing(parse_args(["--model_name_or_path", str(tmp_path)]))
+    check_packing(parse_args(["--model_name_or_path", str(tmp_path), "--batching", "padded"]))
+    with pytest.raises(SystemExit, match="gemma2 softcaps.*--batching padded"):
+        use_packed_attention(AutoModelForSequenceClassification.from_config(gemma2))
+    assert "attention sinks" in packing_problem(GptOssConfig())
+    assert packing_problem(tiny_llama_config(VOCAB)) is None
 
 
 # ----------------------------------------------------------------------------------------------
