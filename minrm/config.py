@@ -117,7 +117,8 @@ class Args:
     gradient_accumulation_steps: int = 8
     """Micro-batches accumulated per optimizer step."""
     per_device_train_batch_size: int = 1
-    """Pairs per process per micro-batch."""
+    """Pairs per process per micro-batch (with --max_tokens_per_batch, the step's pairs per process are
+    this x gradient_accumulation_steps, cut by tokens)."""
     per_device_eval_batch_size: int = 1
     """Pairs per process per evaluation batch."""
     total_episodes: int | None = None
