@@ -320,15 +320,14 @@ def micro_batches(pairs: list[dict], size: int, max_tokens: int | None, batching
 
 
 def split_to(chunks: list[list[dict]], k: int) -> list[list[dict]]:
-    """`k` micro-batches from `chunks` (k >= len(chunks)), halving the largest until there are k:
-    under FSDP every rank must run the same number of forward passes."""
+    """`k` micro-batches from `chunks` (k >= len(chunks)), halving the largest until there are k,
+    then adding empty ones when too few pairs are left to halve: under FSDP every rank must run the
+    same number of forward passes (an empty one runs weightless, see evaluate.py)."""
     chunks = list(chunks)
     while len(chunks) < k:
         i = max(range(len(chunks)), key=lambda j: len(chunks[j]))
-        if len(chunks[i]) < 2:
-            raise ValueError(f"cannot cut {sum(map(len, chunks))} pairs into {k} micro-batches")
         half = len(chunks[i]) // 2
-        chunks[i : i + 1] = [chunks[i][:half], chunks[i][half:]]
+        chunks[i : i + 1] = [chunks[i][:half], chunks[i][half:]] if half else [chunks[i], []]
     return chunks
 
 

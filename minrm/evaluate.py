@@ -37,9 +37,7 @@ def evaluate(
         batch = pairs_at(eval_set, mine[b * batch_size : (b + 1) * batch_size])
         chunks = micro_batches(batch, batch_size, max_tokens, batching) or [[]]
         if max_tokens and d.world_size > 1:  # ... and of forward passes in each
-            k = all_reduce_max(len(chunks), d.device)
-            chunks = split_to(chunks, min(k, len(batch))) if batch else chunks
-            chunks += [[]] * (k - len(chunks))
+            chunks = split_to(chunks, all_reduce_max(len(chunks), d.device))
         for pairs in chunks:
             weight = torch.ones(len(pairs), device=d.device)
             if not pairs:  # this rank ran out of pairs: run a weightless one to join the collectives

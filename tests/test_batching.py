@@ -205,6 +205,8 @@ def test_micro_batches_respect_the_token_budget(batching):
     # Cut into more, as a rank with fewer micro-batches than another must be.
     more = split_to(chunks, len(chunks) + 3)
     assert len(more) == len(chunks) + 3 and [p for c in more for p in c] == pairs
+    # Fewer pairs than micro-batches (an eval rank near the end): the rest are empty, run weightless.
+    assert split_to([pairs[:1]], 3) == [pairs[:1], [], []]
 
 
 def test_token_budget_below_the_longest_pair_is_refused():
