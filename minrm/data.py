@@ -230,13 +230,12 @@ def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict:
     - `padded`: chosen then rejected sequences right-padded to the longest: input_ids and
       attention_mask (2B, T), as the reference does.
     - `packed`: the 2B sequences end to end in one row (1, L) without padding, positions restarting
-      per sequence; `doc_ids` name each token's sequence, and a token attends only within it.
+      per sequence; a token attends only within its sequence.
     - `shared_prefix`: each pair laid out once as prompt + chosen response + rejected response; both
       responses attend to the prompt, the rejected one not to the chosen one, and its positions
       continue from the prompt's end, so each reward equals the one of the full sequence alone.
-    Packed modes carry `segments` (each sequence's span of the row and the key spans it attends to,
-    for model.segment_attention), `doc_ids` and `branch_ids` (1, L) from which the mask-based
-    attentions build their mask (model.packed_attention_mask), and `last_index` (2B,): the flat
+    Packed modes carry `segments`, who attends to whom: (q_start, q_end, key spans) for each span of
+    queries (model.segment_attention, model.packed_attention_mask), and `last_index` (2B,): the flat
     positions to read rewards at.
     """
     if batching == "padded":
@@ -250,41 +249,34 @@ def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
     if batching not in BATCHINGS:
         raise ValueError(f"unknown batching {batching!r}; choose one of {BATCHINGS}")
-    ids, pos, doc, branch = [], [], [], []
+    ids, pos, segments = [], [], []
     ends = {"chosen": [], "rejected": []}
 
-    def add(tokens: list[int], first_pos: int, d: int, b: int) -> int:
+    def add(tokens: list[int], first_pos: int) -> tuple[int, int]:
+        """Append tokens, positions from first_pos; their span of the row."""
         ids.extend(tokens)
         pos.extend(range(first_pos, first_pos + len(tokens)))
-        doc.extend([d] * len(tokens))
-        branch.extend([b] * len(tokens))
-        return len(ids) - 1  # the flat index of the last token added
+        return len(ids) - len(tokens), len(ids)
 
-    segments = []  # (q_start, q_end, key spans): see model.segment_attention
     if batching == "packed":
         for side in ("chosen", "rejected"):
             for p in pairs:
-                s = len(ids)
-                ends[side].append(add(p[side], 0, len(segments), 0))
-                segments.append((s, len(ids), ((s, len(ids)),)))
+                s, e = add(p[side], 0)
+                segments.append((s, e, ((s, e),)))
+                ends[side].append(e - 1)
     else:
-        for i, p in enumerate(pairs):
-            n, s = shared_prefix_length(p), len(ids)
-            add(p["chosen"][:n], 0, i, 0)  # branch 0: seen by both responses
-            ends["chosen"].append(add(p["chosen"][n:], n, i, 1))
-            a = len(ids)
-            ends["rejected"].append(add(p["rejected"][n:], n, i, 2))
-            segments.append((s, a, ((s, a),)))
-            segments.append((a, len(ids), ((s, s + n), (a, len(ids))) if n else ((a, len(ids)),)))
-
-    def row(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long)[None]
-
+        for p in pairs:
+            n = shared_prefix_length(p)
+            s, _ = add(p["chosen"][:n], 0)  # seen by both responses
+            _, a = add(p["chosen"][n:], n)
+            _, e = add(p["rejected"][n:], n)
+            segments.append((s, a, ((s, a),)))  # prompt + chosen response: causal
+            segments.append((a, e, ((s, s + n), (a, e)) if n else ((a, e),)))  # rejected: prompt and itself
+            ends["chosen"].append(a - 1)
+            ends["rejected"].append(e - 1)
     return {
-        "input_ids": row(ids),
-        "position_ids": row(pos),
-        "doc_ids": row(doc),
-        "branch_ids": row(branch),
+        "input_ids": torch.tensor(ids, dtype=torch.long)[None],
+        "position_ids": torch.tensor(pos, dtype=torch.long)[None],
         "last_index": torch.tensor(ends["chosen"] + ends["rejected"], dtype=torch.long),
         "segments": segments,
     }

@@ -90,9 +90,7 @@ def reward_forward(
     attention_mask: torch.Tensor | None = None,  # (N, T), 1 on real tokens; None when packed
     position_ids: torch.Tensor | None = None,
     last_index: torch.Tensor | None = None,  # (R,) flat positions in the N x T tokens to read rewards at
-    doc_ids: torch.Tensor | None = None,  # (1, L) packed batches: the sequence (or pair) of each token
-    branch_ids: torch.Tensor | None = None,  # (1, L) packed batches: 0 shared prompt, 1 chosen, 2 rejected
-    segments: list[tuple] | None = None,  # packed batches: the attention spans (see segment_attention)
+    segments: list[tuple] | None = None,  # packed batches: who attends to whom (see segment_attention)
 ) -> torch.Tensor:
     """Rewards (R,) in fp32: the score head applied to the hidden state of each sequence's last
     real token.
@@ -105,11 +103,11 @@ def reward_forward(
     reference asks for every layer's hidden states and scores every position).
     """
     extra = {}
-    if doc_ids is not None:  # a packed row: which attention runs it was chosen at load
+    if segments is not None:  # a packed row: which attention runs it was chosen at load
         if self.config._attn_implementation == SEGMENTS:
             extra["segments"] = segments
         else:
-            attention_mask = packed_attention_mask(self, doc_ids, branch_ids, position_ids)
+            attention_mask = packed_attention_mask(self, segments, position_ids)
     hidden = backbone(self)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
     ).last_hidden_state  # (N, T, H)
@@ -124,7 +122,7 @@ def reward_forward(
 
 # ----------------------------------------------------------------------------------------------
 # Attention over packed rows (docs/batching.md). Three ways, chosen once at load:
-# - GPU: FlexAttention with a block mask built from doc_ids/branch_ids (never L x L).
+# - GPU: FlexAttention with a block mask built from the segments (never L x L).
 # - elsewhere: `segment_attention`, SDPA on each sequence's own span of the row (varlen attention).
 # - a model that cannot swap its attention function: a dense L x L mask through its own attention.
 
@@ -234,31 +232,40 @@ def mask_window(config) -> int | str | None:
     return "mixed" if "sliding_attention" in kinds else None
 
 
-def packed_attention_mask(model: PreTrainedModel, doc_ids, branch_ids, position_ids):
-    """The mask of a packed row: query q sees key k when both are in the same sequence (pair), k is
-    not after q, and k is shared (branch 0) or in q's own branch, so a rejected response sees its
-    prompt but not the chosen response beside it; with a sliding window, only keys fewer than
-    `sliding_window` positions back (a mask given whole replaces the model's own window).
+def packed_attention_mask(model: PreTrainedModel, segments: list[tuple], position_ids: torch.Tensor):
+    """The mask of a packed row from its `segments`: query q sees key k when k is not after q and k
+    is in q's own sequence (a rejected response: in its own response or in its shared prompt), so
+    no token sees another sequence, nor a rejected response the chosen one beside it; with a
+    sliding window, only keys fewer than `sliding_window` positions back (a mask given whole
+    replaces the model's own window).
 
     With FlexAttention a BlockMask that never materialises the L x L mask (tested forward-only on
     CPU: FlexAttention has no CPU backward); otherwise a dense (1, 1, L, L) mask for SDPA (bool) or
     eager (additive float). Transformers passes a 4-D mask to the attention functions as it is.
     """
-    doc, branch, pos = doc_ids[0], branch_ids[0], position_ids[0]
+    pos, device = position_ids[0], position_ids.device
+    lengths = torch.tensor([q1 - q0 for q0, q1, _ in segments], device=device)
+
+    def per_query(values: list[int]) -> torch.Tensor:  # one value per segment -> one per query
+        return torch.tensor(values, device=device).repeat_interleave(lengths)
+
+    own = per_query([spans[-1][0] for *_, spans in segments])  # where q's own keys start
+    shared = [spans[0] if len(spans) > 1 else (0, 0) for *_, spans in segments]  # a rejected response's prompt
+    shared_start, shared_end = per_query([a for a, _ in shared]), per_query([b for _, b in shared])
     window = mask_window(model.config.get_text_config())
 
     def allowed(b, h, q, k):
-        ok = (doc[q] == doc[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
+        ok = (k <= q) & ((k >= own[q]) | ((k >= shared_start[q]) & (k < shared_end[q])))
         return ok if window is None else ok & (pos[q] - pos[k] < window)
 
-    L = doc.shape[0]
+    L = pos.shape[0]
     if model.config._attn_implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        return create_block_mask(allowed, None, None, L, L, device=doc.device)
-    idx = torch.arange(L, device=doc.device)
+        return create_block_mask(allowed, None, None, L, L, device=device)
+    idx = torch.arange(L, device=device)
     mask = allowed(None, None, idx[:, None], idx[None, :])[None, None]  # (1, 1, L, L)
     if model.config._attn_implementation == "sdpa":
         return mask
     dtype = model.get_input_embeddings().weight.dtype
-    return torch.zeros(mask.shape, dtype=dtype, device=doc.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
