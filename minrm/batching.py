@@ -25,8 +25,8 @@ def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict:
       responses attend to the prompt, the rejected one not to the chosen one, and its positions
       continue from the prompt's end, so each reward equals the one of the full sequence alone.
     Packed modes carry `segments`, who attends to whom: (q_start, q_end, key spans) for each span of
-    queries (packed_attention.segment_attention, packed_attention.packed_attention_mask), and `last_index` (2B,): the flat
-    positions to read rewards at.
+    queries (`segment_keys`), `key_ranges` (3, L), the same per query (`query_key_ranges`), and
+    `last_index` (2B,): the flat positions to read rewards at.
     """
     if batching == "padded":
         return pad_right([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
@@ -62,6 +62,7 @@ def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict:
         "position_ids": torch.tensor(pos, dtype=torch.long)[None],
         "last_index": torch.tensor(ends["chosen"] + ends["rejected"], dtype=torch.long),
         "segments": segments,
+        "key_ranges": query_key_ranges(segments),
     }
 
 
@@ -74,6 +75,32 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> dict:
         input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         attention_mask[i, : len(s)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def segment_keys(segment: tuple) -> tuple[int, int, int]:
+    """(own, shared_start, shared_end) of a segment (q_start, q_end, key_spans): its queries see
+    the keys [own, q] of their own span, which ends with them, and all of [shared_start,
+    shared_end), an earlier span (a rejected response's prompt; empty when there is none), as if
+    the two spans were laid end to end (positions, and so sliding windows, run on across them)."""
+    q0, q1, spans = segment
+    if len(spans) == 2 and spans[0][1] == spans[1][0]:  # two adjacent spans are one
+        spans = ((spans[0][0], spans[1][1]),)
+    *shared, (own, end) = spans
+    if end != q1 or own > q0 or len(shared) > 1 or (shared and not shared[0][0] < shared[0][1] < own):
+        raise ValueError(
+            f"segment {segment}: packed attention takes a key span that ends with the queries, "
+            "after at most one earlier span"
+        )
+    return own, *(shared[0] if shared else (0, 0))
+
+
+def query_key_ranges(segments: list[tuple]) -> torch.Tensor:
+    """`segment_keys` for each query of a packed row, (3, L) int64 on the host: rows own,
+    shared_start, shared_end. The FlexAttention and dense masks read these per query; built here,
+    with the batch, rather than on the device per forward."""
+    lengths = [q1 - q0 for q0, q1, _ in segments]
+    ranges = np.array([segment_keys(s) for s in segments], dtype=np.int64).reshape(-1, 3)
+    return torch.from_numpy(np.repeat(ranges, lengths, axis=0).T.copy())
 
 
 def shared_prefix_length(pair: dict) -> int:
@@ -138,7 +165,15 @@ def check_token_budget(ds: datasets.Dataset | None, max_tokens: int | None, batc
 
 def device_batch(pairs: list[dict], pad_id: int, batching: str, device: torch.device) -> dict:
     """`collate`, moved to the device: what train.py and evaluate.py feed the model."""
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(pairs, pad_id, batching).items()}
+    return {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in collate(pairs, pad_id, batching).items()}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without blocking, so the host goes on
+    while it copies (the copy is queued before the kernels that read it)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +207,7 @@ def collate_responses(rows: list[dict], pad_id: int, batching: str) -> dict:
         "position_ids": torch.tensor(pos, dtype=torch.long)[None],
         "last_index": torch.tensor(ends, dtype=torch.long),
         "segments": segments,
+        "key_ranges": query_key_ranges(segments),
     }
 
 

@@ -98,6 +98,7 @@ def reward_forward(
     position_ids: torch.Tensor | None = None,
     last_index: torch.Tensor | None = None,  # (R,) flat positions in the N x T tokens to read rewards at
     segments: list[tuple] | None = None,  # packed batches: who attends to whom (see segment_attention)
+    key_ranges: torch.Tensor | None = None,  # (3, T) packed batches: the same per query (batching.query_key_ranges)
 ) -> torch.Tensor:
     """Rewards (R,) in fp32: the score head applied to the hidden state of each sequence's last
     real token.
@@ -114,7 +115,7 @@ def reward_forward(
         if self.config._attn_implementation == SEGMENTS:
             extra["segments"] = segments
         else:
-            attention_mask = packed_attention_mask(self, segments, position_ids)
+            attention_mask = packed_attention_mask(self, segments, input_ids.device, key_ranges)
     hidden = backbone(self)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
     ).last_hidden_state  # (N, T, H)

@@ -4,28 +4,33 @@
 - a model that cannot swap its attention function: a dense L x L mask through its own attention.
 
 A packed row carries `segments` (`batching.collate`): who attends to whom, as (q_start, q_end,
-key spans) per span of queries.
+key spans) per span of queries (`batching.segment_keys` says which forms run).
 """
 
+import bisect
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoConfig, PreTrainedModel
 
 from minrm import toy
+from minrm.batching import query_key_ranges, segment_keys, to_device
 from minrm.distributed import print0
 
 SEGMENTS = "minrm_segments"
+BLOCK = 128  # FlexAttention's tile: the block mask lists which BLOCK x BLOCK tiles to compute
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, **kwargs):
-    """Attention over a packed row, one span at a time: query, key, value (1, heads, L, head_dim).
+    """Attention over a packed row, one segment at a time: query, key, value (1, heads, L, head_dim).
 
     `segments` lists (q_start, q_end, key_spans): the queries [q_start, q_end) attend to the keys
     of `key_spans` laid end to end, causally with the last query aligned to the last key. A packed
     sequence is (s, e, ((s, e),)); in shared_prefix the rejected response is
     (a, b, ((s, s + prompt), (a, b))): its prompt and itself, not the chosen response between. The
-    spans cover the row in order, so the outputs concatenate back into it. Attention is computed
-    only inside spans: sum(l^2) work instead of L^2, and no L x L mask.
+    query spans cover the row in order, so the outputs concatenate back into it. Attention is
+    computed only inside spans: sum(l^2) work instead of L^2, and no L x L mask.
     """
     if segments is None:
         raise ValueError(f"attention {SEGMENTS!r} needs the `segments` of a packed batch (batching.collate)")
@@ -34,24 +39,42 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
             "packed batching cannot run logit softcapping or attention sinks; use --batching padded"
         )
     window = kwargs.get("sliding_window")
-    gqa = query.shape[1] != key.shape[1]
+    groups = query.shape[1] // key.shape[1]
+    # Views from one split per tensor: slicing each segment out of the whole row instead gives
+    # every segment a row-sized gradient to zero and add in the backward (segments x L work).
+    sizes = [q1 - q0 for q0, q1, _ in segments]
+    starts = [q0 for q0, _, _ in segments]
+    queries, keys, values = (t.split(sizes, 2) for t in (query, key, value))
     outputs = []
-    for q0, q1, spans in segments:
-        k, v = (
-            torch.cat([t[:, :, a:b] for a, b in spans], 2) if len(spans) > 1 else t[:, :, slice(*spans[0])]
-            for t in (key, value)
-        )
+    for (q0, q1, spans), q in zip(segments, queries):
+        k, v = _gather(keys, starts, spans), _gather(values, starts, spans)
         nq, nk = q1 - q0, k.shape[2]
         mask = None  # plain causal
         if nq != nk or (window is not None and nk > window):
             j = torch.arange(nk, device=query.device)
             i = torch.arange(nk - nq, nk, device=query.device)[:, None]  # each query's position among the keys
             mask = (j <= i) if window is None else (j <= i) & (j > i - window)
+            if groups > 1:  # with a mask and grouped heads, SDPA on CUDA falls back to its math kernel
+                k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         out = F.scaled_dot_product_attention(
-            query[:, :, q0:q1], k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
         )
-        outputs.append(out)
-    return torch.cat(outputs, 2).transpose(1, 2).contiguous(), None
+        outputs.append(out.transpose(1, 2))
+    return torch.cat(outputs, 1), None  # (1, L, heads, head_dim), contiguous
+
+
+def _gather(parts: tuple[torch.Tensor, ...], starts: list[int], spans: tuple) -> torch.Tensor:
+    """The keys (or values) of `spans` laid end to end, from the row split at the segments' starts:
+    a part itself when a span is one, else views into the parts, joined."""
+    pieces = []
+    for a, b in spans:
+        j = bisect.bisect_right(starts, a) - 1
+        while a < b:
+            p0, p1 = starts[j], starts[j] + parts[j].shape[2]
+            cut = min(b, p1)
+            pieces.append(parts[j] if (a, cut) == (p0, p1) else parts[j][:, :, a - p0 : cut - p0])
+            a, j = cut, j + 1
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
 
 
 AttentionInterface.register(SEGMENTS, segment_attention)
@@ -120,40 +143,80 @@ def mask_window(config) -> int | str | None:
     return "mixed" if "sliding_attention" in kinds else None
 
 
-def packed_attention_mask(model: PreTrainedModel, segments: list[tuple], position_ids: torch.Tensor):
-    """The mask of a packed row from its `segments`: query q sees key k when k is not after q and k
-    is in q's own sequence (a rejected response: in its own response or in its shared prompt), so
-    no token sees another sequence, nor a rejected response the chosen one beside it; with a
-    sliding window, only keys fewer than `sliding_window` positions back (a mask given whole
+def packed_attention_mask(
+    model: PreTrainedModel, segments: list[tuple], device: torch.device, key_ranges: torch.Tensor | None = None
+):
+    """The mask of a packed row on `device`, from its `segments` and their `key_ranges` (3, L) per
+    query (the batch's, already on the device; else built here): query q sees key k when k is not
+    after q and k is in q's own sequence (a rejected response: in its own response or in its shared
+    prompt), so no token sees another sequence, nor a rejected response the chosen one beside it;
+    with a sliding window, only keys fewer than `sliding_window` positions back (a mask given whole
     replaces the model's own window).
 
-    With FlexAttention a BlockMask that never materialises the L x L mask (tested forward-only on
-    CPU: FlexAttention has no CPU backward); otherwise a dense (1, 1, L, L) mask for SDPA (bool) or
-    eager (additive float). Transformers passes a 4-D mask to the attention functions as it is.
+    With FlexAttention a BlockMask whose block lists come from the spans (`block_lists`), never an
+    L x L mask; otherwise a dense (1, 1, L, L) mask for SDPA (bool) or eager (additive float).
+    Transformers passes a 4-D mask to the attention functions as it is.
     """
-    pos, device = position_ids[0], position_ids.device
-    lengths = torch.tensor([q1 - q0 for q0, q1, _ in segments], device=device)
-
-    def per_query(values: list[int]) -> torch.Tensor:  # one value per segment -> one per query
-        return torch.tensor(values, device=device).repeat_interleave(lengths)
-
-    own = per_query([spans[-1][0] for *_, spans in segments])  # where q's own keys start
-    shared = [spans[0] if len(spans) > 1 else (0, 0) for *_, spans in segments]  # a rejected response's prompt
-    shared_start, shared_end = per_query([a for a, _ in shared]), per_query([b for _, b in shared])
+    if key_ranges is None:
+        key_ranges = to_device(query_key_ranges(segments), device)
     window = mask_window(model.config.get_text_config())
-
-    def allowed(b, h, q, k):
-        ok = (k <= q) & ((k >= own[q]) | ((k >= shared_start[q]) & (k < shared_end[q])))
-        return ok if window is None else ok & (pos[q] - pos[k] < window)
-
-    L = pos.shape[0]
+    allowed = mask_rule(key_ranges, window)
+    L = key_ranges.shape[1]
     if model.config._attn_implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
+        from torch.nn.attention.flex_attention import BlockMask
 
-        return create_block_mask(allowed, None, None, L, L, device=device)
+        lists = [to_device(torch.from_numpy(t)[None, None], device) for t in block_lists(segments, L, window)]
+        return BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=BLOCK, mask_mod=allowed, seq_lengths=(L, L))
     idx = torch.arange(L, device=device)
     mask = allowed(None, None, idx[:, None], idx[None, :])[None, None]  # (1, 1, L, L)
     if model.config._attn_implementation == "sdpa":
         return mask
     dtype = model.get_input_embeddings().weight.dtype
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def mask_rule(key_ranges: torch.Tensor, window: int | None):
+    """Whether query q may see key k, per token (a FlexAttention mask_mod)."""
+    # Copies, not views of the rows: Inductor's CPU FlexAttention fails to compile, once the row
+    # length changes, a mask reading tensors with a storage offset.
+    own, start, end = (r.clone() for r in key_ranges)
+
+    def allowed(b, h, q, k):
+        shared = (k >= start[q]) & (k < end[q])
+        ok = ((k >= own[q]) & (k <= q)) | shared
+        if window is None:
+            return ok
+        return ok & (q - k - shared * (own[q] - end[q]) < window)  # the distance with the spans end to end
+
+    return allowed
+
+
+def block_lists(segments: list[tuple], L: int, window: int | None) -> tuple[np.ndarray, ...]:
+    """FlexAttention's block lists for a packed row (BLOCK x BLOCK tiles of the L x L attention),
+    worked out from the spans alone: O((L / BLOCK)^2) memory and time, never O(L^2). A tile is
+    `full` when every (query, key) pair in it is allowed (computed without the mask), `partial` when
+    only some are (the mask is applied). Returns partial counts (1 row per query tile), partial
+    columns, full counts, full columns, as `BlockMask.from_kv_blocks` takes them."""
+    n = -(-L // BLOCK)
+    touched = np.zeros((n, n), dtype=bool)
+    full_rows = np.zeros((n, n), dtype=np.int32)  # per tile: its rows that see every key of it
+    w = window or L  # no window: every distance in the row is below L
+    for q0, q1, spans in segments:
+        own, start, end = segment_keys((q0, q1, spans))
+        gap = own - end  # the shared span's keys are this much nearer than the row says
+        for t in range(q0 // BLOCK, (q1 - 1) // BLOCK + 1):
+            p0, p1 = max(q0, t * BLOCK), min(q1, (t + 1) * BLOCK)  # the segment's rows in tile row t
+            # The keys of each span that some row of [p0, p1) sees, then those that all its rows see:
+            # row q sees [max(own, q - w + 1), q] and [max(start, q - gap - w + 1), end - 1].
+            seen = [(max(own, p0 - w + 1), p1 - 1, max(own, p1 - w), p0)]
+            if end > start:
+                seen.append((max(start, p0 - gap - w + 1), end - 1, max(start, p1 - gap - w), end - 1))
+            for some_lo, some_hi, all_lo, all_hi in seen:
+                if some_lo <= some_hi:
+                    touched[t, some_lo // BLOCK : some_hi // BLOCK + 1] = True
+                full_rows[t, -(-all_lo // BLOCK) : (all_hi + 1) // BLOCK] += p1 - p0
+    full = full_rows == BLOCK  # as create_block_mask: a tile past L is never full
+    out = []
+    for tiles in (touched & ~full, full):  # per query tile: how many key tiles, then which, in order
+        out += [tiles.sum(-1, dtype=np.int32), np.argsort(~tiles, axis=-1, kind="stable").astype(np.int32)]
+    return tuple(out)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from minrm import formats
-from minrm.batching import collate_responses, token_batches
+from minrm.batching import collate_responses, to_device, token_batches
 from minrm.config import BATCHINGS, PACKED_ATTENTIONS, Args
 from minrm.data import json_or_none, load_tokenizer, read_raw, report_bad_rows
 from minrm.distributed import Dist, gather_objects, init_distributed, print0
@@ -172,7 +172,7 @@ def score_rows(model, rows: list[dict], batching: str, max_tokens: int, device: 
     outputs = []  # (batch, rewards on the device): no sync per batch, so collation overlaps the GPU
     for batch in token_batches(rows, max_tokens, batching):
         inputs = collate_responses([rows[i] for i in batch], PAD, batching)
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        inputs = {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         outputs.append((batch, model(**inputs)))  # (sum of the batch's responses,)
         bar.update(len(batch))
     rewards = [None] * len(rows)

@@ -1,15 +1,18 @@
 """Throughput of the batching modes: N optimizer steps of a random-init Llama reward model on
 synthetic (or a file's) preference pairs. The modes' steps are timed interleaved in one process (so
-load from other processes falls on all alike); peak memory is taken in a fresh process per mode.
+load from other processes falls on all alike; with --repeats R each step runs R times per mode and
+the fastest run counts); peak memory is taken in a fresh process per mode.
 
     python -m scripts.bench --profile multiturn --pairs 4 --steps 8 --out bench_multiturn
     python -m scripts.bench --data prefs.parquet --tokenizer allenai/Llama-3.1-Tulu-3-8B-SFT
 
 Per mode: pairs/s, real tokens/s (chosen + rejected tokens, as the reference counts them), the
-fraction of computed tokens that are padding or a repeated prompt, achieved FLOP/s and its ratio to
-a matmul peak measured in the same run, and peak memory (RSS on CPU, max allocated on GPU). FLOPs
-are 6 x non-embedding params per computed token plus 12 x layers x hidden per attended
-(query, key) pair that the mask allows. Writes OUT.json and OUT.md. Batches and rewards come from
+fraction of computed tokens that are padding or a repeated prompt, computed tokens/s (every token
+the model runs, padding included) as a fraction of padded's, over the whole step and over forward
+and backward alone (the optimizer step costs the same per step, whatever its tokens), achieved
+FLOP/s and its ratio to a matmul peak measured in the same run, and peak memory (RSS on CPU, max
+allocated on GPU). FLOPs are 6 x non-embedding params per computed token plus 12 x layers x hidden
+per attended (query, key) pair that the mask allows. Writes OUT.json and OUT.md. Batches and rewards come from
 minrm's `collate` and `reward_forward`; this file only times them.
 """
 
@@ -138,46 +141,66 @@ def build(batching: str, device: torch.device, size: str):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-5)
 
 
-def train_step(model, optimizer, pairs: list[dict], batching: str, device: torch.device) -> torch.Tensor:
+def train_step(model, optimizer, pairs: list[dict], batching: str, device: torch.device) -> tuple[int, float, float]:
+    """One optimizer step on one micro-batch: its computed tokens, the seconds of forward and
+    backward, and the seconds of the optimizer step (a cost per step, whatever the tokens)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    start = time.perf_counter()
     inputs = device_batch(pairs, 0, batching, device)
     chosen, rejected = model(**inputs).chunk(2)
     (-F.logsigmoid(chosen - rejected).mean()).backward()
+    sync()
+    middle = time.perf_counter()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return inputs["input_ids"]
+    sync()
+    return inputs["input_ids"].numel(), middle - start, time.perf_counter() - middle
 
 
-def time_modes(modes: list[str], pairs: list[dict], per_batch: int, steps: int, size: str) -> list[dict]:
+def time_modes(
+    modes: list[str], pairs: list[dict], per_batch: int, steps: int, size: str, repeats: int = 1
+) -> list[dict]:
     """All modes in one process, their steps interleaved (the order rotating), so that load from
-    other processes on a shared machine falls on every mode alike; step 0 warms up."""
+    other processes on a shared machine falls on every mode alike; step 0 warms up. With repeats,
+    each step runs that many times per mode and the fastest counts: a step slowed by another
+    process is dropped rather than averaged in."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runs = {m: build(m, device, size) for m in modes}
     cfg = model_config(size)
     params = sum(p.numel() for p in runs[modes[0]][0].parameters()) - cfg.vocab_size * cfg.hidden_size
-    totals = {m: dict(seconds=0.0, pairs=0, real=0, unique=0, computed=0, flops=0.0) for m in modes}
+    totals = {
+        m: dict(seconds=0.0, forward_backward=0.0, pairs=0, real=0, unique=0, computed=0, flops=0.0) for m in modes
+    }
+    turn = 0
     for i in range(steps + 1):
         batch = pairs[i * per_batch : (i + 1) * per_batch]
-        for m in modes[i % len(modes) :] + modes[: i % len(modes)]:
-            start = time.perf_counter()
-            input_ids = train_step(*runs[m], batch, m, device)
-            if i == 0:
-                continue
+        fastest = {}
+        for _ in range(repeats if i else 1):
+            turn += 1
+            for m in modes[turn % len(modes) :] + modes[: turn % len(modes)]:
+                computed, model_s, step_s = train_step(*runs[m], batch, m, device)
+                best = fastest.get(m, (computed, float("inf"), float("inf")))
+                fastest[m] = (computed, min(best[1], model_s), min(best[2], step_s))
+        if i == 0:
+            continue
+        for m, (computed, model_s, step_s) in fastest.items():
             t = totals[m]
-            t["seconds"] += time.perf_counter() - start
+            t["seconds"] += model_s + step_s
+            t["forward_backward"] += model_s
             t["pairs"] += len(batch)
             t["real"] += sum(len(p["chosen"]) + len(p["rejected"]) for p in batch)
             t["unique"] += sum(len(p["chosen"]) + len(p["rejected"]) - shared_prefix_length(p) for p in batch)
-            t["computed"] += input_ids.numel()
+            t["computed"] += computed
             attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * attended_pairs(batch, m)
-            t["flops"] += 6 * params * input_ids.numel() + attention
+            t["flops"] += 6 * params * computed + attention
     return [
         {
             "mode": m,
             "pairs_per_s": t["pairs"] / t["seconds"],
             "real_tokens_per_s": t["real"] / t["seconds"],
             "wasted_fraction": 1 - t["unique"] / t["computed"],
+            "computed_tokens_per_s": t["computed"] / t["seconds"],
+            "forward_backward_tokens_per_s": t["computed"] / t["forward_backward"],
             "flops_per_s": t["flops"] / t["seconds"],
             "seconds": t["seconds"],
         }
@@ -224,13 +247,17 @@ def markdown(rows: list[dict], peak: float, command: str) -> str:
         f"`{command}`  ",
         f"matmul peak: {peak / 1e9:.1f} GFLOP/s",
         "",
-        "| mode | pairs/s | x padded | real tok/s | padding+repeated prompt | GFLOP/s | of peak | peak MiB | above base MiB | x padded |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | pairs/s | x padded | real tok/s | padding+repeated prompt | computed tok/s | x padded "
+        "| fwd+bwd only | GFLOP/s | of peak | peak MiB | above base MiB | x padded |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['pairs_per_s']:.2f} | {r['pairs_per_s'] / base['pairs_per_s']:.2f} "
-            f"| {r['real_tokens_per_s']:.0f} | {r['wasted_fraction']:.1%} | {r['flops_per_s'] / 1e9:.1f} "
+            f"| {r['real_tokens_per_s']:.0f} | {r['wasted_fraction']:.1%} | {r['computed_tokens_per_s']:.0f} "
+            f"| {r['computed_tokens_per_s'] / base['computed_tokens_per_s']:.1%} "
+            f"| {r['forward_backward_tokens_per_s'] / base['forward_backward_tokens_per_s']:.1%} "
+            f"| {r['flops_per_s'] / 1e9:.1f} "
             f"| {r['flops_per_s'] / peak:.1%} | {r['peak_memory_mib']:.0f} | {r['memory_above_base_mib']:.0f} "
             f"| {r['memory_above_base_mib'] / base['memory_above_base_mib']:.2f} |"
         )
@@ -244,6 +271,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="tokenizer for --data (default: the toy one)")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per micro-batch (= optimizer step)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps, after one warm-up step")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each step per mode; the fastest counts")
     parser.add_argument("--size", choices=list(SIZES), default="9m", help="model shape, by parameter count")
     parser.add_argument("--modes", nargs="+", choices=BATCHINGS, default=list(BATCHINGS))
     parser.add_argument("--seed", type=int, default=0)
@@ -259,7 +287,7 @@ def main() -> None:
         print(json.dumps(peak_memory(args.one_mode, pairs, args.pairs, args.steps, args.size)))
         return
     peak = matmul_peak()
-    rows = time_modes(args.modes, pairs, args.pairs, args.steps, args.size)
+    rows = time_modes(args.modes, pairs, args.pairs, args.steps, args.size, args.repeats)
     for row in rows:  # a fresh process per mode: peak RSS is per process
         mode = row["mode"]
         out = subprocess.run(

@@ -139,12 +139,14 @@ def test_one_mask_for_mixed_window_layers_refused():
         use_packed_attention(tiny_model(config=windowed_config("qwen2_mixed", 8)), "mask")
 
 
-def test_flex_attention_block_mask_matches_padded():
-    """The GPU path's block mask, run forward-only on CPU (FlexAttention has no CPU backward)."""
-    pairs = varied_pairs()
+@pytest.mark.parametrize("window", [None, 8])
+def test_flex_attention_block_mask_matches_padded(window):
+    """The GPU path's block mask (tiles from the spans), run forward-only on CPU (FlexAttention has
+    no CPU backward), with and without a sliding window."""
+    pairs, config = varied_pairs(), windowed_config("mistral", window)
     with torch.no_grad():
-        r0 = reward_forward(tiny_model(), **collate(pairs, PAD, "padded"))
-        model = tiny_model()
+        r0 = reward_forward(tiny_model(config=config), **collate(pairs, PAD, "padded"))
+        model = tiny_model(config=config)
         use_packed_attention(model, "flex_attention")
         assert model.config._attn_implementation == "flex_attention"
         for batching in MODES:

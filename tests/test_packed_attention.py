@@ -1,0 +1,190 @@
+"""The attentions that run packed rows, against who-attends-to-whom written out here per token from
+the layout itself: FlexAttention's block lists built from the spans (exact, tight, and small at
+L = 32k), and `segment_attention` with grouped-query heads, sliding windows included."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minrm.batching import collate, query_key_ranges
+from minrm.packed_attention import BLOCK, block_lists, mask_rule, segment_attention
+from tests.conftest import ROOT
+
+WINDOWS = [None, 8, 300]
+
+
+def lengths_pairs(lengths: list[tuple[int, int, int]]) -> list[dict]:
+    """Pairs of (prompt, chosen response, rejected response) lengths; token ids do not matter here."""
+    return [{"prompt": [1] * p, "chosen": [1] * (p + c), "rejected": [1] * (p + r)} for p, c, r in lengths]
+
+
+# Rows of 3 to 5 tiles, none a multiple of BLOCK long; a pair without a prompt; sequences long
+# enough for whole tiles to be allowed.
+PAIRS = lengths_pairs([(150, 40, 260), (0, 30, 7), (5, 140, 3), (60, 20, 33)])
+
+
+def layout(batching: str) -> tuple[torch.Tensor, ...]:
+    """Per token of the row, from the pairs alone: its sequence (a pair in shared_prefix), its part
+    (0 prompt, 1 chosen response, 2 rejected response) and its position in its own sequence."""
+    seq, part, pos = [], [], []
+    if batching == "packed":
+        for i, (side, p) in enumerate((s, p) for s in ("chosen", "rejected") for p in PAIRS):
+            seq += [i] * len(p[side])
+            part += [0] * len(p[side])
+            pos += range(len(p[side]))
+    else:
+        for i, p in enumerate(PAIRS):
+            n, c, r = len(p["prompt"]), len(p["chosen"]), len(p["rejected"])
+            seq += [i] * (c + r - n)
+            part += [0] * n + [1] * (c - n) + [2] * (r - n)
+            pos += [*range(c), *range(n, r)]
+    return tuple(torch.tensor(x) for x in (seq, part, pos))
+
+
+def expected_mask(seq, part, pos, window) -> torch.Tensor:
+    """(L, L): q sees k in its own sequence, not after it, the rejected response not the chosen one,
+    with a window: fewer than `window` positions back."""
+    q, k = (slice(None), None), (None, slice(None))
+    ok = (seq[q] == seq[k]) & (torch.arange(len(seq))[q] >= torch.arange(len(seq))[k])
+    ok &= ~((part[q] == 2) & (part[k] == 1))
+    return ok if window is None else ok & (pos[q] - pos[k] < window)
+
+
+def scorer_row(prompt: int, responses: list[int]) -> tuple[list[tuple], torch.Tensor]:
+    """One prompt and N responses in one row, each response attending to the prompt and itself (the
+    layout a scorer uses): its segments and its expected mask (window None)."""
+    segments, ends = [(0, prompt, ((0, prompt),))], [prompt]
+    for r in responses:
+        a = ends[-1]
+        segments.append((a, a + r, ((0, prompt), (a, a + r))))
+        ends.append(a + r)
+    owner = torch.repeat_interleave(torch.arange(len(ends)), torch.tensor([prompt, *responses]))
+    i = torch.arange(ends[-1])
+    ok = (i[:, None] >= i[None, :]) & ((owner[:, None] == owner[None, :]) | (owner[None, :] == 0))
+    return segments, ok
+
+
+def tiles_to_dense(lists, rule, L: int) -> torch.Tensor:
+    """The (L, L) mask FlexAttention computes from block lists: full tiles whole, partial tiles
+    through the per-token rule, the rest nothing."""
+    n = -(-L // BLOCK)
+    dense = torch.zeros(n * BLOCK, n * BLOCK, dtype=torch.bool)
+    idx = torch.arange(n * BLOCK).clamp(max=L - 1)
+    partial_n, partial_i, full_n, full_i = (torch.from_numpy(t) for t in lists)
+    for t in range(n):
+        rows = slice(t * BLOCK, (t + 1) * BLOCK)
+        for j in partial_i[t, : partial_n[t]]:
+            cols = slice(j * BLOCK, (j + 1) * BLOCK)
+            dense[rows, cols] = rule(None, None, idx[rows, None], idx[None, cols])
+        for j in full_i[t, : full_n[t]]:
+            dense[rows, j * BLOCK : (j + 1) * BLOCK] = True
+    return dense[:L, :L]
+
+
+def tile_classes(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full) per BLOCK x BLOCK tile of an (L, L) mask, padded with False as FlexAttention's
+    own create_block_mask does."""
+    n = -(-mask.shape[0] // BLOCK)
+    padded = F.pad(mask, (0, n * BLOCK - mask.shape[1], 0, n * BLOCK - mask.shape[0]))
+    count = padded.view(n, BLOCK, n, BLOCK).sum((1, 3))
+    return (count > 0) & (count < BLOCK * BLOCK), count == BLOCK * BLOCK
+
+
+def listed(num: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    dense = torch.zeros(len(num), indices.shape[-1], dtype=torch.bool)
+    for t in range(len(num)):
+        dense[t, indices[t, : num[t]].long()] = True
+    return dense
+
+
+def cases():
+    for batching in ("packed", "shared_prefix"):
+        for window in WINDOWS:
+            yield pytest.param(batching, window, id=f"{batching}-window{window}")
+    yield pytest.param("scorer", None, id="scorer")
+
+
+def case(batching: str, window):
+    if batching == "scorer":
+        segments, want = scorer_row(300, [100, 3, 200, 41])
+    else:
+        segments, want = collate(PAIRS, 0, batching)["segments"], expected_mask(*layout(batching), window)
+    return segments, want
+
+
+@pytest.mark.parametrize(("batching", "window"), cases())
+def test_block_lists_from_spans_match_the_per_token_mask(batching, window):
+    segments, want = case(batching, window)
+    L = want.shape[0]
+    assert L % BLOCK and L > 3 * BLOCK
+    lists = block_lists(segments, L, window)
+    rule = mask_rule(query_key_ranges(segments), window)
+    torch.testing.assert_close(tiles_to_dense(lists, rule, L), want, rtol=0, atol=0)
+    # Tight: the full tiles are exactly those the mask allows whole (FlexAttention skips the mask
+    # there), and no listed partial tile is empty.
+    partial, full = tile_classes(want)
+    lists = [torch.from_numpy(t) for t in lists]
+    assert torch.equal(listed(*lists[:2]), partial) and torch.equal(listed(*lists[2:]), full)
+    assert full.any() or window == 8  # whole tiles exist: the full-tile path is tested
+    # The per-token rule alone is the mask too (the dense `mask` path).
+    i = torch.arange(L)
+    torch.testing.assert_close(rule(None, None, i[:, None], i[None, :]), want, rtol=0, atol=0)
+
+
+MEMORY_PROBE = """
+import json, torch
+from torch.nn.attention.flex_attention import BlockMask
+from transformers import AutoModelForSequenceClassification
+from minrm.batching import collate
+from minrm.packed_attention import packed_attention_mask
+from tests.conftest import tiny_llama_config
+model = AutoModelForSequenceClassification.from_config(tiny_llama_config(8))
+model.set_attn_implementation("flex_attention")
+pairs = [{"prompt": [1] * 700, "chosen": [1] * 1300, "rejected": [1] * 1500} for _ in range(16)]
+batch = collate(pairs, 0, "shared_prefix")  # L = 33,600
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current RSS
+before = hwm()
+mask = packed_attention_mask(model, batch["segments"], torch.device("cpu"), batch["key_ranges"])
+assert isinstance(mask, BlockMask)
+print(json.dumps({"L": batch["input_ids"].shape[1], "rise": hwm() - before, "tiles": int(mask.kv_num_blocks.sum())}))
+"""
+
+
+def test_block_mask_at_32k_tokens_stays_small():
+    """The L x L mask would be 1 GiB of bools at L = 32k (about 10 GB as create_block_mask sums
+    it); the BlockMask from spans must stay under 64 MiB of peak RSS."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["L"] > 32 * 1024 and probe["tiles"] > 0
+    assert probe["rise"] < 64, probe
+
+
+@pytest.mark.parametrize(("batching", "window"), cases())
+def test_segment_attention_with_grouped_heads_matches_the_dense_mask(batching, window):
+    """4 query heads on 2 KV heads: the rejected responses, the scorer's responses and the windows
+    (an explicit mask per segment, keys expanded to the query heads) against softmax attention
+    written out with the mask above, in fp32."""
+    segments, want = case(batching, window)
+    L, g = want.shape[0], torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, L, 8, generator=g) for h in (4, 2, 2))
+    out, _ = segment_attention(None, q, k, v, None, scaling=0.3, segments=segments, sliding_window=window)
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~want, float("-inf"))
+    ref = (scores.softmax(-1) @ v).transpose(1, 2)  # (1, L, heads, head_dim)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_segments_the_masks_cannot_express_are_refused():
+    with pytest.raises(ValueError, match=r"segment \(10, 20, .*after at most one earlier span"):
+        query_key_ranges([(0, 10, ((0, 10),)), (10, 20, ((0, 2), (4, 6), (10, 20)))])
+    with pytest.raises(ValueError, match="a key span that ends with the queries"):
+        query_key_ranges([(0, 10, ((0, 8),))])
