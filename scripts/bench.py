@@ -1,6 +1,6 @@
 """Throughput of the batching modes: N optimizer steps of a random-init Llama reward model on
-synthetic (or a file's) preference pairs. The modes' steps are timed interleaved in one process (so
-load from other processes falls on all alike; with --repeats R each step runs R times per mode and
+synthetic (or a file's) preference pairs. The modes' steps are timed interleaved in one process, on
+one model (so load from other processes falls on all alike; with --repeats R each step runs R times per mode and
 the fastest run counts); peak memory is taken in a fresh process per mode.
 
     python -m scripts.bench --profile multiturn --pairs 4 --steps 8 --out bench_multiturn
@@ -13,7 +13,8 @@ and backward alone (the optimizer step costs the same per step, whatever its tok
 FLOP/s and its ratio to a matmul peak measured in the same run, and peak memory (RSS on CPU, max
 allocated on GPU). FLOPs are 6 x non-embedding params per computed token plus 12 x layers x hidden
 per attended (query, key) pair that the mask allows. Writes OUT.json and OUT.md. Batches and rewards come from
-minrm's `collate` and `reward_forward`; this file only times them.
+minrm's `collate` and `reward_forward`; this file only times them. On a GPU the model is bf16 and
+the step plain SGD, so that `--size 8b` fits one 80 GB GPU.
 """
 
 import argparse
@@ -132,19 +133,31 @@ def attended_pairs(pairs: list[dict], batching: str) -> int:
     return total
 
 
-def build(batching: str, device: torch.device, size: str):
+def build(device: torch.device, size: str):
+    """One model for every mode (the modes switch its attention, `attention` says to which), and
+    its optimizer. fp32 and AdamW on CPU; on a GPU bf16 weights and a stateless SGD step, so that
+    `--size 8b` fits one 80 GB GPU (16 GB of weights, 16 of gradients, no Adam state)."""
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(model_config(size)).to(device)
-    if batching != "padded":
-        use_packed_attention(model, "auto", device.type == "cuda")  # as minrm.model.load_model does
+    cuda = device.type == "cuda"
+    with device:
+        model = AutoModelForSequenceClassification.from_config(
+            model_config(size), dtype=torch.bfloat16 if cuda else torch.float32
+        )
     model.forward = types.MethodType(reward_forward, model)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-5)
+    default = model.config._attn_implementation
+    use_packed_attention(model, "auto", cuda)  # as minrm.model.load_model does for the packed modes
+    attention = {m: default if m == "padded" else model.config._attn_implementation for m in BATCHINGS}
+    if cuda:
+        return model, torch.optim.SGD(model.parameters(), lr=1e-4), attention
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-5), attention
 
 
-def train_step(model, optimizer, pairs: list[dict], batching: str, device: torch.device) -> tuple[int, float, float]:
+def train_step(model, optimizer, attention, pairs: list[dict], batching: str, device: torch.device):
     """One optimizer step on one micro-batch: its computed tokens, the seconds of forward and
     backward, and the seconds of the optimizer step (a cost per step, whatever the tokens)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    if model.config._attn_implementation != attention[batching]:
+        model.set_attn_implementation(attention[batching])
     start = time.perf_counter()
     inputs = device_batch(pairs, 0, batching, device)
     chosen, rejected = model(**inputs).chunk(2)
@@ -160,14 +173,14 @@ def train_step(model, optimizer, pairs: list[dict], batching: str, device: torch
 def time_modes(
     modes: list[str], pairs: list[dict], per_batch: int, steps: int, size: str, repeats: int = 1
 ) -> list[dict]:
-    """All modes in one process, their steps interleaved (the order rotating), so that load from
-    other processes on a shared machine falls on every mode alike; step 0 warms up. With repeats,
+    """All modes in one process on one model, their steps interleaved (the order rotating), so
+    that load from other processes on a shared machine falls on every mode alike; step 0 warms up. With repeats,
     each step runs that many times per mode and the fastest counts: a step slowed by another
     process is dropped rather than averaged in."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runs = {m: build(m, device, size) for m in modes}
+    run = build(device, size)
     cfg = model_config(size)
-    params = sum(p.numel() for p in runs[modes[0]][0].parameters()) - cfg.vocab_size * cfg.hidden_size
+    params = sum(p.numel() for p in run[0].parameters()) - cfg.vocab_size * cfg.hidden_size
     totals = {
         m: dict(seconds=0.0, forward_backward=0.0, pairs=0, real=0, unique=0, computed=0, flops=0.0) for m in modes
     }
@@ -178,7 +191,7 @@ def time_modes(
         for _ in range(repeats if i else 1):
             turn += 1
             for m in modes[turn % len(modes) :] + modes[: turn % len(modes)]:
-                computed, model_s, step_s = train_step(*runs[m], batch, m, device)
+                computed, model_s, step_s = train_step(*run, batch, m, device)
                 best = fastest.get(m, (computed, float("inf"), float("inf")))
                 fastest[m] = (computed, min(best[1], model_s), min(best[2], step_s))
         if i == 0:
@@ -212,11 +225,11 @@ def peak_memory(batching: str, pairs: list[dict], per_batch: int, steps: int, si
     """Peak memory of one mode's training steps, in a process of its own: max allocated on GPU; on
     CPU peak RSS, and its rise over the RSS after the model and optimizer are built."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, optimizer = build(batching, device, size)
+    run = build(device, size)
     with open("/proc/self/statm") as f:
         base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
     for i in range(steps + 1):
-        train_step(model, optimizer, pairs[i * per_batch : (i + 1) * per_batch], batching, device)
+        train_step(*run, pairs[i * per_batch : (i + 1) * per_batch], batching, device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
         return {"peak_memory_mib": peak, "memory_above_base_mib": peak}
