@@ -72,8 +72,8 @@ def load_model(args, tokenizer: PreTrainedTokenizerBase, meta: bool = False) -> 
             model.score.weight.normal_(0.0, std, generator=generator)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.batching != "padded":
-        use_packed_attention(model, args.packed_attention, torch.cuda.is_available())
+    if args.batching != "padded":  # said once, for the skeleton that trains (rank 0 also reads a full model)
+        use_packed_attention(model, args.packed_attention, torch.cuda.is_available(), log=meta)
     model.forward = types.MethodType(reward_forward, model)
     return model
 

@@ -80,10 +80,12 @@ def _gather(parts: tuple[torch.Tensor, ...], starts: list[int], spans: tuple) ->
 AttentionInterface.register(SEGMENTS, segment_attention)
 
 
-def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: bool = False) -> None:
+def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: bool = False, log: bool = True) -> None:
     """Switch the backbone to the attention that runs packed rows (--packed_attention): `auto` takes
     FlexAttention on GPU and `segment_attention` elsewhere, falling back to `mask` (a dense L x L
-    mask through the model's own attention) for a model that cannot swap its attention function."""
+    mask through the model's own attention) for a model that cannot swap its attention function.
+    `log`: say which (on rank 0)."""
+    say = print0 if log else lambda message: None
     config = model.config.get_text_config()
     if problem := packing_problem(config):
         raise SystemExit(f"minrm: error: {config.model_type} {problem}; use --batching padded")
@@ -96,9 +98,9 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
         try:
             model.set_attn_implementation(name)
         except (ImportError, ValueError) as e:
-            print0(f"model: attention {name} unavailable ({e})")
+            say(f"model: attention {name} unavailable ({e})")
         if model.config._attn_implementation == name:
-            print0(f"model: packed rows run attention {name}")
+            say(f"model: packed rows run attention {name}")
             return
     if choice not in ("auto", "mask") or mixed:
         why = "mixes sliding-window and full attention layers, which one mask cannot express" if mixed else ""
@@ -106,7 +108,7 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
             f"minrm: error: --packed_attention {choice}: {config.model_type} {why or 'cannot run it'}; "
             "use --packed_attention auto or --batching padded"
         )
-    print0(f"model: packed rows use a dense L x L mask with attention {model.config._attn_implementation}")
+    say(f"model: packed rows use a dense L x L mask with attention {model.config._attn_implementation}")
 
 
 def packing_problem(config) -> str | None:

@@ -255,7 +255,9 @@ def padded_run(tiny_model_dir, pairs_file, eval_file, tmp_path_factory):
 @pytest.mark.parametrize("batching", MODES)
 def test_training_metrics_match_padded(padded_run, batching, nproc, tiny_model_dir, pairs_file, eval_file, tmp_path):
     # 2 processes x 2 pairs = 1 process x 4 pairs: the same global batches.
-    run_minrm(run_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "run", batching, 4 // nproc), nproc=nproc)
+    flags = run_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "run", batching, 4 // nproc)
+    log = run_minrm(flags, nproc=nproc).stdout
+    assert log.count("model: packed rows run attention minrm_segments") == 1, log  # rank 0 loads twice, says it once
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == len(padded_run) == 6  # 5 steps and one eval
     for a, b in zip(padded_run, rows):
