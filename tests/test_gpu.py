@@ -1,5 +1,5 @@
 """GPU-only: the bf16 training path on a real CUDA device (one process, NCCL, Liger on by default),
-against the same run in fp32 on the same GPU. The CPU suite runs the same policy on gloo
+against the same run in fp32 on the same GPU; the 8B benchmark on one GPU. The CPU suite runs the same policy on gloo
 (tests/test_train.py::test_bf16_two_processes_close_to_fp32); this one checks the CUDA kernels.
 Skips without CUDA."""
 
@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from scripts import bench
 from tests.conftest import read_metrics, run_minrm
 from tests.test_train import GA, PDBS, STEPS, common_flags
 
@@ -37,3 +38,28 @@ def test_bf16_rewards_close_to_fp32_on_gpu(tiny_model_dir, pairs_file, eval_file
     assert (ours - theirs).abs().max() > 1e-5  # bf16 did run
     as_fp32 = ours.float()  # the score head runs in fp32: rewards are not bf16 numbers
     assert not (as_fp32.bfloat16().float() == as_fp32).any()
+
+
+def test_bench_8b_fits_one_gpu(tmp_path):
+    """`python -m scripts.bench --size 8b` on one 80 GB GPU (bf16 weights, a stateless step): every
+    mode runs, its computed tokens are those counted here from the same synthetic pairs, and its
+    peak memory stays below the GPU's."""
+    memory = torch.cuda.get_device_properties(0).total_memory
+    if memory < 70 * 2**30:
+        pytest.skip("needs an 80 GB GPU")
+    out = tmp_path / "bench8b"
+    flags = ["--size", "8b", "--pairs", "4", "--steps", "2", "--seed", "0", "--out", str(out)]
+    run_minrm(flags, module="scripts.bench", timeout=1200)
+    rows = {r["mode"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    pairs = bench.synthetic_pairs("multiturn", 4 * 3, 0)[4:]  # step 0 warms up
+    steps = [pairs[:4], pairs[4:]]
+    lengths = [[(len(p["prompt"]), len(p["chosen"]), len(p["rejected"])) for p in s] for s in steps]
+    computed = {
+        "padded": sum(2 * len(s) * max(max(c, r) for _, c, r in s) for s in lengths),
+        "packed": sum(c + r for s in lengths for _, c, r in s),
+        "shared_prefix": sum(c + r - n for s in lengths for n, c, r in s),
+    }
+    assert rows.keys() == computed.keys()
+    for mode, row in rows.items():
+        assert row["computed_tokens_per_s"] * row["seconds"] == pytest.approx(computed[mode]), mode
+        assert 0 < row["peak_memory_mib"] < memory / 2**20, mode
