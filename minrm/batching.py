@@ -165,7 +165,12 @@ def check_token_budget(ds: datasets.Dataset | None, max_tokens: int | None, batc
 
 def device_batch(pairs: list[dict], pad_id: int, batching: str, device: torch.device) -> dict:
     """`collate`, moved to the device: what train.py and evaluate.py feed the model."""
-    return {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in collate(pairs, pad_id, batching).items()}
+    return batch_to_device(collate(pairs, pad_id, batching), device)
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch's tensors on `device` (`to_device`), its other entries as they are."""
+    return {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -226,15 +231,14 @@ def token_batches(rows: list[dict], max_tokens: int, batching: str) -> list[list
     tokens (padded: sequences x the batch's longest). Similar lengths side by side waste little
     padding; the longest batch first fails fast when the budget is too large for the memory. A row
     over the budget by itself goes alone."""
-    order = sorted(range(len(rows)), key=lambda i: row_tokens(rows[i], batching), reverse=True)
+    cost = [row_tokens(row, batching) for row in rows]
     out, chunk, total, seqs, longest = [], [], 0, 0, 0
-    for i in order:
-        row = rows[i]
-        n, width = len(row["responses"]), max(len(s) for s in row["responses"])
-        grown = (seqs + n) * max(longest, width) if batching == "padded" else total + row_tokens(row, batching)
+    for i in sorted(range(len(rows)), key=cost.__getitem__, reverse=True):
+        n, width = len(rows[i]["responses"]), max(map(len, rows[i]["responses"]))
+        grown = (seqs + n) * max(longest, width) if batching == "padded" else total + cost[i]
         if chunk and grown > max_tokens:
             out.append(chunk)
             chunk, total, seqs, longest = [], 0, 0, 0
         chunk.append(i)
-        total, seqs, longest = total + row_tokens(row, batching), seqs + n, max(longest, width)
+        total, seqs, longest = total + cost[i], seqs + n, max(longest, width)
     return out + [chunk] if chunk else out
