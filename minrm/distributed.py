@@ -143,8 +143,14 @@ def broadcast_object(obj):
     return box[0]
 
 
-def gather_objects(obj) -> list:
-    """Every rank's `obj`, as a list in rank order on every rank (every rank must call this)."""
+def gather_objects(obj, name: str, waiting_for: str) -> list:
+    """Every rank's `obj`, as a list in rank order on every rank (every rank must call this). The
+    ranks first meet through the store, outside any collective, so that work before it whose length
+    differs between ranks without bound (scoring their shares of a file) never meets the
+    collective timeout; `waiting_for` says what the others are doing ("score its rows")."""
+    post(f"{name}/{dist.get_rank()}", {})
+    for r in range(dist.get_world_size()):
+        wait_for_post(f"{name}/{r}", f"rank {r} to {waiting_for}")
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out

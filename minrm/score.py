@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from minrm import formats
-from minrm.batching import collate_responses, to_device, token_batches
+from minrm.batching import batch_to_device, collate_responses, token_batches
 from minrm.config import BATCHINGS, PACKED_ATTENTIONS, Args
 from minrm.data import json_or_none, load_tokenizer, read_raw, report_bad_rows
 from minrm.distributed import Dist, gather_objects, init_distributed, print0
@@ -158,7 +158,8 @@ def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
     rows = mine.map(tokenize, remove_columns=[c for c in mine.column_names if c not in keep], num_proc=num_proc)
     rows = rows.to_list()
     bad = [(args.data, unit, r["row"], r["problem"]) for r in rows if r["problem"]]
-    bad = sorted((b for part in gather_objects(bad) for b in part), key=lambda b: b[2])
+    parts = gather_objects(bad, "score/read", "read and tokenize its rows")
+    bad = sorted((b for part in parts for b in part), key=lambda b: b[2])
     log = [f"score: {args.data} [{args.split}]: {len(raw)} rows, format {fmt!r}, {len(bad)} bad"]
     log += report_bad_rows(bad, args.skip_bad_rows)
     if len(bad) == len(raw):
@@ -171,8 +172,7 @@ def score_rows(model, rows: list[dict], batching: str, max_tokens: int, device: 
     """Every row's rewards, its chosen response's first: batches of similar lengths, each one forward."""
     outputs = []  # (batch, rewards on the device): no sync per batch, so collation overlaps the GPU
     for batch in token_batches(rows, max_tokens, batching):
-        inputs = collate_responses([rows[i] for i in batch], PAD, batching)
-        inputs = {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        inputs = batch_to_device(collate_responses([rows[i] for i in batch], PAD, batching), device)
         outputs.append((batch, model(**inputs)))  # (sum of the batch's responses,)
         bar.update(len(batch))
     rewards = [None] * len(rows)
@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Every rank's rows back in file order (row numbers increase through the file).
     mine = [(r["row"], r["subset"], rw) for r, rw in zip(rows, rewards)]
-    scored = sorted((x for part in gather_objects(mine) for x in part), key=lambda x: x[0])
+    parts = gather_objects(mine, "score/scored", "score its rows")
+    scored = sorted((x for part in parts for x in part), key=lambda x: x[0])
     categories = any(subset is not None for _, subset, _ in scored)
     records = []
     for row, subset, (chosen, *rejected) in scored:

@@ -203,3 +203,35 @@ def test_rank0_alone_outlasts_the_collective_timeout():
     assert (results[0, False], results[1, False]) == ("weights", None)
     assert results[0, True] == "OSError: the Hub said no"
     assert results[1, True] == "SystemExit: minrm: error: rank 0 failed to read the model: OSError: the Hub said no"
+
+
+def _gather_worker(rank: int, port: int, results) -> None:
+    """One of two processes whose group times out after 1 s; rank 1 works 2 s before the gather."""
+    import datetime
+    import time
+
+    from minrm.distributed import gather_objects
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=1))
+    if rank == 1:
+        time.sleep(2)
+    results[rank] = gather_objects({"rank": rank, "rows": [rank] * (rank + 1)}, "test", "score its rows")
+    dist.destroy_process_group()
+
+
+def test_gather_outlasts_the_collective_timeout():
+    """minrm.score's ranks finish their shares at different times: the gather waits for the last
+    one outside any collective (a 1 s group timeout, a rank 2 s late), and gives every rank all
+    parts in rank order."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_gather_worker, args=(port, results), nprocs=2)
+    expected = [{"rank": 0, "rows": [0]}, {"rank": 1, "rows": [1, 1]}]
+    assert results[0] == results[1] == expected
