@@ -10,7 +10,7 @@ import torch
 
 from scripts import bench
 from tests.conftest import read_metrics, run_minrm
-from tests.test_train import GA, PDBS, STEPS, common_flags
+from tests.test_train import GA, PDBS, STEPS, assert_close_to_fp32, common_flags
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -30,9 +30,7 @@ def test_bf16_rewards_close_to_fp32_on_gpu(tiny_model_dir, pairs_file, eval_file
     bf16, fp32 = read_metrics(runs["bf16"]), read_metrics(runs["no"])
     assert len(bf16) == len(fp32) == STEPS + 1
     # The tolerances of the CPU test (bf16 rounding, then AdamW's sign-driven first update).
-    for a, b in zip(fp32, bf16):
-        for key in a:
-            assert b[key] == pytest.approx(a[key], abs=5e-2), key
+    assert_close_to_fp32(fp32, bf16, runs["no"], eval_file, 5e-2)
     ours, theirs = eval_rewards(runs["bf16"]), eval_rewards(runs["no"])
     torch.testing.assert_close(ours, theirs, rtol=0, atol=5e-2)
     assert (ours - theirs).abs().max() > 1e-5  # bf16 did run
