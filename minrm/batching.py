@@ -1,69 +1,197 @@
-"""From tokenized pairs to model input: the collator (padded, packed and shared_prefix layouts),
-the cut of a step's pairs into micro-batches (by count or by a token budget), and the move to the
-device.
+"""From tokenized rows to model input: which rows a rank takes at each step, how they are cut into
+micro-batches, and the collator that lays a micro-batch out for the model.
 
-A pair is `{"prompt", "chosen", "rejected"}` id lists (`data.py`), `chosen` and `rejected` whole
-sequences. docs/batching.md says what each layout computes and why the rewards are the same.
+A row is a prompt with K >= 2 responses and the comparisons among them (data.py): `{"prompt": ids,
+"responses": [ids, ...], "scores": [...], "margin": float}`, each response a whole sequence (the
+prompt's ids first), response i preferred to j when scores[i] > scores[j]. A pair is K = 2 with
+scores [1, 0]. docs/batching.md says what each layout computes and why the rewards are the same.
 """
+
+import functools
 
 import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from minrm.config import BATCHINGS
+from minrm.loss import Preferences
+from minrm.packed_attention import PackedLayout, Segment
+
+BATCHINGS = ("padded", "packed", "shared_prefix")
+
+# ----------------------------------------------------------------------------------------------
+# Which rows: the training stream, and each rank's share of a step
 
 
-def collate(pairs: list[dict], pad_id: int, batching: str = "padded") -> dict:
-    """One micro-batch for the model; its rewards come out chosen (B,) then rejected (B,).
+def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
+    """Positions [start, start + count) of the training stream: epoch after epoch of the n rows,
+    each epoch in its own seeded order (independent of the number of processes). A batch that runs
+    past an epoch's end takes the rest from the next epoch, so every optimizer step is a full batch
+    (the reference instead steps on a partial last batch without logging it or stepping the scheduler)."""
+    return [_epoch_order(epoch, n, seed)[i] for epoch, i in (divmod(pos, n) for pos in range(start, start + count))]
 
-    - `padded`: chosen then rejected sequences right-padded to the longest: input_ids and
-      attention_mask (2B, T), as the reference does.
-    - `packed`: the 2B sequences end to end in one row (1, L) without padding, positions restarting
-      per sequence; a token attends only within its sequence.
-    - `shared_prefix`: each pair laid out once as prompt + chosen response + rejected response; both
-      responses attend to the prompt, the rejected one not to the chosen one, and its positions
-      continue from the prompt's end, so each reward equals the one of the full sequence alone.
-    Packed modes carry `segments`, who attends to whom: (q_start, q_end, key spans) for each span of
-    queries (`segment_keys`), `key_ranges` (3, L), the same per query (`query_key_ranges`), and
-    `last_index` (2B,): the flat positions to read rewards at.
-    """
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(epoch: int, n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def step_indices(step: int, rank: int, world_size: int, per_device: int, accumulation: int, n: int, seed: int):
+    """The stream positions rank `rank` trains on at optimizer step `step`: each of the step's
+    `accumulation` micro-batches holds per_device x world_size rows of the stream, and each rank
+    takes its slice of every one (so 1 and N processes see the same global batches)."""
+    micro = per_device * world_size
+    starts = (step * micro * accumulation + m * micro + rank * per_device for m in range(accumulation))
+    return [i for start in starts for i in stream_indices(start, per_device, n, seed)]
+
+
+def responses_per_row(ds: datasets.Dataset) -> np.ndarray:
+    """K of every row of a tokenized dataset, read from its Arrow column without decoding the rows."""
+    return pc.list_value_length(ds.with_format("arrow")[:]["responses"]).to_numpy()
+
+
+def step_responses(responses_per_row: np.ndarray, step: int, batch_size: int, seed: int) -> int:
+    """The responses of optimizer step `step`, over all ranks' rows."""
+    return int(responses_per_row[stream_indices(step * batch_size, batch_size, len(responses_per_row), seed)].sum())
+
+
+def rows_at(ds: datasets.Dataset, indices: list[int]) -> list[dict]:
+    """Rows `indices` of a tokenized dataset, as dicts."""
+    columns = ds[indices]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+# ----------------------------------------------------------------------------------------------
+# Cutting into micro-batches, by rows or by a token budget
+
+
+def shared_prefix(row: dict) -> int:
+    """How many leading tokens a row's responses can share: the prompt's ids when they start every
+    response and leave each a non-empty tail, else 0 (the responses are then laid out whole, as
+    when a chat template renders the prompt differently inside the conversation)."""
+    n = len(row["prompt"])
+    return n if all(len(s) > n and s[:n] == row["prompt"] for s in row["responses"]) else 0
+
+
+def row_tokens(row: dict, batching: str) -> int:
+    """Tokens the model computes for a row alone: K x its longest response padded, their sum
+    packed, the sum less K - 1 prompts with the prompt shared."""
+    lengths = [len(s) for s in row["responses"]]
     if batching == "padded":
-        return pad_right([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
-    if batching not in BATCHINGS:
-        raise ValueError(f"unknown batching {batching!r}; choose one of {BATCHINGS}")
-    ids, pos, segments = [], [], []
-    ends = {"chosen": [], "rejected": []}
+        return len(lengths) * max(lengths)
+    return sum(lengths) - (len(lengths) - 1) * (shared_prefix(row) if batching == "shared_prefix" else 0)
 
-    def add(tokens: list[int], first_pos: int) -> tuple[int, int]:
-        """Append tokens, positions from first_pos; their span of the row."""
-        ids.extend(tokens)
-        pos.extend(range(first_pos, first_pos + len(tokens)))
-        return len(ids) - len(tokens), len(ids)
 
-    if batching == "packed":
-        for side in ("chosen", "rejected"):
-            for p in pairs:
-                s, e = add(p[side], 0)
-                segments.append((s, e, ((s, e),)))
-                ends[side].append(e - 1)
+def micro_batches(
+    rows: list[dict], batching: str, max_rows: int | None = None, max_tokens: int | None = None, longest_first=False
+) -> list[list[int]]:
+    """The rows' indices cut into micro-batches of at most `max_rows` rows and `max_tokens` computed
+    tokens (padding included: sequences x the longest when padded), in order or `longest_first` (the
+    scorer: similar lengths side by side waste little padding, and the largest batch comes first,
+    so a budget too large for the memory fails at once). A row over the budget by itself goes alone
+    (`check_token_budget` refuses such data up front). The loss and metrics are means over rows,
+    whatever the cut."""
+    cost = [row_tokens(row, batching) for row in rows] if max_tokens or longest_first else None
+    order = sorted(range(len(rows)), key=cost.__getitem__, reverse=True) if longest_first else range(len(rows))
+    out, chunk, tokens, seqs, longest = [], [], 0, 0, 0
+    for i in order:
+        k, width = len(rows[i]["responses"]), max(map(len, rows[i]["responses"]))
+        if max_tokens:
+            grown = (seqs + k) * max(longest, width) if batching == "padded" else tokens + cost[i]
+        if chunk and (len(chunk) == max_rows or (max_tokens and grown > max_tokens)):
+            out.append(chunk)
+            chunk, tokens, seqs, longest = [], 0, 0, 0
+        chunk.append(i)
+        tokens, seqs, longest = tokens + (cost[i] if cost else 0), seqs + k, max(longest, width)
+    return out + [chunk] if chunk else out
+
+
+def split_to(chunks: list[list], k: int) -> list[list]:
+    """`k` micro-batches from `chunks` (k >= len(chunks)), halving the largest until there are k,
+    then adding empty ones when too few rows are left to halve: under FSDP every rank must run the
+    same number of forward passes (an empty one runs weightless, see evaluate.py)."""
+    chunks = list(chunks)
+    while len(chunks) < k:
+        i = max(range(len(chunks)), key=lambda j: len(chunks[j]))
+        half = len(chunks[i]) // 2
+        chunks[i : i + 1] = [chunks[i][:half], chunks[i][half:]] if half else [chunks[i], []]
+    return chunks
+
+
+def check_token_budget(ds: datasets.Dataset | None, max_tokens: int | None, batching: str, what: str) -> None:
+    """Refuse, before training, a --max_tokens_per_batch that the costliest row alone exceeds (its
+    prompt taken as shared in shared_prefix, as it is whenever the template renders it as a prefix)."""
+    if not max_tokens or ds is None:
+        return
+    table = ds.with_format("arrow")[:]
+    responses = table["responses"].combine_chunks()
+    lengths = pc.list_value_length(responses.flatten()).to_numpy()
+    row_of = pc.list_parent_indices(responses).to_numpy()
+    k = np.bincount(row_of, minlength=len(table))
+    if batching == "padded":
+        need = k * np.maximum.reduceat(lengths, np.r_[0, np.cumsum(k)[:-1]])
     else:
-        for p in pairs:
-            n = shared_prefix_length(p)
-            s, _ = add(p["chosen"][:n], 0)  # seen by both responses
-            _, a = add(p["chosen"][n:], n)
-            _, e = add(p["rejected"][n:], n)
-            segments.append((s, a, ((s, a),)))  # prompt + chosen response: causal
-            segments.append((a, e, ((s, s + n), (a, e)) if n else ((a, e),)))  # rejected: prompt and itself
-            ends["chosen"].append(a - 1)
-            ends["rejected"].append(e - 1)
-    return {
-        "input_ids": torch.tensor(ids, dtype=torch.long)[None],
-        "position_ids": torch.tensor(pos, dtype=torch.long)[None],
-        "last_index": torch.tensor(ends["chosen"] + ends["rejected"], dtype=torch.long),
-        "segments": segments,
-        "key_ranges": query_key_ranges(segments),
-    }
+        need = np.bincount(row_of, weights=lengths, minlength=len(table)).astype(np.int64)
+        if batching == "shared_prefix":
+            need -= (k - 1) * pc.list_value_length(table["prompt"]).to_numpy()
+    i = int(need.argmax())
+    if need[i] > max_tokens:
+        raise SystemExit(
+            f"minrm: error: --max_tokens_per_batch {max_tokens} is below the {need[i]} tokens that {what} row "
+            f"{i} needs with --batching {batching}; raise the budget or lower --max_token_length."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The collator
+
+
+def collate(rows: list[dict], pad_id: int, batching: str) -> tuple[dict, Preferences]:
+    """One micro-batch: the model's keyword arguments, whose rewards (R,) come out row by row, each
+    row's responses in order, and the rows' `Preferences` over those rewards.
+
+    - `padded`: every response right-padded to the longest, input_ids and attention_mask (R, T), as
+      the reference does (it puts all chosen sequences first; the order changes no reward).
+    - `packed`: the sequences end to end in one row (1, L) without padding, positions restarting
+      per sequence; a token attends only within its sequence.
+    - `shared_prefix`: each row laid out once, as prompt + response 1 + response 2 + ...; response
+      1 continues the prompt, each later response attends to the prompt and itself with positions
+      continuing from the prompt's end, so each reward equals the one of its full sequence alone.
+    The packed modes carry the row's `PackedLayout` (who attends to whom) and `last_index`, the
+    flat positions of each response's last token, where its reward is read.
+    """
+    seqs = [s for row in rows for s in row["responses"]]
+    if batching == "padded":
+        inputs = pad_right(seqs, pad_id)
+        width = inputs["input_ids"].shape[1]
+        inputs["last_index"] = torch.tensor([i * width + len(s) - 1 for i, s in enumerate(seqs)])
+    else:
+        ids, positions, segments = [], [], []
+        for row in rows:
+            n = shared_prefix(row) if batching == "shared_prefix" else 0
+            first = len(ids)
+            for k, seq in enumerate(row["responses"]):
+                tail = seq[n:] if k else seq  # the first response carries the prompt; the others see it there
+                start = len(ids)
+                ids += tail
+                positions += range(len(seq) - len(tail), len(seq))
+                segments.append(Segment(start, len(ids), first, first + n if k else first))
+        inputs = {
+            "input_ids": torch.tensor(ids)[None],
+            "position_ids": torch.tensor(positions)[None],
+            "last_index": torch.tensor([s.end - 1 for s in segments]),
+            "packed_layout": PackedLayout(segments),
+        }
+    k = max(len(row["responses"]) for row in rows)
+    index = torch.full((len(rows), k), -1)
+    scores = torch.full((len(rows), k), -torch.inf)
+    flat = 0
+    for i, row in enumerate(rows):
+        index[i, : len(row["responses"])] = torch.arange(flat, flat + len(row["responses"]))
+        scores[i, : len(row["responses"])] = torch.tensor(row["scores"], dtype=torch.float32)
+        flat += len(row["responses"])
+    margin = torch.tensor([row.get("margin", 0.0) for row in rows], dtype=torch.float32)
+    return inputs, Preferences(index, scores, margin)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> dict:
@@ -77,168 +205,14 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def segment_keys(segment: tuple) -> tuple[int, int, int]:
-    """(own, shared_start, shared_end) of a segment (q_start, q_end, key_spans): its queries see
-    the keys [own, q] of their own span, which ends with them, and all of [shared_start,
-    shared_end), an earlier span (a rejected response's prompt; empty when there is none), as if
-    the two spans were laid end to end (positions, and so sliding windows, run on across them)."""
-    q0, q1, spans = segment
-    if len(spans) == 2 and spans[0][1] == spans[1][0]:  # two adjacent spans are one
-        spans = ((spans[0][0], spans[1][1]),)
-    *shared, (own, end) = spans
-    if end != q1 or own > q0 or len(shared) > 1 or (shared and not shared[0][0] < shared[0][1] < own):
-        raise ValueError(
-            f"segment {segment}: packed attention takes a key span that ends with the queries, "
-            "after at most one earlier span"
-        )
-    return own, *(shared[0] if shared else (0, 0))
+def to_device(batch: tuple[dict, Preferences], device: torch.device) -> tuple[dict, Preferences]:
+    """A collated batch's tensors on `device`; to a GPU from pinned memory without blocking, so the
+    host goes on while it copies (the copy is queued before the kernels that read it)."""
+    inputs, prefs = batch
 
+    def move(t):
+        if not torch.is_tensor(t):
+            return t
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
-def query_key_ranges(segments: list[tuple]) -> torch.Tensor:
-    """`segment_keys` for each query of a packed row, (3, L) int64 on the host: rows own,
-    shared_start, shared_end. The FlexAttention and dense masks read these per query; built here,
-    with the batch, rather than on the device per forward."""
-    lengths = [q1 - q0 for q0, q1, _ in segments]
-    ranges = np.array([segment_keys(s) for s in segments], dtype=np.int64).reshape(-1, 3)
-    return torch.from_numpy(np.repeat(ranges, lengths, axis=0).T.copy())
-
-
-def shared_prefix_length(pair: dict) -> int:
-    """How many leading tokens a pair's two sequences can share: the prompt's ids when they are a
-    prefix of both conversations (and leave each a non-empty response), else 0 (the pair falls back
-    to two full sequences, as when a chat template renders the prompt differently)."""
-    return prefix_length(pair["prompt"], (pair["chosen"], pair["rejected"]))
-
-
-def prefix_length(prompt: list[int], seqs) -> int:
-    """len(prompt) when the prompt's ids start every sequence and leave each a non-empty response, else 0."""
-    n = len(prompt)
-    return n if all(len(s) > n and s[:n] == prompt for s in seqs) else 0
-
-
-def micro_batches(pairs: list[dict], size: int, max_tokens: int | None, batching: str) -> list[list[dict]]:
-    """Cut one step's pairs (in order) into micro-batches: `size` pairs each, or, given a token
-    budget, as few as keep each within `max_tokens` computed tokens (padding included: 2 x pairs x
-    longest when padded). A pair over the budget by itself goes alone (`check_token_budget` refuses
-    such data up front). The loss and gradient are means over the step's pairs, whatever the cut."""
-    if not max_tokens:
-        return [pairs[i : i + size] for i in range(0, len(pairs), size)]
-    out, chunk, packed, longest = [], [], 0, 0  # packed: the chunk's tokens laid end to end
-    for p in pairs:
-        c, r = len(p["chosen"]), len(p["rejected"])
-        own = c + r - (shared_prefix_length(p) if batching == "shared_prefix" else 0)
-        grown = 2 * (len(chunk) + 1) * max(longest, c, r) if batching == "padded" else packed + own
-        if chunk and grown > max_tokens:
-            out.append(chunk)
-            chunk, packed, longest = [], 0, 0
-        chunk.append(p)
-        packed, longest = packed + own, max(longest, c, r)
-    return out + [chunk] if chunk else out
-
-
-def split_to(chunks: list[list[dict]], k: int) -> list[list[dict]]:
-    """`k` micro-batches from `chunks` (k >= len(chunks)), halving the largest until there are k,
-    then adding empty ones when too few pairs are left to halve: under FSDP every rank must run the
-    same number of forward passes (an empty one runs weightless, see evaluate.py)."""
-    chunks = list(chunks)
-    while len(chunks) < k:
-        i = max(range(len(chunks)), key=lambda j: len(chunks[j]))
-        half = len(chunks[i]) // 2
-        chunks[i : i + 1] = [chunks[i][:half], chunks[i][half:]] if half else [chunks[i], []]
-    return chunks
-
-
-def check_token_budget(ds: datasets.Dataset | None, max_tokens: int | None, batching: str, what: str) -> None:
-    """Refuse, before training, a --max_tokens_per_batch that the longest pair alone exceeds."""
-    if not max_tokens or ds is None:
-        return
-    table = ds.with_format("arrow")[:]
-    c, r, p = (pc.list_value_length(table[k]).to_numpy() for k in ("chosen", "rejected", "prompt"))
-    need = {"padded": 2 * np.maximum(c, r), "packed": c + r, "shared_prefix": c + r - p}[batching]
-    i = int(need.argmax())
-    if need[i] > max_tokens:
-        raise SystemExit(
-            f"minrm: error: --max_tokens_per_batch {max_tokens} is below the {need[i]} tokens that {what} pair "
-            f"{i} needs with --batching {batching}; raise the budget or lower --max_token_length."
-        )
-
-
-def device_batch(pairs: list[dict], pad_id: int, batching: str, device: torch.device) -> dict:
-    """`collate`, moved to the device: what train.py and evaluate.py feed the model."""
-    return batch_to_device(collate(pairs, pad_id, batching), device)
-
-
-def batch_to_device(batch: dict, device: torch.device) -> dict:
-    """A collated batch's tensors on `device` (`to_device`), its other entries as they are."""
-    return {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU from pinned memory without blocking, so the host goes on
-    while it copies (the copy is queued before the kernels that read it)."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rows of N responses (minrm.score): {"prompt", "responses"}, each response a whole sequence
-
-
-def collate_responses(rows: list[dict], pad_id: int, batching: str) -> dict:
-    """One batch of rows with any number of responses; its rewards come out row by row, each row's
-    responses in order. The layouts are collate's: `padded` (every sequence right-padded), `packed`
-    (sequences end to end), `shared_prefix` (one row per prompt: prompt + response 1 + ... +
-    response N; response 1 continues the prompt causally, each later one attends to the prompt and
-    itself with positions continuing from the prompt's end). With two responses, shared_prefix lays
-    a row out as collate lays out a pair.
-    """
-    if batching == "padded":
-        return pad_right([s for row in rows for s in row["responses"]], pad_id)
-    ids, pos, segments, ends = [], [], [], []
-    for row in rows:
-        n = prefix_length(row["prompt"], row["responses"]) if batching == "shared_prefix" else 0
-        s = len(ids)
-        for i, seq in enumerate(row["responses"]):
-            tail = seq if n == 0 or i == 0 else seq[n:]  # the first response carries the prompt
-            a = len(ids)
-            ids.extend(tail)
-            pos.extend(range(len(seq) - len(tail), len(seq)))
-            e = len(ids)
-            segments.append((a, e, ((s, s + n), (a, e)) if n and i else ((a, e),)))
-            ends.append(e - 1)
-    return {
-        "input_ids": torch.tensor(ids, dtype=torch.long)[None],
-        "position_ids": torch.tensor(pos, dtype=torch.long)[None],
-        "last_index": torch.tensor(ends, dtype=torch.long),
-        "segments": segments,
-        "key_ranges": query_key_ranges(segments),
-    }
-
-
-def row_tokens(row: dict, batching: str) -> int:
-    """Tokens a row of N responses costs alone: N x longest padded, the sum packed, the sum less
-    N - 1 prompts in shared_prefix."""
-    lengths = [len(s) for s in row["responses"]]
-    if batching == "padded":
-        return len(lengths) * max(lengths)
-    shared = prefix_length(row["prompt"], row["responses"]) if batching == "shared_prefix" else 0
-    return sum(lengths) - (len(lengths) - 1) * shared
-
-
-def token_batches(rows: list[dict], max_tokens: int, batching: str) -> list[list[int]]:
-    """The rows' indices sorted longest first and cut into batches of at most `max_tokens` computed
-    tokens (padded: sequences x the batch's longest). Similar lengths side by side waste little
-    padding; the longest batch first fails fast when the budget is too large for the memory. A row
-    over the budget by itself goes alone."""
-    cost = [row_tokens(row, batching) for row in rows]
-    out, chunk, total, seqs, longest = [], [], 0, 0, 0
-    for i in sorted(range(len(rows)), key=cost.__getitem__, reverse=True):
-        n, width = len(rows[i]["responses"]), max(map(len, rows[i]["responses"]))
-        grown = (seqs + n) * max(longest, width) if batching == "padded" else total + cost[i]
-        if chunk and grown > max_tokens:
-            out.append(chunk)
-            chunk, total, seqs, longest = [], 0, 0, 0
-        chunk.append(i)
-        total, seqs, longest = total + cost[i], seqs + n, max(longest, width)
-    return out + [chunk] if chunk else out
+    return {k: move(v) for k, v in inputs.items()}, Preferences(*map(move, prefs))

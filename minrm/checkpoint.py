@@ -9,7 +9,7 @@ What a checkpoint holds, and why that is all a resume needs:
 - the model and the AdamW state (moments and step count), sharded as FSDP2 holds them; DCP
   reshards on load, so a checkpoint written by 2 processes resumes on 1, 4 or 8;
 - the optimizer step and the episode count. minrm's data stream is a pure function of (global
-  position, seed) (`data.stream_indices`) and the learning rate a pure function of the step
+  position, seed) (`batching.stream_indices`) and the learning rate a pure function of the step
   (`optim.lr_multiplier`): the step number IS the data position and the scheduler state;
 - the RNG states (torch, CUDA, python, numpy). Nothing in the loop draws from them today
   (dropout is off, the data order has its own generators); they are kept so that a future use

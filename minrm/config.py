@@ -119,6 +119,11 @@ class Args:
     warm_up_steps: int = 0
     """Number of warm-up optimizer steps."""
 
+    loss: Literal["bradley_terry", "plackett_luce"] = "bradley_terry"
+    """The ranking loss (loss.py). [minrm]"""
+    center_rewards_coefficient: float | None = None
+    """Adds this x mean(r^2) over the step's responses to the loss (default: off). [minrm]"""
+
     # Batch sizes
     num_train_epochs: int = 1
     """Number of passes over the training set."""

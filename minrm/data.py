@@ -7,14 +7,12 @@ collator that turns pairs into model input is in `batching.py`, the cache in `da
 """
 
 import collections
-import functools
 import json
 import os
 import re
 
 import datasets
 import numpy as np
-import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from minrm import formats, toy
@@ -129,7 +127,7 @@ def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, 
 
     def tokenize(row):
         out = formats.tokenize_row(row, fmt, keys, tokenizer)
-        out["fits"] = len(out["prompt"]) <= limits[0] and max(len(out["chosen"]), len(out["rejected"])) <= limits[1]
+        out["fits"] = len(out["prompt"]) <= limits[0] and max(map(len, out["responses"]), default=0) <= limits[1]
         return out
 
     # A pool costs a second or two to start: worth it only for thousands of rows.
@@ -214,49 +212,26 @@ def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, 
             kept = sorted(kept[i] for i in order[n_held:])
             log.append(f"data: {name}: {n_held} pairs held out for eval (--eval_fraction {holdout})")
         chosen = [kept[i] for i in take_indices(len(kept), amount, args.seed)]
-        parts.append(ds.select(chosen).select_columns(["prompt", "chosen", "rejected"]))
+        parts.append(ds.select(chosen).select_columns(["prompt", "responses", "scores", "margin"]))
         log.append(f"data: {what}: {name}: amount {amount} -> {len(chosen)} pairs")
     log += report_bad_rows(bad, args.skip_bad_rows)
     pairs = datasets.concatenate_datasets(parts)
     log.append(f"data: {what}: {len(pairs)} pairs")
     if len(pairs) == 0:
         raise SystemExit(f"minrm: error: no {what} pair is left after the checks and the length filter; see above.")
-    held_out = datasets.concatenate_datasets(held).select_columns(["prompt", "chosen", "rejected"]) if held else None
+    held_out = datasets.concatenate_datasets(held).select_columns(["prompt", "responses", "scores", "margin"]) if held else None
     return pairs, held_out, log
 
 
-def show_pair(pair: dict, tokenizer: PreTrainedTokenizerBase) -> str:
-    """One pair's tokens with ANSI colours: prompt tokens blue/cyan, chosen response green/yellow,
-    rejected response red/magenta (alternating, so token boundaries show)."""
+def show_pair(row: dict, tokenizer: PreTrainedTokenizerBase) -> str:
+    """One row's tokens with ANSI colours: the prompt blue/cyan, then each response's own tokens,
+    the first green/yellow, the others red/magenta (alternating, so token boundaries show)."""
 
     def paint(ids: list[int], colours: tuple[int, int]) -> str:
         return "".join(f"\033[{colours[i % 2]}m{tokenizer.decode([t])}\033[0m" for i, t in enumerate(ids))
 
-    n = len(pair["prompt"])
-    return (
-        f"chosen:   {paint(pair['chosen'][:n], (34, 36))}{paint(pair['chosen'][n:], (32, 33))}\n"
-        f"rejected: {paint(pair['rejected'][:n], (34, 36))}{paint(pair['rejected'][n:], (31, 35))}"
-    )
-
-
-def pairs_at(ds: datasets.Dataset, indices: list[int]) -> list[dict]:
-    """Rows `indices` of a tokenized dataset as a list of {"prompt", "chosen", "rejected"} dicts."""
-    columns = ds[indices]
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
-
-
-def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
-    """Positions [start, start + count) of the training stream: epoch after epoch of the n pairs,
-    each epoch in its own seeded order. A batch that runs past an epoch's end takes the rest from
-    the next epoch, so every optimizer step is a full batch (the reference instead steps on a
-    partial last batch without logging it or stepping the scheduler, SPEC §2)."""
-    out = []
-    for pos in range(start, start + count):
-        epoch, i = divmod(pos, n)
-        out.append(_epoch_order(epoch, n, seed)[i])
-    return out
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(epoch: int, n: int, seed: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    n = len(row["prompt"])
+    lines = [f"prompt:   {paint(row['responses'][0][:n], (34, 36))}"]
+    for k, (seq, score) in enumerate(zip(row["responses"], row["scores"])):
+        lines.append(f"{score:+.3g}:".ljust(10) + paint(seq[n:], (32, 33) if k == 0 else (31, 35)))
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from minrm.data import build_side, read_raw
 from minrm.distributed import Dist, post, print0, wait_for_post
 
 # Bump when a change to the code above changes what a cached dataset holds.
-TRANSFORM_VERSION = 1
+TRANSFORM_VERSION = 2
 
 
 def _source_hash(name: str, split: str) -> str:

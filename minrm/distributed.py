@@ -104,22 +104,21 @@ def shard_model(model: torch.nn.Module, layers: torch.nn.ModuleList, d: Dist, mi
 
 
 @torch.no_grad()
-def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, d: Dist) -> None:
+def fill_from_rank0(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None, d: Dist) -> None:
     """Give the sharded skeleton (built on the meta device) storage on the device, then rank 0's
-    weights: `full` is the model rank 0 loaded (None on the other ranks, which never hold it whole).
+    `weights` (`model.read_weights`; None on the other ranks, which never hold the model whole).
 
     DCP's broadcast sends one tensor at a time and each rank keeps its shard of it. Non-persistent
-    buffers (e.g. rotary `inv_freq`) are in no state dict: they are broadcast whole, as rank 0
-    computed them when it built its model.
+    buffers (e.g. rotary `inv_freq`) are in no state dict: they are broadcast whole.
     """
     model.to_empty(device=d.device)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, full.state_dict() if d.is_main else {}, options=options)
     persistent = model.state_dict().keys()
+    state = {k: v for k, v in weights.items() if k in persistent} if d.is_main else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, buffer in model.named_buffers():
         if name not in persistent:
             if d.is_main:
-                buffer.copy_(full.get_buffer(name))
+                buffer.copy_(weights[name])
             dist.broadcast(buffer, src=0)
 
 

@@ -1,76 +1,69 @@
-"""Evaluation on the held-out pairs: sample-weighted metrics reduced across ranks, and a few
-sampled pairs for a table.
+"""Evaluation on the held-out rows: the training metrics plus `best_of_n_accuracy`, every row
+weighing the same over all ranks, and a few sampled rows for a table.
 
 The reference averages per-batch means, so a short last batch weighs as much as a full one; minrm
-sums over pairs and divides by the number of pairs (SPEC §2).
+sums over rows and divides by the number of rows.
 """
 
 import math
 
 import datasets
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from minrm.batching import device_batch, micro_batches, split_to
-from minrm.data import pairs_at
+from minrm.batching import collate, micro_batches, rows_at, split_to, to_device
 from minrm.distributed import Dist, all_reduce_max, all_reduce_sum
+from minrm.loss import STATS, row_statistics
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    eval_set: datasets.Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    d: Dist,
-    batch_size: int,
-    batching: str = "padded",
-    max_tokens: int | None = None,
-    num_samples: int = 10,
-) -> tuple[dict, list[dict]]:
-    """Runs on ALL ranks: under FSDP every forward is a collective, so a rank-0-only eval deadlocks."""
+def evaluate(model, eval_set: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, d: Dist, args, num_samples=10):
+    """Runs on ALL ranks: under FSDP every forward is a collective, so a rank-0-only eval deadlocks.
+    Each rank takes a contiguous share of the rows, in batches of --per_device_eval_batch_size
+    (cut further by --max_tokens_per_batch)."""
     model.eval()
-    per_rank = math.ceil(len(eval_set) / d.world_size)
+    per_rank, size = math.ceil(len(eval_set) / d.world_size), args.per_device_eval_batch_size
     mine = list(range(d.rank * per_rank, min(len(eval_set), (d.rank + 1) * per_rank)))
-    sums = torch.zeros(6, device=d.device)  # pairs, correct, loss, chosen, rejected, margin
+    sums = torch.zeros(len(STATS) + 1, device=d.device)  # STATS summed over rows, then the rows
     samples = []
-    for b in range(math.ceil(per_rank / batch_size)):  # the same number of batches on every rank
-        batch = pairs_at(eval_set, mine[b * batch_size : (b + 1) * batch_size])
-        chunks = micro_batches(batch, batch_size, max_tokens, batching) or [[]]
-        if max_tokens and d.world_size > 1:  # ... and of forward passes in each
+    for b in range(math.ceil(per_rank / size)):  # the same number of batches on every rank
+        rows = rows_at(eval_set, mine[b * size : (b + 1) * size])
+        chunks = micro_batches(rows, args.batching, max_tokens=args.max_tokens_per_batch) or [[]]
+        if args.max_tokens_per_batch and d.world_size > 1:  # ... and of forward passes in each
             chunks = split_to(chunks, all_reduce_max(len(chunks), d.device))
-        for pairs in chunks:
-            weight = torch.ones(len(pairs), device=d.device)
-            if not pairs:  # this rank ran out of pairs: run a weightless one to join the collectives
-                pairs, weight = pairs_at(eval_set, [0]), torch.zeros(1, device=d.device)
-            rewards = model(**device_batch(pairs, tokenizer.pad_token_id, batching, d.device))  # (2B,)
-            chosen, rejected = rewards.chunk(2)
-            margin = chosen - rejected
-            per_pair = torch.stack(
-                [torch.ones_like(margin), (margin > 0).float(), -F.logsigmoid(margin), chosen, rejected, margin]
-            )
-            sums += (per_pair * weight).sum(dim=1)
+        for chunk in chunks:
+            part, weight = [rows[i] for i in chunk], 1.0
+            if not part:  # this rank ran out of rows: a weightless forward joins the collectives
+                part, weight = rows_at(eval_set, [0]), 0.0
+            inputs, prefs = to_device(collate(part, tokenizer.pad_token_id, args.batching), d.device)
+            rewards = model(**inputs)  # (R,)
+            stats = row_statistics(rewards, prefs, args.loss)  # (N, len(STATS))
+            sums += weight * torch.cat([stats.sum(0), stats.new_tensor([len(part)])])
             if d.is_main and len(samples) < num_samples:
-                samples += sample_rows(pairs, chosen, rejected, tokenizer)[: num_samples - len(samples)]
-    all_reduce_sum(sums)
+                samples += sample_rows(part, rewards.tolist(), tokenizer)[: num_samples - len(samples)]
+    *totals, rows = all_reduce_sum(sums).tolist()
     model.train()
-    names = ["accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin"]
-    metrics = {f"eval/rm/{name}": (sums[i + 1] / sums[0]).item() for i, name in enumerate(names)}
-    return metrics, samples
+    return {f"eval/rm/{name}": total / rows for name, total in zip(STATS, totals)}, samples
 
 
-def sample_rows(pairs: list[dict], chosen: torch.Tensor, rejected: torch.Tensor, tokenizer) -> list[dict]:
-    rows = []
-    for pair, rc, rr in zip(pairs, chosen.tolist(), rejected.tolist()):
-        n = len(pair["prompt"])  # the prompt's ids are a prefix of both conversations' ids
-        rows.append(
+def sample_rows(rows: list[dict], rewards: list[float], tokenizer) -> list[dict]:
+    """The table's view of some rows: the prompt, the best- and the worst-scored response (a pair's
+    chosen and rejected), their rewards, and whether the best one's is the higher."""
+    out, flat = [], 0
+    for row in rows:
+        k, n = len(row["responses"]), len(row["prompt"])  # the prompt's ids begin every response
+        best = max(range(k), key=row["scores"].__getitem__)
+        worst = min(range(k), key=row["scores"].__getitem__)
+        chosen, rejected = rewards[flat + best], rewards[flat + worst]
+        out.append(
             {
-                "prompt": tokenizer.decode(pair["prompt"]),
-                "chosen_response": tokenizer.decode(pair["chosen"][n:]),
-                "rejected_response": tokenizer.decode(pair["rejected"][n:]),
-                "chosen_reward": rc,
-                "rejected_reward": rr,
-                "correct": rc > rr,
+                "prompt": tokenizer.decode(row["prompt"]),
+                "chosen_response": tokenizer.decode(row["responses"][best][n:]),
+                "rejected_response": tokenizer.decode(row["responses"][worst][n:]),
+                "chosen_reward": chosen,
+                "rejected_reward": rejected,
+                "correct": chosen > rejected,
             }
         )
-    return rows
+        flat += k
+    return out

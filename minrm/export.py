@@ -133,7 +133,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, max_shard_size: str = "5GB"
     from minrm.checkpoint import check_complete, load_model_weights
     from minrm.config import Args
     from minrm.data import load_tokenizer
-    from minrm.model import load_model
+    from minrm.model import skeleton
 
     try:
         meta = check_complete(checkpoint)
@@ -142,7 +142,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, max_shard_size: str = "5GB"
     args = Args(**meta["args"])
     d = init_distributed()  # a group of one: the gather in save_hf_folder is then a no-op
     tokenizer = load_tokenizer(args)
-    model = load_model(args, tokenizer)
+    model = skeleton(args, tokenizer).to_empty(device="cpu")  # every saved value comes from the checkpoint
     load_model_weights(checkpoint, model)
     card = model_card(args, meta.get("metrics", {}))
     save_hf_folder(model, tokenizer, meta["architecture"], out_dir, d, max_shard_size, card)

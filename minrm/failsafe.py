@@ -116,6 +116,10 @@ def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 # Non-finite values
 
 
+class NonFinite(Exception):
+    """A step's loss or gradient norm is NaN or infinite; raised before its update is applied."""
+
+
 def nonfinite(**values: float) -> str:
     """'loss = nan, grad_norm = inf': the values that are NaN or infinite; '' when all are finite."""
     return ", ".join(f"{name} = {value}" for name, value in values.items() if not math.isfinite(value))

@@ -177,19 +177,20 @@ def tokenize_responses(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTok
             if not isinstance(row, dict):
                 raise ValueError(f"a line must hold a JSON object, got {type(row).__name__}")
         if fmt == "plain":
-            return {**_plain(row, keys, tokenizer, many), "problem": ""}
+            out = _plain(row, keys, tokenizer, many)
+            return {**out, "scores": [1.0] + [0.0] * (len(out["responses"]) - 1), "problem": ""}
         prompt, responses = _conversations(row, fmt, keys, many)
 
         def ids(messages, generation_prompt=False):
             return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, return_dict=False)
 
-        return {"prompt": ids(prompt, generation_prompt=True), "responses": [ids(r) for r in responses], "problem": ""}
+        responses = [ids(r) for r in responses]
+        scores = [1.0] + [0.0] * (len(responses) - 1)
+        return {"prompt": ids(prompt, generation_prompt=True), "responses": responses, "scores": scores, "problem": ""}
     except ValueError as e:
-        return {"prompt": [], "responses": [], "problem": str(e)}
+        return {"prompt": [], "responses": [], "scores": [], "problem": str(e)}
 
 
 def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """One row to a training pair `{"prompt", "chosen", "rejected", "problem"}`: one rejected response."""
-    out = tokenize_responses(row, fmt, keys, tokenizer, many=False)
-    chosen, rejected = out["responses"] or ([], [])
-    return {"prompt": out["prompt"], "chosen": chosen, "rejected": rejected, "problem": out["problem"]}
+    """One row to a training pair `{"prompt", "responses", "scores", "margin", "problem"}`: one rejected response."""
+    return {**tokenize_responses(row, fmt, keys, tokenizer, many=False), "margin": 0.0}

@@ -23,6 +23,7 @@ from transformers import AutoConfig
 
 from minrm import toy
 from minrm.formats import CHAT_TEMPLATES
+from minrm.packed_attention import packing_problem
 
 
 def _fail(flag: str, why: str):
@@ -84,15 +85,18 @@ def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **k
 
 
 def check_model(args) -> None:
-    """The model's config loads (from its folder or the Hub), and a local folder holds weights:
-    the first fetch of a run, so that a wrong model fails before the data is built."""
+    """The model's config loads (from its folder or the Hub), a local folder holds weights, and the
+    packed batchings can run the model: the first fetch of a run, so that a wrong model fails before
+    the data is built."""
     name = args.model_name_or_path
     if name == toy.TOY:
         return
     kwargs = {"revision": args.model_revision, "trust_remote_code": args.trust_remote_code}
-    load_or_exit(AutoConfig.from_pretrained, "model_name_or_path", name, **kwargs)
+    config = load_or_exit(AutoConfig.from_pretrained, "model_name_or_path", name, **kwargs)
     if os.path.isdir(name) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
         _fail("model_name_or_path", f"the folder {name} has no weights (*.safetensors or *.bin files)")
+    if args.batching != "padded" and (problem := packing_problem(config)):
+        raise SystemExit(f"minrm: error: --batching {args.batching}: {config.model_type} {problem}; use --batching padded")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,11 @@
 """The reward model: a Hugging Face `*ForSequenceClassification` with one output, dropout off, a
 re-drawn score head, and a forward that pools at the last real token of each sequence.
+
+Two jobs, two functions. `skeleton` builds the model that runs: its modules and config on the meta
+device (no memory), attention, checkpointing and forward set for training or scoring. `read_weights`
+reads (or, for the toy, draws) the weights it is filled with, as a state dict. Training builds the
+skeleton on every rank and shards it, and rank 0 alone reads the weights and broadcasts them
+(`distributed.fill_from_rank0`); the scorer and the export fill a whole skeleton (`load_whole`).
 """
 
 import math
@@ -7,47 +13,66 @@ import types
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from minrm import toy
-from minrm.packed_attention import SEGMENTS, packed_attention_mask, use_packed_attention
+from minrm.packed_attention import SEGMENTS, PackedLayout, packed_attention_mask, use_packed_attention
 
 
-def _no_dropout(config) -> None:
-    """Zero every dropout probability of the config, before the model is built from it: modules such
-    as attention copy these into plain attributes at init, out of reach of an `nn.Dropout` sweep."""
+def model_config(args):
+    """The model's config with one output and every dropout probability zeroed (see p.3 of
+    arXiv:1909.08593), before any module is built: attention modules copy these into plain
+    attributes at init, out of reach of an `nn.Dropout` sweep."""
+    if args.model_name_or_path == toy.TOY:
+        config = toy.toy_model_config(len(toy.toy_tokenizer()))  # as shipped: no <pad> yet
+    else:
+        kwargs = {"revision": args.model_revision, "trust_remote_code": args.trust_remote_code}
+        config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1, **kwargs)
     for cfg in (config, config.get_text_config()):
         for key, value in cfg.to_dict().items():
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
                 setattr(cfg, key, 0.0)
+    return config
 
 
-def load_model(args, tokenizer: PreTrainedTokenizerBase, meta: bool = False) -> PreTrainedModel:
-    """Build the reward model on CPU in fp32 (everything random is seeded), or with `meta` its
-    skeleton: the same modules, config and shapes on the meta device, with no storage, nothing read
-    and nothing drawn. Training builds the skeleton on every rank and shards it; rank 0 alone builds
-    the real model, whose weights `distributed.fill_from_rank0` then broadcasts into the shards."""
-    torch.manual_seed(args.seed)
-    if args.model_name_or_path == toy.TOY:
-        config = toy.toy_model_config(len(toy.toy_tokenizer()))  # as shipped: no <pad> yet
-    else:
-        config = AutoConfig.from_pretrained(
-            args.model_name_or_path,
-            revision=args.model_revision,
-            trust_remote_code=args.trust_remote_code,
-            num_labels=1,
+def _fit_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mean_resizing: bool) -> None:
+    """Room in the embeddings for an added <pad> (rows to a multiple of 8), and the pad id in the config."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8, mean_resizing=mean_resizing)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+
+
+def skeleton(args, tokenizer: PreTrainedTokenizerBase, cuda: bool = False) -> PreTrainedModel:
+    """The reward model's modules on the meta device (fp32, no storage, nothing read or drawn), set
+    up to run: dropout off, gradient checkpointing if asked, the attention that runs packed rows
+    (`cuda`: FlexAttention is available), and `reward_forward`."""
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(
+            model_config(args), trust_remote_code=args.trust_remote_code, dtype=torch.float32
         )
-    _no_dropout(config)
-    if meta or args.model_name_or_path == toy.TOY:  # no storage at all, or the toy's seeded init
-        with torch.device("meta" if meta else "cpu"):
-            model = AutoModelForSequenceClassification.from_config(
-                config, trust_remote_code=args.trust_remote_code, dtype=torch.float32
-            )
+    _fit_tokenizer(model, tokenizer, mean_resizing=False)  # new rows have no values to draw from yet
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.batching != "padded":
+        use_packed_attention(model, args.packed_attention, cuda)
+    model.forward = types.MethodType(reward_forward, model)
+    return model
+
+
+def read_weights(args, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    """The weights, in fp32 on the CPU: the checkpoint's (the toy's drawn from the seed), the
+    embedding rows of an added <pad> drawn from the old rows' mean and covariance, and the score head
+    re-drawn from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325) unless
+    --init_score_head False. Non-persistent buffers (rotary `inv_freq`) are included: they are in no
+    state dict, yet the skeleton has no values for them."""
+    torch.manual_seed(args.seed)
+    config = model_config(args)
+    if args.model_name_or_path == toy.TOY:
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
             args.model_name_or_path,
@@ -56,25 +81,26 @@ def load_model(args, tokenizer: PreTrainedTokenizerBase, meta: bool = False) -> 
             trust_remote_code=args.trust_remote_code,
             dtype=torch.float32,  # fp32 master weights; FSDP2 casts to bf16 for compute (--mixed_precision)
         )
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the added <pad>
-        # transformers draws the new rows from the old rows' mean and covariance: values the
-        # skeleton does not have, and does not need (only the shape).
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8, mean_resizing=not meta)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False
-    for module in model.modules():  # see p.3 of arXiv:1909.08593
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    if args.init_score_head and not meta:  # see p.11 of arXiv:2009.01325
+    _fit_tokenizer(model, tokenizer, mean_resizing=True)
+    if args.init_score_head:
         std = 1 / math.sqrt(model.config.get_text_config().hidden_size + 1)
         generator = torch.Generator().manual_seed(args.seed)
         with torch.no_grad():
             model.score.weight.normal_(0.0, std, generator=generator)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.batching != "padded":  # said once, for the skeleton that trains (rank 0 also reads a full model)
-        use_packed_attention(model, args.packed_attention, torch.cuda.is_available(), log=meta)
-    model.forward = types.MethodType(reward_forward, model)
+    weights = model.state_dict()
+    weights.update((name, b) for name, b in model.named_buffers() if name not in weights)
+    return weights
+
+
+def load_whole(model: PreTrainedModel, weights: dict[str, torch.Tensor], device: torch.device) -> PreTrainedModel:
+    """A skeleton given storage on `device` and filled with `weights` (the model unsharded: the
+    scorer, the export)."""
+    model.to_empty(device=device)
+    persistent = model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in weights.items() if k in persistent})
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            buffer.copy_(weights[name])
     return model
 
 
@@ -93,38 +119,39 @@ def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
 
 def reward_forward(
     self: PreTrainedModel,
-    input_ids: torch.Tensor,  # (N, T)
+    input_ids: torch.Tensor,  # (N, T): N padded sequences, or one packed row (N = 1)
     attention_mask: torch.Tensor | None = None,  # (N, T), 1 on real tokens; None when packed
     position_ids: torch.Tensor | None = None,
     last_index: torch.Tensor | None = None,  # (R,) flat positions in the N x T tokens to read rewards at
-    segments: list[tuple] | None = None,  # packed batches: who attends to whom (see segment_attention)
-    key_ranges: torch.Tensor | None = None,  # (3, T) packed batches: the same per query (batching.query_key_ranges)
+    packed_layout: PackedLayout | None = None,  # a packed row: who attends to whom
 ) -> torch.Tensor:
     """Rewards (R,) in fp32: the score head applied to the hidden state of each sequence's last
-    real token.
+    real token (`last_index`; without it, the last 1 of each row of the attention mask).
 
     This replaces the instance's forward because FSDP2 gathers the root unit's parameters (embeddings,
-    final norm, score head) in a hook around the root module's call: pooling and scoring have to
-    happen inside it. Two differences from the reference (SPEC §2): the last real token comes from
-    the attention mask (the reference takes "first pad token - 1", wrong when the pad id occurs in
-    the text), and only the last hidden state is kept and scored at the pooled positions (the
-    reference asks for every layer's hidden states and scores every position).
+    final norm, score head) in a hook around the root module's call: pooling and scoring happen inside
+    it. Two differences from the reference (README, "Where minrm differs"): the last real token comes
+    from the layout or the mask (the reference takes "first pad token - 1", wrong when the pad id
+    occurs in the text), and only the last hidden state is kept and scored at the pooled positions
+    (the reference asks for every layer's hidden states and scores every position).
     """
     extra = {}
-    if segments is not None:  # a packed row: which attention runs it was chosen at load
+    if packed_layout is not None:  # which attention runs it was chosen at load
         if self.config._attn_implementation == SEGMENTS:
-            extra["segments"] = segments
+            extra["packed_layout"] = packed_layout
         else:
-            attention_mask = packed_attention_mask(self, segments, input_ids.device, key_ranges)
+            attention_mask = packed_attention_mask(self, packed_layout, input_ids.device)
     hidden = backbone(self)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
     ).last_hidden_state  # (N, T, H)
     if last_index is None:
         n, t = input_ids.shape
         positions = torch.arange(t, device=input_ids.device)
-        rightmost = (positions * attention_mask).argmax(-1)  # the rightmost 1 of each row's mask
-        last_index = torch.arange(n, device=input_ids.device) * t + rightmost
+        last_index = torch.arange(n, device=input_ids.device) * t + (positions * attention_mask).argmax(-1)
     pooled = hidden.flatten(0, 1)[last_index]  # (R, H), bf16 under --mixed_precision bf16
     # The head runs in its weights' dtype: fp32 under FSDP2, where it is its own unit gathered in
     # fp32 (see `shard_model`), so rewards are not rounded to bf16's 8 bits. It is only R x H.
-    return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
+    scores = self.score(pooled.to(self.score.weight.dtype))  # (R, 1)
+    # A copy, not a view: FSDP2 hooks the root's output for its backward, and a view's hook is lost
+    # to any in-place op on it.
+    return scores[:, 0].to(torch.float32, copy=True)

@@ -1,80 +1,96 @@
-"""Attention over packed rows (docs/batching.md). Three ways, chosen once at load:
-- GPU: FlexAttention with a block mask built from the segments (never L x L).
-- elsewhere: `segment_attention`, SDPA on each sequence's own span of the row (varlen attention).
-- a model that cannot swap its attention function: a dense L x L mask through its own attention.
+"""Attention over packed rows (docs/batching.md): who attends to whom, and three ways to run it.
 
-A packed row carries `segments` (`batching.collate`): who attends to whom, as (q_start, q_end,
-key spans) per span of queries (`batching.segment_keys` says which forms run).
+A packed row (`batching.collate`) lays sequences end to end with no padding. Its `PackedLayout` is
+a list of `Segment`s: the queries of a segment see, causally, the keys of their own segment and all
+the keys of a shared prompt laid out earlier in the row, as if the two were one sequence. So a
+response computed after its prompt's first response sees the prompt, not the responses between.
+The attention that runs it is chosen once, at load (`use_packed_attention`):
+- GPU: FlexAttention with a block mask built from the segments (never L x L);
+- elsewhere: `segment_attention`, SDPA on each segment's own keys (varlen attention);
+- a model that cannot swap its attention function: a dense L x L mask through its own attention.
 """
 
-import bisect
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AutoConfig, PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 
-from minrm import toy
-from minrm.batching import query_key_ranges, segment_keys, to_device
 from minrm.distributed import print0
 
 SEGMENTS = "minrm_segments"
 BLOCK = 128  # FlexAttention's tile: the block mask lists which BLOCK x BLOCK tiles to compute
 
 
-def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, **kwargs):
-    """Attention over a packed row, one segment at a time: query, key, value (1, heads, L, head_dim).
+class Segment(NamedTuple):
+    """The queries [start, end) of a packed row. They see the keys [start, q] (causal) and all of
+    [shared_start, shared_end): the prompt they share with an earlier segment, which begins with it
+    (empty when the segment holds its own prompt). Positions run on from the prompt's end."""
 
-    `segments` lists (q_start, q_end, key_spans): the queries [q_start, q_end) attend to the keys
-    of `key_spans` laid end to end, causally with the last query aligned to the last key. A packed
-    sequence is (s, e, ((s, e),)); in shared_prefix the rejected response is
-    (a, b, ((s, s + prompt), (a, b))): its prompt and itself, not the chosen response between. The
-    query spans cover the row in order, so the outputs concatenate back into it. Attention is
-    computed only inside spans: sum(l^2) work instead of L^2, and no L x L mask.
-    """
-    if segments is None:
-        raise ValueError(f"attention {SEGMENTS!r} needs the `segments` of a packed batch (batching.collate)")
+    start: int
+    end: int
+    shared_start: int = 0
+    shared_end: int = 0
+
+
+class PackedLayout:
+    """The segments of one packed row, in order; they tile the row. A plain object rather than a
+    list: FSDP2's hooks walk every list, tuple and dataclass in every block's arguments, at every
+    call, and this one is a single leaf to them."""
+
+    def __init__(self, segments: list[Segment]):
+        starts = {s.start for s in segments}
+        for s in segments:
+            if s.shared_end > s.shared_start and (s.shared_start not in starts or s.shared_end > s.start):
+                raise ValueError(f"{s}: a shared prompt must begin an earlier segment of the row")
+        self.segments = segments
+        self.length = segments[-1].end
+
+    def key_ranges(self) -> torch.Tensor:
+        """(3, L) int64 on the host, per query: its segment's start, shared_start, shared_end (the
+        per-token form the FlexAttention and dense masks read)."""
+        ranges = np.array([(s.start, s.shared_start, s.shared_end) for s in self.segments], dtype=np.int64)
+        lengths = [s.end - s.start for s in self.segments]
+        return torch.from_numpy(np.repeat(ranges, lengths, axis=0).T.copy())
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over a packed row, one segment at a time: query, key, value (1, heads, L, head_dim),
+    the row's `packed_layout` in the kwargs. Each segment's queries attend to the shared prompt's keys
+    and their own, laid end to end, causally with the last query aligned to the last key; the
+    outputs concatenate back into the row. Work is sum(l^2) over segments instead of L^2, and there
+    is no L x L mask."""
+    layout = kwargs.get("packed_layout")
+    if layout is None:
+        raise ValueError(f"attention {SEGMENTS!r} needs the `packed_layout` of a packed batch (batching.collate)")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError(
-            "packed batching cannot run logit softcapping or attention sinks; use --batching padded"
-        )
+        raise NotImplementedError("packed batching cannot run logit softcapping or attention sinks; use --batching padded")
     window = kwargs.get("sliding_window")
     groups = query.shape[1] // key.shape[1]
     # Views from one split per tensor: slicing each segment out of the whole row instead gives
     # every segment a row-sized gradient to zero and add in the backward (segments x L work).
-    sizes = [q1 - q0 for q0, q1, _ in segments]
-    starts = [q0 for q0, _, _ in segments]
+    sizes = [s.end - s.start for s in layout.segments]
+    part = {s.start: i for i, s in enumerate(layout.segments)}
     queries, keys, values = (t.split(sizes, 2) for t in (query, key, value))
     outputs = []
-    for (q0, q1, spans), q in zip(segments, queries):
-        k, v = _gather(keys, starts, spans), _gather(values, starts, spans)
-        nq, nk = q1 - q0, k.shape[2]
+    for s, q, k, v in zip(layout.segments, queries, keys, values):
+        if n := s.shared_end - s.shared_start:  # the prompt, from the segment it begins
+            k = torch.cat([keys[part[s.shared_start]][:, :, :n], k], 2)
+            v = torch.cat([values[part[s.shared_start]][:, :, :n], v], 2)
+        nq, nk = q.shape[2], k.shape[2]
         mask = None  # plain causal
         if nq != nk or (window is not None and nk > window):
-            j = torch.arange(nk, device=query.device)
-            i = torch.arange(nk - nq, nk, device=query.device)[:, None]  # each query's position among the keys
+            j = torch.arange(nk, device=q.device)
+            i = torch.arange(nk - nq, nk, device=q.device)[:, None]  # each query's place among the keys
             mask = (j <= i) if window is None else (j <= i) & (j > i - window)
-            if groups > 1:  # with a mask and grouped heads, SDPA on CUDA falls back to its math kernel
+            if groups > 1 and q.is_cuda:  # with a mask and grouped heads, CUDA's SDPA falls back to math
                 k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
         )
         outputs.append(out.transpose(1, 2))
     return torch.cat(outputs, 1), None  # (1, L, heads, head_dim), contiguous
-
-
-def _gather(parts: tuple[torch.Tensor, ...], starts: list[int], spans: tuple) -> torch.Tensor:
-    """The keys (or values) of `spans` laid end to end, from the row split at the segments' starts:
-    a part itself when a span is one, else views into the parts, joined."""
-    pieces = []
-    for a, b in spans:
-        j = bisect.bisect_right(starts, a) - 1
-        while a < b:
-            p0, p1 = starts[j], starts[j] + parts[j].shape[2]
-            cut = min(b, p1)
-            pieces.append(parts[j] if (a, cut) == (p0, p1) else parts[j][:, :, a - p0 : cut - p0])
-            a, j = cut, j + 1
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
 
 
 AttentionInterface.register(SEGMENTS, segment_attention)
@@ -121,20 +137,6 @@ def packing_problem(config) -> str | None:
     return None
 
 
-def check_packing(args) -> None:
-    """Refuse at start, from the model's config alone and before any data is built, a model that
-    --batching packed / shared_prefix cannot run."""
-    if args.batching == "padded" or args.model_name_or_path == toy.TOY:
-        return
-    config = AutoConfig.from_pretrained(
-        args.model_name_or_path, revision=args.model_revision, trust_remote_code=args.trust_remote_code
-    )
-    if problem := packing_problem(config):
-        raise SystemExit(
-            f"minrm: error: --batching {args.batching}: {config.model_type} {problem}; use --batching padded"
-        )
-
-
 def mask_window(config) -> int | str | None:
     """The sliding window one mask for every layer must apply: the config's when all layers slide,
     None when none does, "mixed" when some layers slide and others attend in full."""
@@ -145,29 +147,20 @@ def mask_window(config) -> int | str | None:
     return "mixed" if "sliding_attention" in kinds else None
 
 
-def packed_attention_mask(
-    model: PreTrainedModel, segments: list[tuple], device: torch.device, key_ranges: torch.Tensor | None = None
-):
-    """The mask of a packed row on `device`, from its `segments` and their `key_ranges` (3, L) per
-    query (the batch's, already on the device; else built here): query q sees key k when k is not
-    after q and k is in q's own sequence (a rejected response: in its own response or in its shared
-    prompt), so no token sees another sequence, nor a rejected response the chosen one beside it;
-    with a sliding window, only keys fewer than `sliding_window` positions back (a mask given whole
-    replaces the model's own window).
-
-    With FlexAttention a BlockMask whose block lists come from the spans (`block_lists`), never an
-    L x L mask; otherwise a dense (1, 1, L, L) mask for SDPA (bool) or eager (additive float).
-    Transformers passes a 4-D mask to the attention functions as it is.
-    """
-    if key_ranges is None:
-        key_ranges = to_device(query_key_ranges(segments), device)
+def packed_attention_mask(model: PreTrainedModel, layout: PackedLayout, device: torch.device):
+    """The mask of a packed row on `device`, for the attentions that take one: query q sees key k
+    when k is not after q and k is in q's segment or its shared prompt; with a sliding window, only
+    keys fewer than `sliding_window` positions back (a mask given whole replaces the model's own
+    window). FlexAttention gets a BlockMask whose block lists come from the segments (`block_lists`),
+    never an L x L mask; SDPA a dense (1, 1, L, L) bool mask, eager an additive float one.
+    Transformers passes a 4-D mask to the attention functions as it is."""
     window = mask_window(model.config.get_text_config())
-    allowed = mask_rule(key_ranges, window)
-    L = key_ranges.shape[1]
+    allowed = mask_rule(layout.key_ranges().to(device, non_blocking=True), window)
+    L = layout.length
     if model.config._attn_implementation == "flex_attention":
         from torch.nn.attention.flex_attention import BlockMask
 
-        lists = [to_device(torch.from_numpy(t)[None, None], device) for t in block_lists(segments, L, window)]
+        lists = [torch.from_numpy(t)[None, None].to(device, non_blocking=True) for t in block_lists(layout, window)]
         return BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=BLOCK, mask_mod=allowed, seq_lengths=(L, L))
     idx = torch.arange(L, device=device)
     mask = allowed(None, None, idx[:, None], idx[None, :])[None, None]  # (1, 1, L, L)
@@ -178,7 +171,7 @@ def packed_attention_mask(
 
 
 def mask_rule(key_ranges: torch.Tensor, window: int | None):
-    """Whether query q may see key k, per token (a FlexAttention mask_mod)."""
+    """Whether query q may see key k, per token (a FlexAttention mask_mod), from `key_ranges` (3, L)."""
     # Copies, not views of the rows: Inductor's CPU FlexAttention fails to compile, once the row
     # length changes, a mask reading tensors with a storage offset.
     own, start, end = (r.clone() for r in key_ranges)
@@ -193,21 +186,20 @@ def mask_rule(key_ranges: torch.Tensor, window: int | None):
     return allowed
 
 
-def block_lists(segments: list[tuple], L: int, window: int | None) -> tuple[np.ndarray, ...]:
+def block_lists(layout: PackedLayout, window: int | None) -> tuple[np.ndarray, ...]:
     """FlexAttention's block lists for a packed row (BLOCK x BLOCK tiles of the L x L attention),
-    worked out from the spans alone: O((L / BLOCK)^2) memory and time, never O(L^2). A tile is
+    worked out from the segments alone: O((L / BLOCK)^2) memory and time, never O(L^2). A tile is
     `full` when every (query, key) pair in it is allowed (computed without the mask), `partial` when
     only some are (the mask is applied). Returns partial counts (1 row per query tile), partial
     columns, full counts, full columns, as `BlockMask.from_kv_blocks` takes them."""
-    n = -(-L // BLOCK)
+    n = -(-layout.length // BLOCK)
     touched = np.zeros((n, n), dtype=bool)
     full_rows = np.zeros((n, n), dtype=np.int32)  # per tile: its rows that see every key of it
-    w = window or L  # no window: every distance in the row is below L
-    for q0, q1, spans in segments:
-        own, start, end = segment_keys((q0, q1, spans))
-        gap = own - end  # the shared span's keys are this much nearer than the row says
-        for t in range(q0 // BLOCK, (q1 - 1) // BLOCK + 1):
-            p0, p1 = max(q0, t * BLOCK), min(q1, (t + 1) * BLOCK)  # the segment's rows in tile row t
+    w = window or layout.length  # no window: every distance in the row is below L
+    for own, q1, start, end in layout.segments:
+        gap = own - end  # the shared prompt's keys are this much nearer than the row says
+        for t in range(own // BLOCK, (q1 - 1) // BLOCK + 1):
+            p0, p1 = max(own, t * BLOCK), min(q1, (t + 1) * BLOCK)  # the segment's rows in tile row t
             # The keys of each span that some row of [p0, p1) sees, then those that all its rows see:
             # row q sees [max(own, q - w + 1), q] and [max(start, q - gap - w + 1), end - 1].
             seen = [(max(own, p0 - w + 1), p1 - 1, max(own, p1 - w), p0)]

@@ -19,28 +19,25 @@ import argparse
 import json
 import os
 import time
-import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from minrm import formats
-from minrm.batching import batch_to_device, collate_responses, token_batches
-from minrm.config import BATCHINGS, PACKED_ATTENTIONS, Args
+from minrm.batching import BATCHINGS, collate, micro_batches, to_device
+from minrm.config import PACKED_ATTENTIONS, Args
 from minrm.data import json_or_none, load_tokenizer, read_raw, report_bad_rows
 from minrm.distributed import Dist, gather_objects, init_distributed, print0
-from minrm.model import reward_forward
-from minrm.packed_attention import packing_problem, use_packed_attention
+from minrm.inputs import check_model as check_loadable
+from minrm.loss import STATS, row_statistics
+from minrm.model import load_whole, read_weights, skeleton
 
-# Flags passed on to data.load_tokenizer as minrm.train's (the chat template: train's default when not given).
-TOKENIZER_FLAGS = ("tokenizer_name_or_path", "chat_template_name", "add_bos", "trust_remote_code", "model_revision")
-# Padding is masked out and never pooled: any id the embedding has will do (a tokenizer's added
-# <pad> may have no row in a model that was trained without it).
-PAD = 0
+# Flags passed on to minrm.train's loading of the tokenizer and the model (the chat template: train's default when not given).
+TRAIN_FLAGS = ("tokenizer_name_or_path", "chat_template_name", "add_bos", "trust_remote_code", "model_revision")
 MAX_TOKENS = {"cuda": 16384, "cpu": 4096}  # --max_tokens_per_batch's default
 
 
@@ -100,36 +97,34 @@ def read_sections(path: str) -> dict:
     return sections
 
 
+def train_args(args) -> Args:
+    """The scorer's model and tokenizer flags as minrm.train's: the same loading and checks."""
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS if hasattr(args, k)}
+    return Args(
+        model_name_or_path=args.model, batching=args.batching, packed_attention=args.packed_attention,
+        init_score_head=False, **given,
+    )  # fmt: skip
+
+
 def check_model(args) -> None:
-    """Refuse, from the config alone and before any data is read, a model that is not a reward model."""
-    try:
-        config = AutoConfig.from_pretrained(
-            args.model, revision=args.model_revision, trust_remote_code=args.trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"minrm: error: cannot load the model config of {args.model!r}: {e}") from None
+    """Refuse, from the config alone and before any data is read, a model that does not load or is
+    not a reward model (the trainer's checks, then the scorer's own)."""
+    check_loadable(train_args(args))
+    config = AutoConfig.from_pretrained(args.model, revision=args.model_revision, trust_remote_code=args.trust_remote_code)
     kinds = config.architectures or []
     if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):
         raise SystemExit(f"minrm: error: {args.model} is a {kinds[0]}, not a *ForSequenceClassification reward model")
     if config.num_labels != 1:
         raise SystemExit(f"minrm: error: {args.model} has {config.num_labels} labels; a reward model has one")
-    if args.batching != "padded" and (problem := packing_problem(config)):
-        raise SystemExit(f"minrm: error: {config.model_type} {problem}; use --batching padded")
 
 
-def load_reward_model(args, device: torch.device) -> PreTrainedModel:
-    """The model for inference: bf16 on GPU, fp32 on CPU, eval mode, rewards from `reward_forward`."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model,
-        revision=args.model_revision,
-        trust_remote_code=args.trust_remote_code,
-        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-    )
-    model.to(device).eval()
-    if args.batching != "padded":
-        use_packed_attention(model, args.packed_attention, device.type == "cuda")
-    model.forward = types.MethodType(reward_forward, model)
-    return model
+def load_reward_model(args, tokenizer, device: torch.device) -> PreTrainedModel:
+    """The model as minrm.train builds it, whole, for inference: the backbone in bf16 on GPU (fp32
+    on CPU), the score head in fp32 as in training, so that rewards are not rounded to bf16."""
+    model = load_whole(skeleton(train_args(args), tokenizer, device.type == "cuda"), read_weights(train_args(args), tokenizer), device)
+    if device.type == "cuda":
+        model.to(torch.bfloat16).score.float()
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,51 +163,36 @@ def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
 
 
 @torch.inference_mode()
-def score_rows(model, rows: list[dict], batching: str, max_tokens: int, device: torch.device, bar) -> list[list]:
-    """Every row's rewards, its chosen response's first: batches of similar lengths, each one forward."""
-    outputs = []  # (batch, rewards on the device): no sync per batch, so collation overlaps the GPU
-    for batch in token_batches(rows, max_tokens, batching):
-        inputs = batch_to_device(collate_responses([rows[i] for i in batch], PAD, batching), device)
-        outputs.append((batch, model(**inputs)))  # (sum of the batch's responses,)
+def score_rows(model, rows: list[dict], batching: str, max_tokens: int, pad_id: int, device, bar):
+    """Every row's rewards (its responses' in order) and its training metrics (`loss.STATS`):
+    batches of similar lengths, each one forward."""
+    outputs = []  # on the device: no sync per batch, so collation overlaps the GPU
+    for batch in micro_batches(rows, batching, max_tokens=max_tokens, longest_first=True):
+        inputs, prefs = to_device(collate([rows[i] for i in batch], pad_id, batching), device)
+        rewards = model(**inputs)  # (the batch's responses,)
+        outputs.append((batch, rewards, row_statistics(rewards, prefs)))
         bar.update(len(batch))
-    rewards = [None] * len(rows)
-    for batch, flat in outputs:
-        flat = flat.float().tolist()
-        for i in batch:
+    rewards, stats = [None] * len(rows), [None] * len(rows)
+    for batch, flat, values in outputs:
+        flat = flat.tolist()
+        for i, row_values in zip(batch, values.tolist()):
             n = len(rows[i]["responses"])
             rewards[i], flat = flat[:n], flat[n:]
-    return rewards
+            stats[i] = dict(zip(STATS, row_values))
+    return rewards, stats
 
 
 # ----------------------------------------------------------------------------------------------
-# Summary: accuracy, mean rewards, per category, per section
+# Summary: the training metrics, overall, per category, per section
 
 
-def is_correct(chosen: float, rejected: list[float]) -> bool:
-    """Best-of-N, as RewardBench 2 scores its 4-candidate rows: right only when the chosen reward is
-    strictly above every rejected one; a tie is wrong."""
-    return all(chosen > r for r in rejected)
-
-
-def means(records: list[dict]) -> dict:
-    """Accuracy and mean rewards of some rows, each row weighing the same: its rejected reward is the
-    mean of its rejected responses', its margin chosen minus that (with one rejected response,
-    training's eval metrics)."""
-    n = len(records)
-    chosen = sum(r["chosen_reward"] for r in records) / n
-    rejected = sum(sum(r["rejected_rewards"]) / len(r["rejected_rewards"]) for r in records) / n
-    accuracy = sum(r["correct"] for r in records) / n
-    return {
-        "rows": n,
-        "accuracy": accuracy,
-        "chosen_rewards": chosen,
-        "rejected_rewards": rejected,
-        "reward_margin": chosen - rejected,
-    }
+def means(stats: list[dict]) -> dict:
+    """The rows' count and the mean of each metric, every row weighing the same."""
+    return {"rows": len(stats), **{name: sum(s[name] for s in stats) / len(stats) for name in STATS}}
 
 
 def section_scores(categories: dict, sections: dict) -> dict:
-    """RewardBench's sections: a section's score is the weighted mean of its categories' accuracies,
+    """RewardBench's sections: a section's score is the weighted mean of its categories' best-of-N accuracies,
     weighted by their row counts (a list of categories: the accuracy over the section's rows) or by
     the weights the file gives; the overall score is the plain mean of the section scores. A
     category absent from the data is left out of its section and listed; a section with none
@@ -223,35 +203,39 @@ def section_scores(categories: dict, sections: dict) -> dict:
         present = {c: w for c, w in weights.items() if c in categories}
         missing += [c for c in members if c not in categories]
         total = sum(present.values())
-        scores[name] = sum(w * categories[c]["accuracy"] for c, w in present.items()) / total if present else None
+        accuracy = {c: categories[c]["best_of_n_accuracy"] for c in present}
+        scores[name] = sum(w * accuracy[c] for c, w in present.items()) / total if present else None
     found = [s for s in scores.values() if s is not None]
     return {"sections": scores, "score": sum(found) / len(found) if found else None, "missing_categories": missing}
 
 
-def summarize(records: list[dict], sections: dict | None = None) -> dict:
-    """The figures of a scored file: overall, per category (rows that have one), per section."""
-    summary = means(records)
+def summarize(stats: list[dict], subsets: list[str | None], sections: dict | None = None) -> dict:
+    """The figures of a scored file from its rows' metrics: overall, per category (rows that have
+    one), per section."""
+    summary = means(stats)
     groups = {}
-    for r in records:
-        if r.get("subset") is not None:
-            groups.setdefault(r["subset"], []).append(r)
+    for subset, row in zip(subsets, stats):
+        if subset is not None:
+            groups.setdefault(subset, []).append(row)
     if groups:
-        summary["categories"] = {c: means(rs) for c, rs in sorted(groups.items())}
+        summary["categories"] = {c: means(rows) for c, rows in sorted(groups.items())}
     if sections:
         summary.update(section_scores(summary.get("categories", {}), sections))
     return summary
 
 
 def report(summary: dict) -> str:
-    """The summary as text: one line, a table per category, the section scores."""
+    """The summary as text: a table per category, the section scores."""
 
     def figures(m: dict) -> str:
-        return f"{m['accuracy']:.4f} | {m['chosen_rewards']:+.4f} | {m['rejected_rewards']:+.4f} | {m['reward_margin']:+.4f}"
+        numbers = [m[name] for name in ("accuracy", "best_of_n_accuracy")]
+        numbers += [m[name] for name in ("chosen_rewards", "rejected_rewards", "reward_margin")]
+        return " | ".join(f"{x:.4f}" for x in numbers[:2]) + " | " + " | ".join(f"{x:+.4f}" for x in numbers[2:])
 
-    lines = ["| category | rows | accuracy | chosen | rejected | margin |", "|---|---|---|---|---|---|"]
+    lines = ["| category | rows | accuracy | best of N | chosen | rejected | margin |", "|---|---|---|---|---|---|---|"]
     for name, m in summary.get("categories", {}).items():
         lines.append(f"| {name} | {m['rows']} | {figures(m)} |")
-    lines = lines if "categories" in summary else []
+    lines = lines if "categories" in summary else lines[:2]
     lines.append(f"| all | {summary['rows']} | {figures(summary)} |")
     if "sections" in summary:
         lines += ["", "| section | score |", "|---|---|"]
@@ -283,31 +267,33 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_model(args)
     d = init_distributed()
-    given = {k: getattr(args, k) for k in TOKENIZER_FLAGS if hasattr(args, k)}
-    tokenizer = load_tokenizer(Args(model_name_or_path=args.model, **given))
+    tokenizer = load_tokenizer(train_args(args))
     rows, log = read_rows(args, tokenizer, d)
     print0("\n".join(log))
     max_tokens = args.max_tokens_per_batch or MAX_TOKENS[d.device.type]
-    model = load_reward_model(args, d.device)
+    model = load_reward_model(args, tokenizer, d.device)
 
     start = time.perf_counter()
     bar = tqdm(total=len(rows), disable=not d.is_main, desc="score", dynamic_ncols=True)
-    rewards = score_rows(model, rows, args.batching, max_tokens, d.device, bar)
+    rewards, stats = score_rows(model, rows, args.batching, max_tokens, tokenizer.pad_token_id, d.device, bar)
     bar.close()
     seconds = time.perf_counter() - start
     print0(f"score: rank 0 scored {len(rows)} rows in {seconds:.1f} s ({len(rows) / seconds:.1f} rows/s)")
 
     # Every rank's rows back in file order (row numbers increase through the file).
-    mine = [(r["row"], r["subset"], rw) for r, rw in zip(rows, rewards)]
+    mine = [(r["row"], r["subset"], r["scores"], rw, st) for r, rw, st in zip(rows, rewards, stats)]
     parts = gather_objects(mine, "score/scored", "score its rows")
     scored = sorted((x for part in parts for x in part), key=lambda x: x[0])
-    categories = any(subset is not None for _, subset, _ in scored)
+    categories = any(subset is not None for _, subset, *_ in scored)
     records = []
-    for row, subset, (chosen, *rejected) in scored:
+    for row, subset, scores, row_rewards, row_stats in scored:
+        top = max(scores)  # the chosen responses: the best-scored
         record = {"row": row, "subset": subset} if categories else {"row": row}
-        record.update(chosen_reward=chosen, rejected_rewards=rejected, correct=is_correct(chosen, rejected))
+        record["chosen_rewards"] = [r for r, s in zip(row_rewards, scores) if s == top]
+        record["rejected_rewards"] = [r for r, s in zip(row_rewards, scores) if s != top]
+        record["correct"] = row_stats["best_of_n_accuracy"] == 1.0
         records.append(record)
-    summary = summarize(records, args.sections)
+    summary = summarize([x[4] for x in scored], [x[1] for x in scored], args.sections)
     if d.is_main:
         print(report(summary), flush=True)
         if args.out:

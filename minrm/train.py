@@ -1,6 +1,6 @@
-"""Train a pairwise (Bradley-Terry) reward model: the loop, top to bottom.
+"""Train a Bradley-Terry reward model from pairs or ranked lists: the loop, top to bottom.
 
-    python -m minrm.train                      # the embedded toy run: offline, about a minute on a CPU
+    python -m minrm.train                      # the embedded toy run: offline, under a minute on a CPU
     python -m minrm.train --help               # every flag
     torchrun --nproc_per_node 8 -m minrm.train --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-SFT \\
         --dataset_mixer_list allenai/llama-3.1-tulu-3-8b-preference-mixture 1.0 ...
@@ -8,39 +8,40 @@
         --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 -m minrm.train ...
 
 Phases: setup -> data -> model -> shard -> loop (step, log, eval, save) -> export -> plot; a stop signal or
-a non-finite value ends the loop early (failsafe.py). One optimizer step consumes `batch_size` =
-per_device_train_batch_size x world_size x gradient_accumulation_steps pairs, in micro-batches of
-per_device_train_batch_size pairs per process (or cut by a token budget, --max_tokens_per_batch).
-A micro-batch's chosen and rejected sequences go through the model in one forward pass, and the
-loss is -logsigmoid(r_chosen - r_rejected), averaged over the step's pairs.
+a non-finite value ends the loop early (failsafe.py). A row is a prompt with K responses and the
+comparisons among them (a pair: K = 2). One optimizer step consumes `batch_size` =
+per_device_train_batch_size x world_size x gradient_accumulation_steps rows, in micro-batches of
+per_device_train_batch_size rows per process (or cut by a token budget, --max_tokens_per_batch).
+A micro-batch's responses go through the model in one forward pass, and the loss is the mean over
+the step's rows of each row's loss (loss.py).
 """
 
 import dataclasses
-import gc
 import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from minrm.batching import check_token_budget, device_batch, micro_batches, split_to
-from minrm.checkpoint import (
-    CheckpointWriter,
-    TrainerState,
-    check_resume_args,
-    checkpoint_interval,
-    config_hash,
-    load_checkpoint,
-    resolve_resume,
-    truncate_logs,
+from minrm import checkpoint
+from minrm.batching import (
+    check_token_budget,
+    collate,
+    micro_batches,
+    responses_per_row,
+    rows_at,
+    split_to,
+    step_indices,
+    step_responses,
+    to_device,
 )
 from minrm.config import Args, parse_args
-from minrm.data import load_tokenizer, pairs_at, show_pair, stream_indices
+from minrm.data import load_tokenizer, show_pair
 from minrm.dataset_cache import load_datasets
 from minrm.distributed import (
+    Dist,
     all_reduce_max,
     all_reduce_sum,
     broadcast_object,
@@ -52,21 +53,62 @@ from minrm.distributed import (
 )
 from minrm.evaluate import evaluate
 from minrm.export import model_card, push_folder, resolve_hub_repo, save_hf_folder
-from minrm.failsafe import StopSignal, exit_after_signal, exit_nonfinite, nonfinite, nonfinite_weights
+from minrm.failsafe import NonFinite, StopSignal, exit_after_signal, exit_nonfinite, nonfinite, nonfinite_weights
 from minrm.inputs import check_model
 from minrm.liger import apply_liger_kernel
-from minrm.model import load_model, transformer_blocks
+from minrm.loss import LOSS, STATS, row_statistics
+from minrm.model import read_weights, skeleton, transformer_blocks
 from minrm.optim import build_optimizer, clip_grad_norm_, lr_multiplier, set_lr
-from minrm.packed_attention import check_packing
 from minrm.tracking import Tracker, summary_line
+
+
+def forward_backward(model, batch, args: Args, row_scale: float, response_scale: float) -> torch.Tensor:
+    """One micro-batch's forward and backward; returns its rows' `STATS`, summed, on the device.
+
+    The loss is scaled by `row_scale` (world size / the step's rows) and the reward centering by
+    `response_scale` (world size / the step's responses): FSDP's reduce-scatter averages the ranks'
+    gradients, so the step's gradient is that of the mean over all its rows (responses), however
+    its micro-batches were cut.
+    """
+    inputs, prefs = batch
+    rewards = model(**inputs)  # (R,) fp32, row by row
+    stats = row_statistics(rewards, prefs, args.loss)  # (N, len(STATS))
+    objective = stats[:, LOSS].sum() * row_scale
+    if args.center_rewards_coefficient:  # pulls rewards towards 0 (arXiv:2312.09244)
+        objective = objective + args.center_rewards_coefficient * rewards.square().sum() * response_scale
+    objective.backward()
+    return stats.detach().sum(0)
+
+
+def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float, float], stop, d: Dist):
+    """One optimizer step over this rank's micro-batches. Returns the step's metrics (means over
+    every rank's rows), whether any rank got a stop signal, and the global gradient norm; raises
+    NonFinite, before the update, when the loss or the gradient norm is NaN or infinite."""
+    sums = torch.zeros(len(STATS), device=d.device)  # stays on the device: no sync per micro-batch
+    for k, batch in enumerate(batches):
+        # Gradients are reduce-scattered after every micro-batch and accumulate in fp32 shards
+        # (skipping it would keep a whole unsharded fp32 gradient on every rank until the last
+        # one). With HSDP only the all-reduce across nodes waits for the last micro-batch.
+        model.set_requires_all_reduce(k == len(batches) - 1)
+        sums += forward_backward(model, to_device(batch, d.device), args, *scales)
+    grad_norm = clip_grad_norm_(model, args.max_grad_norm)  # the global norm, clipped or not
+    # One reduction for the step, before the update: the metrics' sums and whether a rank got a
+    # stop signal (so that every rank stops after the same step).
+    *totals, stop_votes = all_reduce_sum(torch.cat([sums, sums.new_tensor([stop.requested])])).tolist()
+    rows = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
+    metrics = {name: total / rows for name, total in zip(STATS, totals)}
+    norm = grad_norm.item()
+    if bad := nonfinite(loss=metrics["loss"], grad_norm=norm):
+        raise NonFinite(f"{bad}; its update was not applied")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return metrics, stop_votes > 0, norm
 
 
 def main(args: Args) -> dict:
     # ------------------------------------------------------------------------------------------
     # Setup
-    check_resume_args(args)
     check_model(args)  # the model's config loads (folder or Hub), before any other fetch
-    check_packing(args)
     d = init_distributed(args.timeout_minutes)
     # Every rank must agree on the run name (it names the output folder): rank 0's clock decides.
     args.run_name = broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -88,21 +130,21 @@ def main(args: Args) -> dict:
     if d.is_main and not args.no_visualize:
         print0(show_pair(train_set[0], tokenizer))
 
-    # Derived values, computed once. Every optimizer step is a full batch; the pairs that cannot
-    # fill the last one are dropped (and counted).
-    micro_batch_size = args.per_device_train_batch_size * d.world_size
-    batch_size = micro_batch_size * args.gradient_accumulation_steps
+    # Derived values, computed once. Every optimizer step is a full batch of rows; the rows that
+    # cannot fill the last one are left out (and counted).
+    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    batch_size = per_device * d.world_size * accumulation
     total_episodes = args.total_episodes or args.num_train_epochs * len(train_set)
     num_training_steps = total_episodes // batch_size
     if num_training_steps == 0:
         raise SystemExit(
-            f"minrm: error: {total_episodes} training pairs are fewer than one batch of {batch_size} "
+            f"minrm: error: {total_episodes} training rows are fewer than one batch of {batch_size} "
             "(per_device_train_batch_size x processes x gradient_accumulation_steps)."
         )
     derived = {
         "world_size": d.world_size,
-        "micro_batch_size": micro_batch_size,
-        "local_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        "micro_batch_size": per_device * d.world_size,
+        "local_batch_size": per_device * accumulation,
         "batch_size": batch_size,
         "total_episodes": total_episodes,
         "num_training_steps": num_training_steps,
@@ -112,52 +154,48 @@ def main(args: Args) -> dict:
     if eval_set is not None and args.num_evals > 0:
         eval_steps = {max(1, round(k * num_training_steps / args.num_evals)) for k in range(1, args.num_evals + 1)}
     print0(json.dumps({"args": dataclasses.asdict(args), "derived": derived}, indent=1))
-    print0(
-        f"train: {num_training_steps} optimizer steps of {batch_size} pairs; {derived['unused_episodes']} pairs unused"
-    )
+    print0(f"train: {num_training_steps} optimizer steps of {batch_size} rows; {total_episodes % batch_size} rows unused")
+    # Responses per row: the reward centering's mean is over the step's responses, on every rank.
+    num_responses = responses_per_row(train_set)
 
     # ------------------------------------------------------------------------------------------
     # Model, kernels, sharding, optimizer
     # Every rank builds the model on the meta device (no memory) and shards it; rank 0 alone reads
     # the weights, one full fp32 copy in host memory (the others wait outside any collective: a Hub
     # download has no time bound), and broadcasts them into everyone's shards.
-    model = load_model(args, tokenizer, meta=True)
+    model = skeleton(args, tokenizer, cuda=d.device.type == "cuda")
     architecture = type(model).__name__  # before FSDP2 renames the class
     print0(apply_liger_kernel(model, args.use_liger_kernel, args.strict_kernels, d.device))
     print0(shard_model(model, transformer_blocks(model), d, args.mixed_precision))
-    full = rank0_alone(lambda: load_model(args, tokenizer), "model", "rank 0 to read the model")
-    fill_from_rank0(model, full, d)
-    del full
-    gc.collect()  # rank 0's copy refers to itself (its bound forward): free it now, not at a later collection
+    weights = rank0_alone(lambda: read_weights(args, tokenizer), "model", "rank 0 to read the model")
+    fill_from_rank0(model, weights, d)
+    del weights
     optimizer = build_optimizer(model, args)
 
     # ------------------------------------------------------------------------------------------
     # Resume (checkpoint.py). The step number is the data position and the LR schedule state.
     derived["train_pairs"] = len(train_set)
-    meta = {"architecture": architecture, "config_hash": config_hash(model.config), "derived": derived}
+    meta = {"architecture": architecture, "config_hash": checkpoint.config_hash(model.config), "derived": derived}
     meta["args"] = dataclasses.asdict(args)
-    trainer = TrainerState()
-    resume_path = resolve_resume(args, run_dir, d)
+    trainer = checkpoint.TrainerState()
+    resume_path = checkpoint.resolve_resume(args, run_dir, d)
     if resume_path:
-        trainer = load_checkpoint(resume_path, model, optimizer, meta)
+        trainer = checkpoint.load_checkpoint(resume_path, model, optimizer, meta)
     if args.resume_from_checkpoint and d.is_main:
-        truncate_logs(run_dir, trainer)  # drop what a killed run logged after its last checkpoint
-    checkpoint_every = checkpoint_interval(args.checkpointing_steps, len(train_set), batch_size)
+        checkpoint.truncate_logs(run_dir, trainer)  # drop what a killed run logged after its last checkpoint
+    checkpoint_every = checkpoint.checkpoint_interval(args.checkpointing_steps, len(train_set), batch_size)
     # The clock of metrics.jsonl's `time/elapsed_s`: training seconds, continuing a checkpoint's.
     started = time.monotonic() - trainer.elapsed_s
     tracker = Tracker(run_dir, args, derived, started) if d.is_main else None
-    saver = CheckpointWriter(run_dir, args.keep_last_n_checkpoints, d)
+    saver = checkpoint.CheckpointWriter(run_dir, args.keep_last_n_checkpoints, d)
     stop = StopSignal()  # from here on SIGTERM/SIGINT stop the run after a step, with a checkpoint (failsafe.py)
 
     # ------------------------------------------------------------------------------------------
     # Loop
     model.train()
     episode = trainer.episode
-    ga = args.gradient_accumulation_steps
     steps = range(trainer.step, num_training_steps)
-    bar = tqdm(
-        steps, initial=trainer.step, total=num_training_steps, disable=not d.is_main, desc="train", dynamic_ncols=True
-    )
+    bar = tqdm(steps, initial=trainer.step, total=num_training_steps, disable=not d.is_main, desc="train")
     metrics = trainer.metrics
     forwards = 0  # micro-batches run on this rank
     for step in bar:
@@ -165,62 +203,30 @@ def main(args: Args) -> dict:
             args.lr_scheduler_type, step, args.warm_up_steps, num_training_steps, args.learning_rate
         )
         set_lr(optimizer, lr)
-        # This rank's pairs of the step: its slice of each of the GA micro-batches of the stream.
-        indices = []
-        for micro in range(ga):
-            start = step * batch_size + micro * micro_batch_size + d.rank * args.per_device_train_batch_size
-            indices += stream_indices(start, args.per_device_train_batch_size, len(train_set), args.seed)
-        chunks = micro_batches(
-            pairs_at(train_set, indices), args.per_device_train_batch_size, args.max_tokens_per_batch, args.batching
-        )
-        if args.max_tokens_per_batch and d.world_size > 1:  # every rank runs as many forwards
+        # This rank's rows of the step, cut into micro-batches and laid out for the model.
+        mine = step_indices(step, d.rank, d.world_size, per_device, accumulation, len(train_set), args.seed)
+        rows = rows_at(train_set, mine)
+        budget = args.max_tokens_per_batch
+        chunks = micro_batches(rows, args.batching, max_rows=None if budget else per_device, max_tokens=budget)
+        if budget and d.world_size > 1:  # every rank runs as many forwards
             chunks = split_to(chunks, all_reduce_max(len(chunks), d.device))
-        sums = torch.zeros(6, device=d.device)  # per-pair values, summed, and a stop flag: stays on the device
-        forwards += len(chunks)
-        for k, pairs in enumerate(chunks):
-            # Gradients are reduce-scattered after every micro-batch and accumulate in fp32 shards
-            # (skipping it would keep a whole unsharded fp32 gradient on every rank until the last
-            # one). With HSDP only the all-reduce across nodes waits for the last micro-batch.
-            model.set_requires_all_reduce(k == len(chunks) - 1)
-            rewards = model(
-                **device_batch(pairs, tokenizer.pad_token_id, args.batching, d.device)
-            )  # (2B,): chosen then rejected
-            chosen, rejected = rewards.chunk(2)
-            margin = chosen - rejected
-            losses = -F.logsigmoid(margin)
-            # The sum over this rank's B x GA pairs of the step, divided by their number: the mean,
-            # however the pairs were cut. FSDP's reduce-scatter then averages over ranks.
-            (losses.sum() / len(indices)).backward()
-            with torch.no_grad():
-                sums[:5] += torch.stack(
-                    [(margin > 0).float().sum(), losses.sum(), chosen.sum(), rejected.sum(), margin.sum()]
-                )
+        batches = [collate([rows[i] for i in chunk], tokenizer.pad_token_id, args.batching) for chunk in chunks]
+        forwards += len(batches)
+        scales = (d.world_size / batch_size, d.world_size / step_responses(num_responses, step, batch_size, args.seed))
+        try:
+            step_metrics, stop_votes, norm = train_step(model, optimizer, batches, args, scales, stop, d)
+        except NonFinite as e:
+            exit_nonfinite(str(e), step + 1, lr, saver, run_dir, d)
         episode += batch_size
-        grad_norm = clip_grad_norm_(model, args.max_grad_norm)  # the global norm, clipped or not
-
-        # One reduction and one host sync per step, before the update: the metrics' sums, whether a
-        # rank got a stop signal (so that every rank stops after the same step), and the grad norm.
-        sums[5] = stop.requested
-        *totals, stop_votes, norm = torch.cat([all_reduce_sum(sums), grad_norm.reshape(1).float()]).tolist()
-        if bad := nonfinite(loss=totals[1] / batch_size, grad_norm=norm):
-            exit_nonfinite(f"{bad}; its update was not applied", step + 1, lr, saver, run_dir, d)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # Means over the step's pairs: the reference's mean of equal micro-batches' means.
-        means = [total / batch_size for total in totals]
         metrics = {"episode": episode, "epoch": episode / len(train_set)}
-        for name, value in zip(["accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin"], means):
-            metrics[f"train/rm/{name}"] = value
+        metrics.update({f"train/rm/{name}": step_metrics[name] for name in STATS[:5]})
         metrics["train/rm/lr"] = lr  # the rate this step used (the reference logs the next step's)
         if d.is_main:
             tracker.log(metrics)
             bar.write(f"step {step + 1}/{num_training_steps} {summary_line(metrics)} grad_norm={norm:.4g}")
 
         if step + 1 in eval_steps:
-            eval_metrics, samples = evaluate(
-                model, eval_set, tokenizer, d, args.per_device_eval_batch_size, args.batching, args.max_tokens_per_batch
-            )
+            eval_metrics, samples = evaluate(model, eval_set, tokenizer, d, args)
             eval_metrics = {"episode": episode, "epoch": episode / len(train_set), **eval_metrics}
             metrics.update(eval_metrics)
             if d.is_main:
@@ -229,7 +235,8 @@ def main(args: Args) -> dict:
                 bar.write(f"eval {step + 1}/{num_training_steps} {summary_line(eval_metrics)}")
                 for row in samples[:3]:
                     bar.write(
-                        f"  {'ok ' if row['correct'] else 'bad'} {row['chosen_reward']:+.3f} vs {row['rejected_reward']:+.3f}: {row['chosen_response'][:60]!r} / {row['rejected_response'][:60]!r}"
+                        f"  {'ok ' if row['correct'] else 'bad'} {row['chosen_reward']:+.3f} vs "
+                        f"{row['rejected_reward']:+.3f}: {row['chosen_response'][:60]!r} / {row['rejected_response'][:60]!r}"
                     )
 
         # Save a checkpoint every `checkpoint_every` steps and on a stop signal: all ranks write their
@@ -237,7 +244,8 @@ def main(args: Args) -> dict:
         if stop_votes or (checkpoint_every and (step + 1) % checkpoint_every == 0):
             if bad := nonfinite_weights(model, d.device):
                 exit_nonfinite(bad, step + 1, lr, saver, run_dir, d)
-            saver.save(TrainerState(step + 1, episode, metrics, time.monotonic() - started), model, optimizer, meta)
+            state = checkpoint.TrainerState(step + 1, episode, metrics, time.monotonic() - started)
+            saver.save(state, model, optimizer, meta)
         saver.poll()
         if stop_votes:
             exit_after_signal(stop, step + 1, num_training_steps, saver, args.run_name)
