@@ -26,8 +26,13 @@ from minrm.formats import CHAT_TEMPLATES
 from minrm.packed_attention import packing_problem
 
 
+def _label(flag: str) -> str:
+    """How a message names the argument: `--flag`, or a positional argument's name as it is (MODEL)."""
+    return flag if flag.isupper() else f"--{flag}"
+
+
 def _fail(flag: str, why: str):
-    raise SystemExit(f"minrm: error: --{flag}: {why}")
+    raise SystemExit(f"minrm: error: {_label(flag)}: {why}")
 
 
 def _check_source(flag: str, name: str, model: bool, neither: str = "an existing folder nor a valid Hub id") -> None:
@@ -81,22 +86,24 @@ def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **k
         return load(name, **kwargs)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"minrm: error: --{flag} {name}: {what} ({reason})") from None
+        raise SystemExit(f"minrm: error: {_label(flag)} {name}: {what} ({reason})") from None
 
 
-def check_model(args) -> None:
+def check_model(args, flag: str = "model_name_or_path"):
     """The model's config loads (from its folder or the Hub), a local folder holds weights, and the
     packed batchings can run the model: the first fetch of a run, so that a wrong model fails before
-    the data is built."""
+    the data is built. Returns the config (None for the toy)."""
     name = args.model_name_or_path
     if name == toy.TOY:
-        return
+        return None
+    _check_source(flag, name, model=True)
     kwargs = {"revision": args.model_revision, "trust_remote_code": args.trust_remote_code}
-    config = load_or_exit(AutoConfig.from_pretrained, "model_name_or_path", name, **kwargs)
+    config = load_or_exit(AutoConfig.from_pretrained, flag, name, **kwargs)
     if os.path.isdir(name) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
-        _fail("model_name_or_path", f"the folder {name} has no weights (*.safetensors or *.bin files)")
+        _fail(flag, f"the folder {name} has no weights (*.safetensors or *.bin files)")
     if args.batching != "padded" and (problem := packing_problem(config)):
         raise SystemExit(f"minrm: error: --batching {args.batching}: {config.model_type} {problem}; use --batching padded")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from minrm import formats
 from minrm.batching import BATCHINGS, collate, micro_batches, to_device
@@ -107,10 +107,9 @@ def train_args(args) -> Args:
 
 
 def check_model(args) -> None:
-    """Refuse, from the config alone and before any data is read, a model that does not load or is
-    not a reward model (the trainer's checks, then the scorer's own)."""
-    check_loadable(train_args(args))
-    config = AutoConfig.from_pretrained(args.model, revision=args.model_revision, trust_remote_code=args.trust_remote_code)
+    """Refuse, before any data is read, a model that does not load (the trainer's checks) or is not
+    a reward model."""
+    config = check_loadable(train_args(args), flag="MODEL")
     kinds = config.architectures or []
     if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):
         raise SystemExit(f"minrm: error: {args.model} is a {kinds[0]}, not a *ForSequenceClassification reward model")

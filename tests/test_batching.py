@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, Gemma2Config, GptOssConfig, MistralConfig, Qwen2Config
 
-from minrm.batching import check_token_budget, collate, device_batch, micro_batches, shared_prefix_length, split_to
+from minrm.batching import check_token_budget, collate, micro_batches, shared_prefix, split_to, to_device
 from minrm.config import parse_args
+from minrm.inputs import check_model
+from minrm.loss import LOSS, row_statistics
 from minrm.model import reward_forward
-from minrm.packed_attention import SEGMENTS, check_packing, packing_problem, use_packed_attention
+from minrm.packed_attention import SEGMENTS, packing_problem, use_packed_attention
 from tests.conftest import read_metrics, run_minrm, tiny_llama_config
 
 PAD, VOCAB = 0, 100
@@ -25,7 +27,7 @@ ATTENTIONS = ["segments", "mask"]
 
 
 def pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict:
-    return {"prompt": prompt, "chosen": prompt + chosen, "rejected": prompt + rejected}
+    return {"prompt": prompt, "responses": [prompt + chosen, prompt + rejected], "scores": [1.0, 0.0]}
 
 
 def varied_pairs() -> list[dict]:
@@ -50,7 +52,7 @@ def varied_pairs() -> list[dict]:
 
 def tiny_model(attention: str | None = None, config=None):
     """The same weights every call; `attention` (a --packed_attention choice) switches the
-    attention as load_model does for the packed modes."""
+    attention as model.skeleton does for the packed modes."""
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config or tiny_llama_config(VOCAB))
     model.config.pad_token_id = PAD
@@ -60,18 +62,25 @@ def tiny_model(attention: str | None = None, config=None):
     return model
 
 
+def forward(model, rows, batching, device="cpu"):
+    """Rewards (R,) of the rows' responses, row by row, as the trainer computes them."""
+    inputs, _ = to_device(collate(rows, PAD, batching), torch.device(device))
+    return reward_forward(model, **inputs)
+
+
 def rewards_loss_grads(model, pairs, batching, device="cpu"):
+    """The reference's pairwise loss, written out: -logsigmoid(chosen - rejected), averaged."""
     model.zero_grad()
-    rewards = reward_forward(model, **device_batch(pairs, PAD, batching, torch.device(device)))
-    chosen, rejected = rewards.chunk(2)
+    rewards = forward(model, pairs, batching, device)
+    chosen, rejected = rewards.view(-1, 2).unbind(1)  # each pair's responses side by side
     loss = -F.logsigmoid(chosen - rejected).mean()
     loss.backward()
     return rewards.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_shared_prefix_length_checks_the_prefix():
+def test_shared_prefix_checks_the_prefix():
     pairs = varied_pairs()
-    assert [shared_prefix_length(p) for p in pairs] == [len(p["prompt"]) for p in pairs[:-1]] + [0]
+    assert [shared_prefix(p) for p in pairs] == [len(p["prompt"]) for p in pairs[:-1]] + [0]
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
@@ -80,7 +89,7 @@ def test_rewards_loss_and_gradients_match_padded(batching, attention):
     pairs = varied_pairs()
     r0, l0, g0 = rewards_loss_grads(tiny_model(), pairs, "padded")
     r1, l1, g1 = rewards_loss_grads(tiny_model(attention), pairs, batching)
-    assert collate(pairs, PAD, batching)["input_ids"].shape[0] == 1  # one row, no padding
+    assert collate(pairs, PAD, batching)[0]["input_ids"].shape[0] == 1  # one row, no padding
     torch.testing.assert_close(r1, r0, rtol=0, atol=1e-5)
     torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
     for name in g0:
@@ -94,12 +103,12 @@ def test_no_attention_across_packed_sequences(batching, attention):
     must, so the check has teeth)."""
     model, pairs = tiny_model(attention).eval(), varied_pairs()
     with torch.no_grad():
-        before = reward_forward(model, **collate(pairs, PAD, batching))
+        before = forward(model, pairs, batching)
         edited = [dict(p) for p in pairs]
         # Pair 0's chosen response is new: in shared_prefix its rejected response sits right after it.
-        n = len(pairs[0]["prompt"])
-        edited[0]["chosen"] = pairs[0]["prompt"] + [t % (VOCAB - 1) + 1 for t in pairs[0]["chosen"][n:]]
-        after = reward_forward(model, **collate(edited, PAD, batching))
+        n, (chosen, rejected) = len(pairs[0]["prompt"]), pairs[0]["responses"]
+        edited[0]["responses"] = [chosen[:n] + [t % (VOCAB - 1) + 1 for t in chosen[n:]], rejected]
+        after = forward(model, edited, batching)
     assert abs(after[0] - before[0]) > 1e-4  # the edited sequence's own reward changes
     # No other one does, pair 0's rejected response (packed right after the chosen one) included.
     torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=1e-6)
@@ -145,12 +154,12 @@ def test_flex_attention_block_mask_matches_padded(window):
     no CPU backward), with and without a sliding window."""
     pairs, config = varied_pairs(), windowed_config("mistral", window)
     with torch.no_grad():
-        r0 = reward_forward(tiny_model(config=config), **collate(pairs, PAD, "padded"))
+        r0 = forward(tiny_model(config=config), pairs, "padded")
         model = tiny_model(config=config)
         use_packed_attention(model, "flex_attention")
         assert model.config._attn_implementation == "flex_attention"
         for batching in MODES:
-            r1 = reward_forward(model, **collate(pairs, PAD, batching))
+            r1 = forward(model, pairs, batching)
             torch.testing.assert_close(r1, r0, rtol=0, atol=1e-5, msg=batching)
 
 
@@ -175,10 +184,10 @@ def test_models_packing_cannot_run_are_refused_before_the_data(tmp_path):
     start, unless --batching padded."""
     gemma2 = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_labels=1)  # fmt: skip
-    gemma2.save_pretrained(tmp_path)
+    AutoModelForSequenceClassification.from_config(gemma2).save_pretrained(tmp_path)
     with pytest.raises(SystemExit, match="--batching shared_prefix: gemma2 softcaps its attention logits"):
-        check_packing(parse_args(["--model_name_or_path", str(tmp_path)]))
-    check_packing(parse_args(["--model_name_or_path", str(tmp_path), "--batching", "padded"]))
+        check_model(parse_args(["--model_name_or_path", str(tmp_path)]))
+    check_model(parse_args(["--model_name_or_path", str(tmp_path), "--batching", "padded"]))
     with pytest.raises(SystemExit, match="gemma2 softcaps.*--batching padded"):
         use_packed_attention(AutoModelForSequenceClassification.from_config(gemma2))
     assert "attention sinks" in packing_problem(GptOssConfig())
@@ -197,26 +206,38 @@ def test_micro_batches_respect_the_token_budget(batching):
         for n, c, r in torch.randint(1, 40, (50, 3), generator=g)
     ]
     budget = 300
-    chunks = micro_batches(pairs, 4, budget, batching)
-    assert [p for c in chunks for p in c] == pairs  # every pair once, in order
-    computed = [collate(c, PAD, batching)["input_ids"].numel() for c in chunks]
-    assert max(computed) <= budget
+
+    def tokens(chunk):
+        return collate([pairs[i] for i in chunk], PAD, batching)[0]["input_ids"].numel()
+
+    chunks = micro_batches(pairs, batching, max_tokens=budget)
+    assert [i for c in chunks for i in c] == list(range(50))  # every pair once, in order
+    assert max(map(tokens, chunks)) <= budget
     # Greedy: the next chunk's first pair would not have fit in the chunk before it.
     for a, b in zip(chunks, chunks[1:]):
-        assert collate(a + b[:1], PAD, batching)["input_ids"].numel() > budget
-    assert micro_batches(pairs, 4, None, batching) == [pairs[i : i + 4] for i in range(0, 50, 4)]
+        assert tokens(a + b[:1]) > budget
+    assert micro_batches(pairs, batching, max_rows=4) == [list(range(i, min(i + 4, 50))) for i in range(0, 50, 4)]
+    # Longest first (the scorer): the same budget, the costliest row leads.
+    longest = micro_batches(pairs, batching, max_tokens=budget, longest_first=True)
+    assert sorted(i for c in longest for i in c) == list(range(50)) and max(map(tokens, longest)) <= budget
+    assert tokens(longest[0][:1]) == max(tokens([i]) for i in range(50))
     # Cut into more, as a rank with fewer micro-batches than another must be.
     more = split_to(chunks, len(chunks) + 3)
-    assert len(more) == len(chunks) + 3 and [p for c in more for p in c] == pairs
-    # Fewer pairs than micro-batches (an eval rank near the end): the rest are empty, run weightless.
-    assert split_to([pairs[:1]], 3) == [pairs[:1], [], []]
+    assert len(more) == len(chunks) + 3 and [i for c in more for i in c] == list(range(50))
+    # Fewer rows than micro-batches (an eval rank near the end): the rest are empty, run weightless.
+    assert split_to([[0]], 3) == [[0], [], []]
 
 
-def test_token_budget_below_the_longest_pair_is_refused():
-    ds = datasets.Dataset.from_list([pair([1, 2], [3] * 5, [4] * 9), pair([1], [3] * 30, [4])])
-    check_token_budget(ds, 35, "packed", "training")  # 32 + 2 tokens: fits
-    with pytest.raises(SystemExit, match="--max_tokens_per_batch 35 is below the 62 tokens that training pair 1"):
-        check_token_budget(ds, 35, "padded", "training")  # 2 x 31
+def test_token_budget_below_the_costliest_row_is_refused():
+    three = {"prompt": [1], "responses": [[1, 3, 3], [1, 4], [1] + [5] * 20], "scores": [2.0, 1.0, 0.0]}
+    ds = datasets.Dataset.from_list([pair([1, 2], [3] * 5, [4] * 9), pair([1], [3] * 30, [4]), three])
+    check_token_budget(ds, 33, "packed", "training")  # row 1: 31 + 2 tokens, fits
+    with pytest.raises(SystemExit, match="--max_tokens_per_batch 62 is below the 63 tokens that training row 2"):
+        check_token_budget(ds, 62, "padded", "training")  # 3 responses x 21
+    with pytest.raises(SystemExit, match="below the 32 tokens that training row 1 needs with --batching shared_pr"):
+        check_token_budget(ds, 31, "shared_prefix", "training")  # 31 + 2 - 1 shared
+    with pytest.raises(SystemExit, match="below the 24 tokens that eval row 0 needs with --batching shared_prefix"):
+        check_token_budget(datasets.Dataset.from_list([three]), 23, "shared_prefix", "eval")  # 3 + 2 + 21 - 2 x 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +278,7 @@ def test_training_metrics_match_padded(padded_run, batching, nproc, tiny_model_d
     # 2 processes x 2 pairs = 1 process x 4 pairs: the same global batches.
     flags = run_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "run", batching, 4 // nproc)
     log = run_minrm(flags, nproc=nproc).stdout
-    assert log.count("model: packed rows run attention minrm_segments") == 1, log  # rank 0 loads twice, says it once
+    assert log.count("model: packed rows run attention minrm_segments") == 1, log  # said once, by rank 0
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == len(padded_run) == 6  # 5 steps and one eval
     for a, b in zip(padded_run, rows):
@@ -285,3 +306,65 @@ def test_token_budget_training_matches_padded(
     for a, b in zip(padded_run, rows):
         for key in a:
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows of K responses: each prompt and each response computed once
+
+
+def k_rows(tokenizer) -> list[dict]:
+    """Rows of K = 2, 3, 5 responses through the chat template, with and without a system prompt,
+    scores with ties (equal scores compare nothing)."""
+    words = ["red cat", "red dog", "cat red", "blue owl sun", "red", "one two three four"]
+    rows = []
+    for k, system, scores in [(2, False, [1, 0]), (3, True, [2, 0, 1]), (5, False, [3, 1, 1, 0, 2]), (5, True, [1, 1, 0, 0, 0])]:  # fmt: skip
+        prompt = [{"role": "system", "content": "be exact"}] * system + [{"role": "user", "content": "copy: red cat"}]
+        convs = [prompt + [{"role": "assistant", "content": words[(len(rows) + i) % len(words)]}] for i in range(k)]
+        rows.append(
+            {
+                "prompt": tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False),
+                "responses": [tokenizer.apply_chat_template(c, return_dict=False) for c in convs],
+                "scores": [float(s) for s in scores],
+            }
+        )
+    return rows
+
+
+def hf_rewards(model, seqs: list[list[int]]) -> torch.Tensor:
+    """Hugging Face's own forward and pooling, on the sequences right-padded together."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [PAD] * (width - len(s)) for s in seqs])
+    return model(input_ids=ids, attention_mask=(ids != PAD).long()).logits[:, 0]
+
+
+def exploded_pairs_loss(rewards_of_row: list[torch.Tensor], rows: list[dict]) -> torch.Tensor:
+    """InstructGPT's loss with each comparison as a pair of its own: -logsigmoid(r_i - r_j) for
+    scores[i] > scores[j], each row's pairs weighing 1 / (its comparisons), then the mean over rows."""
+    total = 0
+    for r, row in zip(rewards_of_row, rows):
+        s = row["scores"]
+        pairs = [(i, j) for i in range(len(s)) for j in range(len(s)) if s[i] > s[j]]
+        total = total + sum(-F.logsigmoid(r[i] - r[j]) for i, j in pairs) / len(pairs)
+    return total / len(rows)
+
+
+@pytest.mark.parametrize(
+    ("batching", "attention"), [("padded", None), ("packed", "segments"), *[("shared_prefix", a) for a in ATTENTIONS]]
+)
+def test_k_response_rows_match_hf_and_exploded_pairs(batching, attention, tokenizer):
+    rows = k_rows(tokenizer)
+    assert all(shared_prefix(row) == len(row["prompt"]) > 0 for row in rows)
+    reference = tiny_model()
+    expected = [hf_rewards(reference, row["responses"]) for row in rows]
+    exploded_pairs_loss(expected, rows).backward()
+    model = tiny_model(attention)
+    inputs, prefs = collate(rows, PAD, batching)
+    rewards = reward_forward(model, **inputs)
+    torch.testing.assert_close(rewards, torch.cat(expected).detach(), rtol=0, atol=1e-5)
+    row_statistics(rewards, prefs)[:, LOSS].mean().backward()
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=0, atol=1e-5, msg=name)
+    if batching == "shared_prefix":  # each prompt once in the row
+        n = sum(len(r["prompt"]) + sum(len(s) - len(r["prompt"]) for s in r["responses"]) for r in rows)
+        assert inputs["input_ids"].numel() == n

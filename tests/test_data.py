@@ -8,9 +8,9 @@ import torch
 from transformers import AutoTokenizer
 
 from minrm import toy
-from minrm.batching import collate
+from minrm.batching import collate, stream_indices
 from minrm.config import parse_args
-from minrm.data import load_tokenizer, stream_indices, take
+from minrm.data import load_tokenizer, take
 from minrm.formats import CHAT_TEMPLATES
 from tests.conftest import build_dataset, write_pairs
 
@@ -83,14 +83,18 @@ def test_length_filter_counts_what_it_drops(tmp_path, capsys):
     assert "4 rows, 0 bad, 2 dropped by the length filter" in capsys.readouterr().out
 
 
-def test_collator_right_pads_and_splits_chosen_from_rejected():
-    pairs = [
-        {"prompt": [1], "chosen": [1, 2, 3], "rejected": [1, 4]},
-        {"prompt": [1], "chosen": [5], "rejected": [6, 7, 8, 9]},
+def test_collator_right_pads_row_by_row():
+    rows = [
+        {"prompt": [1], "responses": [[1, 2, 3], [1, 4]], "scores": [1.0, 0.0]},
+        {"prompt": [1], "responses": [[5], [6, 7, 8, 9], [6]], "scores": [0.0, 2.0, 1.0], "margin": 0.5},
     ]
-    batch = collate(pairs, pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [5, 0, 0, 0], [1, 4, 0, 0], [6, 7, 8, 9]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    inputs, prefs = collate(rows, 0, "padded")
+    assert inputs["input_ids"].tolist() == [[1, 2, 3, 0], [1, 4, 0, 0], [5, 0, 0, 0], [6, 7, 8, 9], [6, 0, 0, 0]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert inputs["last_index"].tolist() == [2, 5, 8, 15, 16]
+    assert prefs.index.tolist() == [[0, 1, -1], [2, 3, 4]]
+    assert prefs.scores.tolist() == [[1.0, 0.0, float("-inf")], [0.0, 2.0, 1.0]]
+    assert prefs.margin.tolist() == [0.0, 0.5]
 
 
 def test_stream_spans_epochs_without_partial_batches():

@@ -24,7 +24,7 @@ from minrm import toy
 from minrm.config import parse_args
 from minrm.data import load_tokenizer
 from minrm.distributed import Dist, fill_from_rank0, shard_model
-from minrm.model import load_model, transformer_blocks
+from minrm.model import load_whole, read_weights, skeleton, transformer_blocks
 from tests.conftest import ROOT, tiny_llama_config, write_pairs
 from tests.train_probe import save_loaded
 
@@ -96,9 +96,9 @@ def one_process_toy(tmp_path_factory):
     d = Dist(0, 1, 0, torch.device("cpu"), init_device_mesh("cpu", (1,), mesh_dim_names=("shard",)))
     args = parse_args(["--seed", str(SEED), "--batching", "padded"])
     tokenizer = load_tokenizer(args)
-    model = load_model(args, tokenizer, meta=True)
+    model = skeleton(args, tokenizer)
     shard_model(model, transformer_blocks(model), d, None)
-    fill_from_rank0(model, load_model(args, tokenizer), d)
+    fill_from_rank0(model, read_weights(args, tokenizer), d)
     save_loaded(model, d, str(out))
     dist.destroy_process_group()
     return out
@@ -155,12 +155,17 @@ def test_accumulated_gradients_stay_sharded(two_processes, big_model_dir):
 
 @pytest.mark.parametrize("which", ["saved", "toy"])
 def test_skeleton_config_is_the_loaded_models(which, big_model_dir):
-    # The skeleton's config is the one exported (config.json) and hashed into checkpoints.
+    # The skeleton's config is the one exported (config.json) and hashed into checkpoints; its
+    # state dict is what the weights fill, name for name and shape for shape.
     args = parse_args(["--model_name_or_path", big_model_dir[0] if which == "saved" else toy.TOY])
     tokenizer = load_tokenizer(args)
-    skeleton = load_model(args, tokenizer, meta=True)
-    assert all(p.is_meta for p in skeleton.parameters())
-    assert skeleton.config.to_dict() == load_model(args, tokenizer).config.to_dict()
+    model = skeleton(args, tokenizer)
+    assert all(p.is_meta for p in model.parameters())
+    weights = read_weights(args, tokenizer)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: weights[k].shape for k in model.state_dict()}
+    loaded = load_whole(skeleton(args, tokenizer), weights, torch.device("cpu"))
+    assert model.config.to_dict() == loaded.config.to_dict()
+    assert all(torch.equal(p, weights[n]) for n, p in loaded.state_dict().items())
 
 
 def _rank0_alone_worker(rank: int, port: int, results) -> None:

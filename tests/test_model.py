@@ -8,10 +8,10 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, Qwen2Config
 
 from minrm import toy
-from minrm.batching import collate
+from minrm.batching import collate, pad_right
 from minrm.config import parse_args
 from minrm.data import load_tokenizer
-from minrm.model import load_model, reward_forward
+from minrm.model import load_whole, read_weights, reward_forward, skeleton
 from tests.conftest import tiny_llama_config
 
 PAD = 0
@@ -30,16 +30,17 @@ def tiny_qwen2_config(vocab_size: int) -> Qwen2Config:
     )
 
 
-def random_pairs(vocab: int, lengths: list[tuple[int, int]], seed: int = 0) -> list[dict]:
+def random_rows(vocab: int, lengths: list[tuple[int, int]], seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [
-        {
-            "prompt": [],
-            "chosen": torch.randint(1, vocab, (c,), generator=g).tolist(),
-            "rejected": torch.randint(1, vocab, (r,), generator=g).tolist(),
-        }
-        for c, r in lengths
+        {"prompt": [], "responses": [torch.randint(1, vocab, (n,), generator=g).tolist() for n in pair], "scores": [1, 0]}
+        for pair in lengths
     ]
+
+
+def load_model(args, tokenizer):
+    """The whole model as the scorer and the export build it: the skeleton filled with the weights."""
+    return load_whole(skeleton(args, tokenizer), read_weights(args, tokenizer), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("make_config", [tiny_llama_config, tiny_qwen2_config], ids=["llama", "qwen2"])
@@ -47,19 +48,22 @@ def test_rewards_match_hf_on_right_padded_batches(make_config):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(make_config(100)).eval()
     model.config.pad_token_id = PAD
-    batch = collate(random_pairs(100, [(5, 17), (23, 3), (11, 11)]), pad_id=PAD)
+    rows = random_rows(100, [(5, 17), (23, 3), (11, 11)])
+    batch = pad_right([s for r in rows for s in r["responses"]], PAD)
     with torch.no_grad():
-        ours = reward_forward(model, **batch)
+        from_mask = reward_forward(model, **batch)
+        from_collator = reward_forward(model, **collate(rows, PAD, "padded")[0])  # its last_index
         theirs = model(**batch).logits.squeeze(-1)  # HF pools at the rightmost non-pad token
-    assert ours.shape == (6,)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert from_mask.shape == (6,)
+    torch.testing.assert_close(from_mask, theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_collator, theirs, rtol=0, atol=1e-6)
 
 
 def test_pooling_when_the_batch_has_more_sequences_than_tokens():
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(tiny_llama_config(100)).eval()
     model.config.pad_token_id = PAD
-    batch = collate(random_pairs(100, [(2, 3)] * 5), pad_id=PAD)  # (10, 3)
+    batch = pad_right([s for r in random_rows(100, [(2, 3)] * 5) for s in r["responses"]], PAD)  # (10, 3)
     with torch.no_grad():
         torch.testing.assert_close(reward_forward(model, **batch), model(**batch).logits.squeeze(-1))
 
@@ -69,9 +73,8 @@ def test_pooling_uses_the_mask_even_when_the_pad_id_is_in_the_text():
     model = AutoModelForSequenceClassification.from_config(tiny_llama_config(50)).eval()
     # PAD occurs inside the first sequence and is the real last token of the second.
     seqs = [[7, PAD, 9, 4, PAD, 12], [3, 8, PAD]]
-    pairs = [{"prompt": [], "chosen": seqs[0], "rejected": seqs[1]}]
     with torch.no_grad():
-        ours = reward_forward(model, **collate(pairs, pad_id=PAD))
+        ours = reward_forward(model, **pad_right(seqs, PAD))
         # Independent: each sequence alone, unpadded, scored at its final position.
         expected = [model.score(model.model(torch.tensor([s])).last_hidden_state[0, -1]).item() for s in seqs]
         # What "first pad token - 1" (the reference) would read for the first sequence: position 0.
@@ -119,7 +122,7 @@ def test_no_active_dropout_anywhere(tmp_path):
     for name, module in model.named_modules():
         assert not isinstance(module, nn.Dropout) or module.p == 0.0, name
         assert getattr(module, "attention_dropout", 0.0) == 0.0, name
-    batch = collate(random_pairs(64, [(9, 14)]), pad_id=0, batching=args.batching)
+    batch, _ = collate(random_rows(64, [(9, 14)]), 0, args.batching)
     torch.testing.assert_close(model(**batch), model(**batch), rtol=0, atol=0)  # deterministic in train mode
 
 

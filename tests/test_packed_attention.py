@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minrm.batching import collate, query_key_ranges
-from minrm.packed_attention import BLOCK, block_lists, mask_rule, segment_attention
+from minrm.batching import collate
+from minrm.packed_attention import BLOCK, PackedLayout, Segment, block_lists, mask_rule, segment_attention
 from tests.conftest import ROOT
 
 WINDOWS = [None, 8, 300]
@@ -19,7 +19,7 @@ WINDOWS = [None, 8, 300]
 
 def lengths_pairs(lengths: list[tuple[int, int, int]]) -> list[dict]:
     """Pairs of (prompt, chosen response, rejected response) lengths; token ids do not matter here."""
-    return [{"prompt": [1] * p, "chosen": [1] * (p + c), "rejected": [1] * (p + r)} for p, c, r in lengths]
+    return [{"prompt": [1] * p, "responses": [[1] * (p + c), [1] * (p + r)], "scores": [1, 0]} for p, c, r in lengths]
 
 
 # Rows of 3 to 5 tiles, none a multiple of BLOCK long; a pair without a prompt; sequences long
@@ -31,14 +31,14 @@ def layout(batching: str) -> tuple[torch.Tensor, ...]:
     """Per token of the row, from the pairs alone: its sequence (a pair in shared_prefix), its part
     (0 prompt, 1 chosen response, 2 rejected response) and its position in its own sequence."""
     seq, part, pos = [], [], []
-    if batching == "packed":
-        for i, (side, p) in enumerate((s, p) for s in ("chosen", "rejected") for p in PAIRS):
-            seq += [i] * len(p[side])
-            part += [0] * len(p[side])
-            pos += range(len(p[side]))
+    if batching == "packed":  # each pair's two sequences, whole, one after the other
+        for i, s in enumerate(s for p in PAIRS for s in p["responses"]):
+            seq += [i] * len(s)
+            part += [0] * len(s)
+            pos += range(len(s))
     else:
         for i, p in enumerate(PAIRS):
-            n, c, r = len(p["prompt"]), len(p["chosen"]), len(p["rejected"])
+            n, (c, r) = len(p["prompt"]), map(len, p["responses"])
             seq += [i] * (c + r - n)
             part += [0] * n + [1] * (c - n) + [2] * (r - n)
             pos += [*range(c), *range(n, r)]
@@ -54,18 +54,17 @@ def expected_mask(seq, part, pos, window) -> torch.Tensor:
     return ok if window is None else ok & (pos[q] - pos[k] < window)
 
 
-def scorer_row(prompt: int, responses: list[int]) -> tuple[list[tuple], torch.Tensor]:
-    """One prompt and N responses in one row, each response attending to the prompt and itself (the
-    layout a scorer uses): its segments and its expected mask (window None)."""
-    segments, ends = [(0, prompt, ((0, prompt),))], [prompt]
+def scorer_row(prompt: int, responses: list[int]) -> tuple[PackedLayout, torch.Tensor]:
+    """One prompt and N responses in one row, the prompt a segment of its own and each response
+    attending to it and itself: its layout and its expected mask (window None)."""
+    segments, end = [Segment(0, prompt)], prompt
     for r in responses:
-        a = ends[-1]
-        segments.append((a, a + r, ((0, prompt), (a, a + r))))
-        ends.append(a + r)
-    owner = torch.repeat_interleave(torch.arange(len(ends)), torch.tensor([prompt, *responses]))
-    i = torch.arange(ends[-1])
+        segments.append(Segment(end, end + r, 0, prompt))
+        end += r
+    owner = torch.repeat_interleave(torch.arange(len(responses) + 1), torch.tensor([prompt, *responses]))
+    i = torch.arange(end)
     ok = (i[:, None] >= i[None, :]) & ((owner[:, None] == owner[None, :]) | (owner[None, :] == 0))
-    return segments, ok
+    return PackedLayout(segments), ok
 
 
 def tiles_to_dense(lists, rule, L: int) -> torch.Tensor:
@@ -110,19 +109,17 @@ def cases():
 
 def case(batching: str, window):
     if batching == "scorer":
-        segments, want = scorer_row(300, [100, 3, 200, 41])
-    else:
-        segments, want = collate(PAIRS, 0, batching)["segments"], expected_mask(*layout(batching), window)
-    return segments, want
+        return scorer_row(300, [100, 3, 200, 41])
+    return collate(PAIRS, 0, batching)[0]["packed_layout"], expected_mask(*layout(batching), window)
 
 
 @pytest.mark.parametrize(("batching", "window"), cases())
 def test_block_lists_from_spans_match_the_per_token_mask(batching, window):
-    segments, want = case(batching, window)
+    packed, want = case(batching, window)
     L = want.shape[0]
     assert L % BLOCK and L > 3 * BLOCK
-    lists = block_lists(segments, L, window)
-    rule = mask_rule(query_key_ranges(segments), window)
+    lists = block_lists(packed, window)
+    rule = mask_rule(packed.key_ranges(), window)
     torch.testing.assert_close(tiles_to_dense(lists, rule, L), want, rtol=0, atol=0)
     # Tight: the full tiles are exactly those the mask allows whole (FlexAttention skips the mask
     # there), and no listed partial tile is empty.
@@ -144,15 +141,15 @@ from minrm.packed_attention import packed_attention_mask
 from tests.conftest import tiny_llama_config
 model = AutoModelForSequenceClassification.from_config(tiny_llama_config(8))
 model.set_attn_implementation("flex_attention")
-pairs = [{"prompt": [1] * 700, "chosen": [1] * 1300, "rejected": [1] * 1500} for _ in range(16)]
-batch = collate(pairs, 0, "shared_prefix")  # L = 33,600
+pairs = [{"prompt": [1] * 700, "responses": [[1] * 1300, [1] * 1500], "scores": [1, 0]} for _ in range(16)]
+batch, _ = collate(pairs, 0, "shared_prefix")  # L = 33,600
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM to the current RSS
 before = hwm()
-mask = packed_attention_mask(model, batch["segments"], torch.device("cpu"), batch["key_ranges"])
+mask = packed_attention_mask(model, batch["packed_layout"], torch.device("cpu"))
 assert isinstance(mask, BlockMask)
 print(json.dumps({"L": batch["input_ids"].shape[1], "rise": hwm() - before, "tiles": int(mask.kv_num_blocks.sum())}))
 """
@@ -173,18 +170,18 @@ def test_segment_attention_with_grouped_heads_matches_the_dense_mask(batching, w
     """4 query heads on 2 KV heads: the rejected responses, the scorer's responses and the windows
     (an explicit mask per segment, keys expanded to the query heads) against softmax attention
     written out with the mask above, in fp32."""
-    segments, want = case(batching, window)
+    packed, want = case(batching, window)
     L, g = want.shape[0], torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, L, 8, generator=g) for h in (4, 2, 2))
-    out, _ = segment_attention(None, q, k, v, None, scaling=0.3, segments=segments, sliding_window=window)
+    out, _ = segment_attention(None, q, k, v, None, scaling=0.3, packed_layout=packed, sliding_window=window)
     k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~want, float("-inf"))
     ref = (scores.softmax(-1) @ v).transpose(1, 2)  # (1, L, heads, head_dim)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 
-def test_segments_the_masks_cannot_express_are_refused():
-    with pytest.raises(ValueError, match=r"segment \(10, 20, .*after at most one earlier span"):
-        query_key_ranges([(0, 10, ((0, 10),)), (10, 20, ((0, 2), (4, 6), (10, 20)))])
-    with pytest.raises(ValueError, match="a key span that ends with the queries"):
-        query_key_ranges([(0, 10, ((0, 8),))])
+def test_layouts_the_attentions_cannot_run_are_refused():
+    with pytest.raises(ValueError, match="a shared prompt must begin an earlier segment"):
+        PackedLayout([Segment(0, 10), Segment(10, 20, 2, 6)])  # a prompt in the middle of a segment
+    with pytest.raises(ValueError, match="a shared prompt must begin an earlier segment"):
+        PackedLayout([Segment(0, 10, 10, 12), Segment(10, 20)])  # a prompt after the segment

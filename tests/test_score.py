@@ -11,14 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, LlamaConfig
+from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from minrm import formats, toy
-from minrm.batching import collate, collate_responses, prefix_length, row_tokens, token_batches
+from minrm.batching import collate, micro_batches, row_tokens, shared_prefix
 from minrm.formats import CHAT_TEMPLATES
+from minrm.loss import STATS
 from minrm.model import reward_forward
 from minrm.packed_attention import use_packed_attention
-from minrm.score import check_model, is_correct, parse_args, score_rows, summarize
+from minrm.score import check_model, parse_args, score_rows, summarize
 from tests.conftest import ROOT, minrm_command, run_minrm, tiny_llama_config
 
 VOCAB = 100
@@ -81,25 +82,12 @@ def varied_rows() -> list[dict]:
         return torch.randint(1, VOCAB, (n,), generator=g).tolist()
 
     def row(prompt, *lengths):
-        return {"prompt": prompt, "responses": [prompt + ids(n) for n in lengths]}
+        return {"prompt": prompt, "responses": [prompt + ids(n) for n in lengths], "scores": [1.0] + [0.0] * (len(lengths) - 1)}
 
     rows = [row(ids(9), 6, 11), row(ids(17), 3, 30, 5, 8), row([], 8, 13, 2, 4), row(ids(4), 1, 1, 2, 1)]
     rows += [row(ids(25), 12, 2), row(ids(6), 5, 7, 9, 3)]
     rows[-1]["prompt"] = ids(6)  # not a prefix: shared_prefix falls back to full sequences
     return rows
-
-
-def test_two_responses_lay_out_as_a_training_pair():
-    """collate_responses on one row of two responses is collate's layout of the same pair, in every
-    mode (collate orders rewards chosen then rejected; with one pair that is the row's order)."""
-    for row in varied_rows():
-        if len(row["responses"]) == 2:
-            pair = {"prompt": row["prompt"], "chosen": row["responses"][0], "rejected": row["responses"][1]}
-            for batching in ("padded", "packed", "shared_prefix"):
-                ours, theirs = collate_responses([row], 0, batching), collate([pair], 0, batching)
-                assert ours.keys() == theirs.keys()
-                for key in ours:
-                    assert (ours[key] == theirs[key]).all() if torch.is_tensor(ours[key]) else ours[key] == theirs[key]
 
 
 def tiny_model(attention: str | None):
@@ -135,13 +123,13 @@ def test_rewards_equal_hf_forward_for_every_batching_and_budget(batching, attent
     (packed_attention_mask), whose CPU compilation would cost half a minute here."""
     rows, model = varied_rows(), tiny_model(attention)
     for budget in (1, 90, 10**6):
-        batches = token_batches(rows, budget, batching)
+        batches = micro_batches(rows, batching, max_tokens=budget, longest_first=True)
         assert sorted(i for b in batches for i in b) == list(range(len(rows)))
         for b in batches:  # within the budget, or a row alone
-            tokens = collate_responses([rows[i] for i in b], 0, batching)["input_ids"].numel()
+            tokens = collate([rows[i] for i in b], 0, batching)[0]["input_ids"].numel()
             assert tokens <= budget or len(b) == 1
             assert len(b) > 1 or tokens == row_tokens(rows[b[0]], batching)
-        got = score_rows(model, rows, batching, budget, torch.device("cpu"), tqdm(disable=True))
+        got, _ = score_rows(model, rows, batching, budget, 0, torch.device("cpu"), tqdm(disable=True))
         for g, e in zip(got, expected_rewards):
             torch.testing.assert_close(torch.tensor(g), torch.tensor(e), rtol=0, atol=1e-5)
     if batching == "shared_prefix":  # each prompt once: the row of 4 responses holds one prompt
@@ -152,52 +140,50 @@ def test_rewards_equal_hf_forward_for_every_batching_and_budget(batching, attent
 # Accuracy, categories, sections
 
 
-def test_best_of_n_rule_and_summary_on_hand_made_rewards():
-    assert is_correct(1.0, [0.5, 0.9, -2.0])
-    assert not is_correct(1.0, [0.5, 1.0, -2.0])  # a tie with one rejected response is wrong
-    assert not is_correct(1.0, [1.0])
-    assert not is_correct(0.0, [0.5])
-    rewards = {  # category: [(chosen, rejected...)]
-        "a": [(1.0, 0.5), (0.2, 0.2), (0.0, 1.0)],
-        "b": [(2.0, 1.0, 1.5, 0.0), (1.0, 1.0, 0.0, 0.5), (3.0, -1.0, 2.0, 2.5), (0.5, 0.6, 0.1, 0.2)],
-        "c": [(0.3, 0.1)],
+def test_summary_and_sections_on_hand_made_rows():
+    """Per-row metrics (as loss.row_statistics gives them) summarised overall, per category and per
+    section, against means written out here; sections weigh best-of-N accuracy."""
+    rows = {  # category: [(best-of-N accuracy, accuracy, chosen, rejected)]
+        "a": [(1, 1, 1.0, 0.5), (0, 0, 0.2, 0.2), (0, 0, 0.0, 1.0)],
+        "b": [(1, 2 / 3, 2.0, 0.8), (0, 1 / 3, 1.0, 0.5), (1, 1, 3.0, 1.1), (0, 0, 0.5, 0.3)],
+        "c": [(1, 1, 0.3, 0.1)],
     }
-    records = [
-        {
-            "row": i,
-            "subset": c,
-            "chosen_reward": r[0],
-            "rejected_rewards": list(r[1:]),
-            "correct": is_correct(r[0], r[1:]),
-        }
-        for i, (c, r) in enumerate((c, r) for c, rs in rewards.items() for r in rs)
-    ]
+    stats, subsets = [], []
+    for c, rs in rows.items():
+        for best, acc, chosen, rejected in rs:
+            values = {"best_of_n_accuracy": best, "accuracy": acc, "chosen_rewards": chosen, "rejected_rewards": rejected}
+            stats.append({**values, "reward_margin": chosen - rejected, "loss": 0.5})
+            subsets.append(c)
     sections = {"S": ["a", "b"], "W": {"b": 3, "c": 1, "absent": 5}, "none": ["absent"]}
-    s = summarize(records, sections)
-    right = {"a": 1 / 3, "b": 2 / 4, "c": 1.0}  # by hand: (1 > .5), (3 > 2.5 and 3 > 2), (.3 > .1)
-    assert s["rows"] == 8 and s["accuracy"] == pytest.approx(4 / 8)
-    for c, acc in right.items():
-        assert s["categories"][c]["accuracy"] == pytest.approx(acc) and s["categories"][c]["rows"] == len(rewards[c])
-    chosen = [r[0] for rs in rewards.values() for r in rs]
-    rejected = [sum(r[1:]) / len(r[1:]) for rs in rewards.values() for r in rs]
+    s = summarize(stats, subsets, sections)
+    assert s["rows"] == 8 and set(STATS) <= set(s)
+    assert s["best_of_n_accuracy"] == pytest.approx(4 / 8)
+    assert s["accuracy"] == pytest.approx((2 + 2) / 8)
+    for c, rs in rows.items():
+        assert s["categories"][c]["rows"] == len(rs)
+        assert s["categories"][c]["best_of_n_accuracy"] == pytest.approx(sum(r[0] for r in rs) / len(rs))
+    chosen, rejected = [r[2] for rs in rows.values() for r in rs], [r[3] for rs in rows.values() for r in rs]
     assert s["chosen_rewards"] == pytest.approx(sum(chosen) / 8)
-    assert s["rejected_rewards"] == pytest.approx(sum(rejected) / 8)
     assert s["reward_margin"] == pytest.approx((sum(chosen) - sum(rejected)) / 8)
-    assert s["sections"]["S"] == pytest.approx(3 / 7)  # the accuracy over the section's 7 rows
+    assert s["sections"]["S"] == pytest.approx(3 / 7)  # the best-of-N accuracy over the section's 7 rows
     assert s["sections"]["W"] == pytest.approx((3 * 0.5 + 1 * 1.0) / 4)  # "absent" is left out
     assert s["sections"]["none"] is None and s["missing_categories"] == ["absent", "absent"]
     assert s["score"] == pytest.approx((3 / 7 + 2.5 / 4) / 2)
 
 
 def test_only_reward_models_are_scored(tmp_path):
-    for name, config in {
-        "lm": LlamaConfig(architectures=["LlamaForCausalLM"]),
-        "two": LlamaConfig(architectures=["LlamaForSequenceClassification"], num_labels=2),
+    small = {"vocab_size": VOCAB, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}
+    for name, model in {
+        "lm": LlamaForCausalLM(LlamaConfig(**small)),
+        "two": AutoModelForSequenceClassification.from_config(LlamaConfig(**small, num_labels=2)),
     }.items():
-        config.save_pretrained(tmp_path / name)
+        model.save_pretrained(tmp_path / name)
         args = parse_args([str(tmp_path / name), "--data", "any/hub_dataset", "--batching", "padded"])
         with pytest.raises(SystemExit, match="LlamaForCausalLM, not a|has 2 labels"):
             check_model(args)
+    for model, message in [("no/such/dir", "MODEL: the folder no/such/dir does not exist"), ("a b", "'a b' is neither")]:
+        with pytest.raises(SystemExit, match=message):  # the trainer's checks, naming the argument
+            check_model(parse_args([model, "--data", "any/hub_dataset"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,21 +241,23 @@ def test_command_rewards_equal_hf_forward(scored, tiny_model_dir):
         row = rows[record["row"] - 1]
         convs = [row["prompt"] + row["chosen"]] + [row["prompt"] + r for r in row["rejected"]]
         seqs = [tokenizer.apply_chat_template(c, return_dict=False) for c in convs]
-        rewards = [record["chosen_reward"], *record["rejected_rewards"]]
+        rewards = [*record["chosen_rewards"], *record["rejected_rewards"]]
         torch.testing.assert_close(torch.tensor(rewards), torch.tensor(hf_forward(model, seqs)), rtol=0, atol=1e-5)
         assert record["subset"] == row["subset"] and len(rewards) == len(convs)
 
 
 def test_command_summary_and_table(scored):
     out, s = scored["one"], scored["summary"]
-    right = [r["chosen_reward"] > max(r["rejected_rewards"]) for r in out]
+    right = [r["chosen_rewards"][0] > max(r["rejected_rewards"]) for r in out]
     assert [r["correct"] for r in out] == right
-    assert s["rows"] == len(out) and s["accuracy"] == pytest.approx(sum(right) / len(out))
+    assert s["rows"] == len(out) and s["best_of_n_accuracy"] == pytest.approx(sum(right) / len(out))
+    each = [sum(r["chosen_rewards"][0] > x for x in r["rejected_rewards"]) / len(r["rejected_rewards"]) for r in out]
+    assert s["accuracy"] == pytest.approx(sum(each) / len(out))  # the mean over each row's comparisons
     for cat in ("two", "four", "mixed"):
         mine = [ok for r, ok in zip(out, right) if r["subset"] == cat]
         assert s["categories"][cat]["rows"] == len(mine)
-        assert s["categories"][cat]["accuracy"] == pytest.approx(sum(mine) / len(mine))
-        assert f"| {cat} | {len(mine)} | {sum(mine) / len(mine):.4f} |" in scored["stdout"]
+        assert s["categories"][cat]["best_of_n_accuracy"] == pytest.approx(sum(mine) / len(mine))
+        assert f"| {cat} | {len(mine)} | {s['categories'][cat]['accuracy']:.4f} | {sum(mine) / len(mine):.4f} |" in scored["stdout"]
     four = [ok for r, ok in zip(out, right) if r["subset"] in ("four", "mixed")]
     assert s["sections"]["Best of 4"] == pytest.approx(sum(four) / len(four))
     assert s["score"] == pytest.approx((s["sections"]["Pairs"] + s["sections"]["Best of 4"]) / 2)
@@ -281,8 +269,8 @@ def test_two_processes_give_the_one_process_output(scored):
     assert [(r["row"], r["subset"], r["correct"]) for r in two] == [(r["row"], r["subset"], r["correct"]) for r in one]
     for a, b in zip(one, two):
         torch.testing.assert_close(
-            torch.tensor([b["chosen_reward"], *b["rejected_rewards"]]),
-            torch.tensor([a["chosen_reward"], *a["rejected_rewards"]]),
+            torch.tensor([*b["chosen_rewards"], *b["rejected_rewards"]]),
+            torch.tensor([*a["chosen_rewards"], *a["rejected_rewards"]]),
             rtol=0,
             atol=1e-5,
         )
@@ -301,9 +289,9 @@ def test_score_bench_counts_tokens_and_agrees_with_hf():
     from scripts import bench_score
 
     rows = bench_score.synthetic_rows("multiturn", 3, 4, seed=0)
-    assert all(len(r["responses"]) == 4 and prefix_length(r["prompt"], r["responses"]) for r in rows)
+    assert all(len(r["responses"]) == 4 and shared_prefix(r) for r in rows)
     result = bench_score.time_scoring(rows, "9m", max_tokens=300)  # about one row per batch
-    timed = [[rows[i] for i in b] for b in token_batches(rows, 300, "shared_prefix")[1:]]  # the first warms up
+    timed = [[rows[i] for i in b] for b in micro_batches(rows, "shared_prefix", max_tokens=300, longest_first=True)[1:]]
     padded = sum(4 * len(b) * max(len(s) for r in b for s in r["responses"]) for b in timed)
     shared = sum(len(r["prompt"]) + sum(len(s) - len(r["prompt"]) for s in r["responses"]) for b in timed for r in b)
     assert result["hf_padded"]["computed_tokens"] == padded

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m tests.train_probe OUT_DIR [minrm flags...]
 
 Each rank writes OUT_DIR/rank<R>.json: `load`, its peak resident memory (Linux VmHWM, reset
-through /proc/self/clear_refs) from the first `load_model` call until the weights are in the
+through /proc/self/clear_refs) from the `skeleton` call until the weights are in the
 shards, above its resident memory at the start; `steps`, for each optimizer step, the bytes of all
 live tensors at the start of each micro-batch's forward (found by the garbage collector: FSDP2's
 internal gradient buffers included). Rank 0 also saves the full state dict as loaded
@@ -66,16 +66,15 @@ def save_loaded(model, d, out: str) -> None:
 
 def main(out: str, argv: list[str]) -> None:
     record = {"load": None, "steps": []}
-    load_model, fill_from_rank0, set_lr = train.load_model, train.fill_from_rank0, train.set_lr
+    skeleton, fill_from_rank0, set_lr = train.skeleton, train.fill_from_rank0, train.set_lr
     start = {}
 
-    def load_model_probe(*args, **kwargs):
-        if "load" not in start:
-            start["load"] = start_phase()
-        return load_model(*args, **kwargs)
+    def skeleton_probe(*args, **kwargs):
+        start["load"] = start_phase()
+        return skeleton(*args, **kwargs)
 
-    def fill_probe(model, full, d):
-        fill_from_rank0(model, full, d)
+    def fill_probe(model, weights, d):
+        fill_from_rank0(model, weights, d)
         record["load"] = memory_kb("VmHWM") - start["load"]
         save_loaded(model, d, out)
         model.register_forward_pre_hook(lambda *_: record["steps"][-1].append(tensor_kb()))
@@ -84,7 +83,7 @@ def main(out: str, argv: list[str]) -> None:
         record["steps"].append([])
         return set_lr(optimizer, lr)
 
-    train.load_model, train.fill_from_rank0, train.set_lr = load_model_probe, fill_probe, set_lr_probe
+    train.skeleton, train.fill_from_rank0, train.set_lr = skeleton_probe, fill_probe, set_lr_probe
     train.main(train.parse_args(argv))  # destroys the process group at the end
     with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
         json.dump(record, f)
