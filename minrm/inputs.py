@@ -1,9 +1,9 @@
 """What the flags point at, checked before anything expensive starts; each failure is one line.
 
-- `check_paths(args)` (called by `config.validate`, file system only): the model and tokenizer are
-  existing folders (a model folder with a config) or valid Hub ids; a chat template
-  name is one minrm knows or a tokenizer's folder or Hub id; the output and cache folders can be
-  created; a checkpoint to resume from exists.
+- `check_paths(args)` (first in train.py, right after the flags are parsed; file system only): the
+  local dataset files exist; the model and tokenizer are existing folders (a model folder with a
+  config) or valid Hub ids; a chat template name is one minrm knows or a tokenizer's folder or Hub
+  id; the output and cache folders can be created; a checkpoint to resume from exists.
 - `load_or_exit`: a `from_pretrained` whose failure (not found, offline, bad revision...) becomes
   one line naming the flag. `check_model(args)`, first in train.py, fetches the model's config
   with it and checks that a model folder holds weights, before the data is built.
@@ -21,7 +21,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 
-from minrm import toy
+from minrm.config import DATA_FILES, TOY
 from minrm.formats import CHAT_TEMPLATES
 
 
@@ -58,9 +58,13 @@ def _check_writable(flag: str, path: str) -> None:
 
 def check_paths(args) -> None:
     """Every path or name a flag gives, checked on the file system alone (no network)."""
-    if args.model_name_or_path != toy.TOY:
+    for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
+        for name in getattr(args, flag)[::2]:
+            if name.endswith(DATA_FILES) and not os.path.isfile(name):
+                _fail(flag, f"local dataset file {name!r} does not exist")
+    if args.model_name_or_path != TOY:
         _check_source("model_name_or_path", args.model_name_or_path, model=True)
-    if args.tokenizer_name_or_path not in (None, toy.TOY):
+    if args.tokenizer_name_or_path not in (None, TOY):
         _check_source("tokenizer_name_or_path", args.tokenizer_name_or_path, model=False)
     if args.chat_template_name not in (None, *CHAT_TEMPLATES):  # else a tokenizer to borrow from
         known = f"a template minrm knows ({', '.join(CHAT_TEMPLATES)}) nor a tokenizer's folder or Hub id"
@@ -87,7 +91,7 @@ def check_model(args) -> None:
     """The model's config loads (from its folder or the Hub), and a local folder holds weights:
     the first fetch of a run, so that a wrong model fails before the data is built."""
     name = args.model_name_or_path
-    if name == toy.TOY:
+    if name == TOY:
         return
     kwargs = {"revision": args.model_revision, "trust_remote_code": args.trust_remote_code}
     load_or_exit(AutoConfig.from_pretrained, "model_name_or_path", name, **kwargs)

@@ -53,7 +53,7 @@ from minrm.distributed import (
 from minrm.evaluate import evaluate
 from minrm.export import model_card, push_folder, resolve_hub_repo, save_hf_folder
 from minrm.failsafe import StopSignal, exit_after_signal, exit_nonfinite, nonfinite, nonfinite_weights
-from minrm.inputs import check_model
+from minrm.inputs import check_model, check_paths
 from minrm.liger import apply_liger_kernel
 from minrm.model import load_model, transformer_blocks
 from minrm.optim import build_optimizer, clip_grad_norm_, lr_multiplier, set_lr
@@ -65,6 +65,7 @@ def main(args: Args) -> dict:
     # ------------------------------------------------------------------------------------------
     # Setup
     check_resume_args(args)
+    check_paths(args)  # what the flags name, on the file system: right after parsing, before any fetch
     check_model(args)  # the model's config loads (folder or Hub), before any other fetch
     check_packing(args)
     d = init_distributed(args.timeout_minutes)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from minrm.config import TOY_RECIPE, Args, build_parser, parse_args
+from minrm.inputs import check_paths
 from tests.conftest import ROOT
 
 # The Tulu 3 8B RM command line of the reference (minus the launcher), with --push_to_hub False.
@@ -70,7 +71,7 @@ def test_toy_recipe_fills_only_flags_not_given():
 )
 def test_bad_input_fails_with_a_clear_message(flags, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        parse_args(["--model_name_or_path", "x/y", *flags])
+        check_paths(parse_args(["--model_name_or_path", "x/y", *flags]))  # as train.py starts
     assert message in str(exc.value) + capsys.readouterr().err
 
 

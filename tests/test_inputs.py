@@ -12,7 +12,7 @@ import pytest
 from minrm import train
 from minrm.config import parse_args
 from minrm.data import load_tokenizer
-from minrm.inputs import check_model
+from minrm.inputs import check_model, check_paths
 from tests.conftest import ROOT, build_dataset
 
 CONVERSATION = {
@@ -28,6 +28,11 @@ def refused(call, *args) -> str:
         call(*args)
     assert isinstance(e.value.code, str)
     return e.value.code
+
+
+def parse_and_check(flags: list[str]):
+    """The flags parsed and their paths checked, as train.py starts."""
+    check_paths(parse_args(flags))
 
 
 def build(path: str, *flags: str):
@@ -93,7 +98,7 @@ def test_bad_model_and_tokenizer_paths(folders):
         (["--tokenizer_name_or_path", "tok@1"], "--tokenizer_name_or_path: 'tok@1' is neither an existing folder nor a valid Hub id"),
     ]  # fmt: skip
     for flags, message in cases:
-        assert refused(parse_args, flags).startswith("minrm: error: " + message), flags
+        assert refused(parse_and_check, flags).startswith("minrm: error: " + message), flags
 
 
 def test_hub_ids_that_cannot_be_fetched_and_folders_without_weights(monkeypatch, tiny_model_dir, folders):
@@ -133,7 +138,7 @@ def test_other_flags_users_get_wrong(tmp_path, pairs_file):
         (["--resume_from_checkpoint", str(tmp_path / "step_9")], f"--resume_from_checkpoint: the checkpoint folder {tmp_path / 'step_9'} does not exist"),
     ]  # fmt: skip
     for flags, message in cases:
-        assert refused(parse_args, flags) == "minrm: error: " + message, flags
+        assert refused(parse_and_check, flags) == "minrm: error: " + message, flags
     assert refused(build, pairs_file, "--chosen_key", "good") == (
         f"minrm: error: {pairs_file}: no column 'good' (--chosen_key) in its first 48 rows; "
         "its columns are ['chosen', 'rejected']"
