@@ -15,6 +15,7 @@ paths point at is checked by the caller (`inputs.check_paths`, first in `train.p
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 from argparse import ArgumentTypeError
 from dataclasses import dataclass
@@ -325,8 +326,18 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
+def _amount_ok(amount: str) -> bool:
+    """A mixer AMOUNT: a whole row count (`400`) or a fraction with a decimal point (`0.5`, `3.0`), above 0."""
+    if "." not in amount:
+        return amount.isdecimal() and int(amount) > 0
+    try:
+        return math.isfinite(float(amount)) and float(amount) > 0
+    except ValueError:
+        return False
+
+
 def validate(args: Args) -> None:
-    """Reject bad values from the flags alone, before any model or data is loaded."""
+    """Reject bad values and combinations, from the flags alone, before any model or data is loaded."""
 
     def fail(flag: str, why: str) -> None:
         raise SystemExit(f"minrm: error: --{flag}: {why}")
@@ -345,6 +356,13 @@ def validate(args: Args) -> None:
             fail(name, f"must be at least 1, got {getattr(args, name)}")
     if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:
         fail("learning_rate/eps/weight_decay", "learning_rate and weight_decay must be >= 0 and eps > 0")
+    steps = args.checkpointing_steps
+    if steps is not None and steps != "epoch" and not (steps.isdecimal() and int(steps) > 0):
+        fail("checkpointing_steps", f"expected a positive integer or `epoch`, got {steps!r}")
+    if args.resume_from_checkpoint == "auto" and not args.run_name:
+        fail("resume_from_checkpoint", "auto needs --run_name (it finds the run's folder)")
+    if args.cache_dataset_only and args.dataset_skip_cache:
+        fail("cache_dataset_only", "builds the dataset cache, which --dataset_skip_cache turns off: give one of them")
     if not 0 <= args.eval_fraction < 1:
         fail("eval_fraction", f"must be in [0, 1), got {args.eval_fraction}")
     if args.eval_fraction > 0 and args.dataset_mixer_eval_list:
@@ -359,12 +377,12 @@ def validate(args: Args) -> None:
         if mixer and len(splits) not in (1, n):
             fail(flag + "_splits", f"give one split for all datasets or one per dataset ({n}), got {splits}")
         for name, amount in zip(mixer[::2], mixer[1::2]):
-            try:
-                ok = float(amount) > 0
-            except ValueError:
-                ok = False
-            if not ok:
-                fail(flag, f"amount {amount!r} for {name!r} is not a positive number")
+            if not _amount_ok(amount):
+                fail(
+                    flag,
+                    f"amount {amount!r} for {name!r} is not a positive number: a row count (400) or a fraction "
+                    "with a decimal point (0.5, 1.0, 3.0)",
+                )
         for name, split in zip(mixer[::2], splits * n if len(splits) == 1 else splits):
             if name == TOY and split not in SPLIT_SIZES:
                 fail(flag + "_splits", f"{TOY} has the splits {sorted(SPLIT_SIZES)}, not {split!r}")

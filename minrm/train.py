@@ -30,7 +30,6 @@ from minrm.batching import check_token_budget, device_batch, micro_batches, spli
 from minrm.checkpoint import (
     CheckpointWriter,
     TrainerState,
-    check_resume_args,
     checkpoint_interval,
     config_hash,
     load_checkpoint,
@@ -64,7 +63,6 @@ from minrm.tracking import Tracker, summary_line
 def main(args: Args) -> dict:
     # ------------------------------------------------------------------------------------------
     # Setup
-    check_resume_args(args)
     check_paths(args)  # what the flags name, on the file system: right after parsing, before any fetch
     check_model(args)  # the model's config loads (folder or Hub), before any other fetch
     check_packing(args)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from minrm import train
 from minrm.config import TOY_RECIPE, Args, build_parser, parse_args
 from minrm.inputs import check_paths
 from tests.conftest import ROOT
@@ -161,3 +162,49 @@ def test_bad_yaml_names_the_file(tmp_path, text, message):
     with pytest.raises(SystemExit) as e:
         parse_args([str(config)])
     assert str(e.value).startswith(f"minrm: error: {config}{message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that need nothing but the flags
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--checkpointing_steps", "bad"], "--checkpointing_steps: expected a positive integer or `epoch`, got 'bad'"),
+        (["--checkpointing_steps", "0"], "--checkpointing_steps: expected a positive integer or `epoch`, got '0'"),
+        (["--resume_from_checkpoint", "auto"], "--resume_from_checkpoint: auto needs --run_name (it finds the run's folder)"),
+        (["--cache_dataset_only", "--dataset_skip_cache"], "--cache_dataset_only: builds the dataset cache, which --dataset_skip_cache turns off"),
+        (["--dataset_mixer_list", "a/b", "1e3"], "--dataset_mixer_list: amount '1e3' for 'a/b' is not a positive number"),
+    ],
+)  # fmt: skip
+def test_flags_checked_at_parse(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model_name_or_path", "x/y", *flags])
+    assert message in str(exc.value) + capsys.readouterr().err
+
+
+def test_good_values_of_the_checked_flags():
+    args = parse_args(["--checkpointing_steps", "epoch", "--resume_from_checkpoint", "auto", "--run_name", "r"])
+    assert (args.checkpointing_steps, args.resume_from_checkpoint) == ("epoch", "auto")
+    assert parse_args(["--dataset_mixer_list", "a/b", "400", "c/d", "0.5"]).dataset_mixer_list[1::2] == ["400", "0.5"]
+
+
+def test_checkpointing_steps_fails_before_any_model_or_data_work(monkeypatch, tmp_path):
+    """The trainer's entry (`main(parse_args())`) stops on the flag before its first fetch, load or process group."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("model or data work began before the flag was checked")
+
+    for name in ("check_model", "check_packing", "init_distributed", "load_tokenizer", "load_datasets", "load_model"):
+        monkeypatch.setattr(train, name, never)
+    with pytest.raises(SystemExit) as exc:
+        train.main(train.parse_args(["--checkpointing_steps", "bad", "--output_dir", str(tmp_path)]))
+    assert exc.value.code == "minrm: error: --checkpointing_steps: expected a positive integer or `epoch`, got 'bad'"
+
+
+def test_config_imports_nothing_from_minrm():
+    """config.py is the bottom of the package: every module may read the flags, it reads none of them."""
+    code = "import sys, minrm.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'minrm'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split("\n")[0] == "['minrm', 'minrm.config']", result.stderr
