@@ -29,6 +29,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 BATCHINGS = ("padded", "packed", "shared_prefix")
 PACKED_ATTENTIONS = ("auto", "flex_attention", "segments", "mask")
 MIXED_PRECISIONS = ("bf16", "no")
+LOSSES = ("bradley_terry", "plackett_luce")
 DATA_FILES = (".jsonl", ".json", ".parquet")
 
 # --model_name_or_path and a dataset mixer's NAME for minrm's offline toy model and data (`minrm.toy`).
@@ -91,6 +92,25 @@ class Args:
     prompt_key: str = HfArg(
         default="prompt",
         help="Column of the prompt; a dataset that has it is read in the explicit-prompt format. [minrm]",
+    )
+    responses_key: str = HfArg(
+        default="responses",
+        help="Column of a row's list of responses, compared by their --scores_key scores. [minrm]",
+    )
+    scores_key: str = HfArg(
+        default="scores",
+        help="Column of the scores of --responses_key's responses (numbers, higher is better, one per response): "
+        "a response is preferred to another when its score is higher; equal scores make no comparison. [minrm]",
+    )
+    margin_key: str = HfArg(
+        default="margin",
+        help="Column of a pair's margin (a number; a row without it has none): its loss is then "
+        "-logsigmoid(r_chosen - r_rejected - margin), Llama 2's margin loss (arXiv:2307.09288). [minrm]",
+    )
+    max_responses_per_prompt: int | None = HfArg(
+        default=None,
+        help="Keep at most this many responses (at least 2; None: all) of a row with more, chosen so that the row "
+        "keeps comparisons; the log counts what is cut. [minrm]",
     )
     skip_bad_rows: bool = HfArg(
         default=False,
@@ -175,7 +195,19 @@ class Args:
         help="Unique name of this run (default: EXP_NAME__SEED__UNIXTIME). Outputs go to OUTPUT_DIR/RUN_NAME.",
     )
 
-    # Optimizer and schedule
+    # Loss, optimizer and schedule
+    loss: Literal[LOSSES] = HfArg(
+        default="bradley_terry",
+        help="`bradley_terry`: a row's loss is the mean over its comparisons (i preferred to j) of "
+        "-logsigmoid(r_i - r_j), InstructGPT's all-pairs loss (arXiv:2203.02155), the reference's for a pair; "
+        "`plackett_luce`: the negative log-likelihood of the row's ranking by its scores, the pairwise loss "
+        "when it has two responses. The step's loss is the mean over its rows. [minrm]",
+    )
+    center_rewards_coefficient: float | None = HfArg(
+        default=None,
+        help="Add C x mean(r^2) over the step's responses to the loss, which keeps the rewards centred on 0 "
+        "(TRL's flag; Eisenstein et al. 2023, arXiv:2312.09244). None: off. [minrm]",
+    )
     eps: float = HfArg(default=1e-5, help="AdamW epsilon.")
     learning_rate: float = HfArg(default=2e-5, help="Peak learning rate of AdamW.")
     weight_decay: float = HfArg(
@@ -354,6 +386,14 @@ def validate(args: Args) -> None:
     for name in ("max_tokens_per_batch", "total_episodes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(name, f"must be at least 1, got {getattr(args, name)}")
+    if args.max_responses_per_prompt is not None and args.max_responses_per_prompt < 2:
+        fail(
+            "max_responses_per_prompt",
+            f"must be at least 2 (a comparison needs two), got {args.max_responses_per_prompt}",
+        )
+    coefficient = args.center_rewards_coefficient
+    if coefficient is not None and not (math.isfinite(coefficient) and coefficient >= 0):
+        fail("center_rewards_coefficient", f"must be a number >= 0, got {coefficient}")
     if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:
         fail("learning_rate/eps/weight_decay", "learning_rate and weight_decay must be >= 0 and eps > 0")
     steps = args.checkpointing_steps

@@ -165,12 +165,31 @@ def test_bad_yaml_names_the_file(tmp_path, text, message):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks that need nothing but the flags
+# The flags of K-response rows and their losses, and checks that need nothing but the flags
+
+
+def test_new_flags_defaults_and_the_args_log():
+    args = parse_args([])
+    assert (args.loss, args.center_rewards_coefficient, args.max_responses_per_prompt) == ("bradley_terry", None, None)
+    assert (args.responses_key, args.scores_key, args.margin_key) == ("responses", "scores", "margin")
+    given = "--loss plackett_luce --center_rewards_coefficient 0.01 --max_responses_per_prompt 4 --responses_key r "
+    given += "--scores_key s --margin_key m"
+    logged = dataclasses.asdict(parse_args(given.split()))  # what train.py prints at start, as JSON
+    assert {k: logged[k] for k in ("loss", "center_rewards_coefficient", "max_responses_per_prompt")} == {
+        "loss": "plackett_luce",
+        "center_rewards_coefficient": 0.01,
+        "max_responses_per_prompt": 4,
+    }
+    assert (logged["responses_key"], logged["scores_key"], logged["margin_key"]) == ("r", "s", "m")
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (["--loss", "listnet"], "argument --loss: invalid choice: 'listnet'"),
+        (["--max_responses_per_prompt", "1"], "--max_responses_per_prompt: must be at least 2 (a comparison needs two), got 1"),
+        (["--center_rewards_coefficient", "-0.1"], "--center_rewards_coefficient: must be a number >= 0, got -0.1"),
+        (["--center_rewards_coefficient", "nan"], "--center_rewards_coefficient: must be a number >= 0, got nan"),
         (["--checkpointing_steps", "bad"], "--checkpointing_steps: expected a positive integer or `epoch`, got 'bad'"),
         (["--checkpointing_steps", "0"], "--checkpointing_steps: expected a positive integer or `epoch`, got '0'"),
         (["--resume_from_checkpoint", "auto"], "--resume_from_checkpoint: auto needs --run_name (it finds the run's folder)"),
@@ -187,6 +206,8 @@ def test_flags_checked_at_parse(flags, message, capsys):
 def test_good_values_of_the_checked_flags():
     args = parse_args(["--checkpointing_steps", "epoch", "--resume_from_checkpoint", "auto", "--run_name", "r"])
     assert (args.checkpointing_steps, args.resume_from_checkpoint) == ("epoch", "auto")
+    args = parse_args(["--center_rewards_coefficient", "0", "--max_responses_per_prompt", "2"])
+    assert (args.center_rewards_coefficient, args.max_responses_per_prompt) == (0.0, 2)
     assert parse_args(["--dataset_mixer_list", "a/b", "400", "c/d", "0.5"]).dataset_mixer_list[1::2] == ["400", "0.5"]
 
 
