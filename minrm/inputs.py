@@ -15,6 +15,7 @@ docs/errors.md lists every check and its message.
 
 import json
 import os
+import tempfile
 
 import datasets
 from huggingface_hub.errors import HFValidationError
@@ -46,14 +47,17 @@ def _check_source(flag: str, name: str, model: bool, neither: str = "an existing
 
 
 def _check_writable(flag: str, path: str) -> None:
-    """The folder exists or can be created: its nearest existing ancestor is a folder we may write in."""
+    """The folder exists or can be created: a folder can be made (and is removed) in its nearest existing
+    ancestor. Making one is the test: `os.access` says yes to root on /proc and /sys, where mkdir fails."""
     target = os.path.abspath(path)
     while not os.path.exists(target):
         target = os.path.dirname(target)
     if not os.path.isdir(target):
         _fail(flag, f"cannot create {path}: {target} is a file")
-    if not os.access(target, os.W_OK | os.X_OK):
-        _fail(flag, f"cannot write in {target} (permission denied)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".minrm_probe_", dir=target))
+    except OSError as e:
+        _fail(flag, f"cannot create {path}: a folder cannot be made in {target} ({e.strerror})")
 
 
 def check_paths(args) -> None:

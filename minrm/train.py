@@ -71,7 +71,12 @@ def main(args: Args) -> dict:
     args.run_name = broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = os.path.join(args.output_dir, args.run_name)
     if d.is_main:
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(
+                f"minrm: error: --output_dir: cannot create the run folder {run_dir} ({e.strerror})"
+            ) from None
     torch.manual_seed(args.seed)
 
     # ------------------------------------------------------------------------------------------
