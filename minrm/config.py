@@ -1,123 +1,226 @@
-"""Every flag of minrm, its default and its help text, in one dataclass.
+"""Every flag of minrm, its default and its help text, in one dataclass, parsed by transformers' `HfArgumentParser`.
 
 Field names, types and defaults follow the reference (open-instruct's `reward_modeling.py` `Args`,
-`TokenizerConfig` and `ModelConfig`), so a reference command line runs unchanged, and so does its
-config-file form: a YAML file of `flag: value` lines first, flags after it overriding it. The
-docstring under each field is its `--help` text. Derived values (batch sizes, step counts) are
-not flags: `train.py` computes them once and prints them.
+`TokenizerConfig` and `ModelConfig`), and so does the parser: `HfArgumentParser`, the base of the
+reference's own, makes one flag per field from its type, default and `help`. So a reference command
+line runs unchanged, and so does its config-file form: a YAML file of `flag: value` lines first,
+flags after it overriding it. Derived values (batch sizes, step counts) are not flags: `train.py`
+computes them once and prints them.
 
-Where minrm's default differs from the reference, the field's docstring says so.
+Where minrm's default differs from the reference, the field's help says so; `[minrm]` marks a flag
+the reference does not have. `parse_args` checks every value before anything else runs; what the
+paths point at is checked by the caller (`inputs.check_paths`, first in `train.py`).
 """
 
 import argparse
-import ast
 import dataclasses
 import difflib
-import inspect
-import os
+import math
 import sys
-import typing
-from dataclasses import dataclass, field
+from argparse import ArgumentTypeError
+from dataclasses import dataclass
 from typing import Literal
 
 import yaml
-
-from minrm.inputs import check_paths
-from minrm.toy import SPLIT_SIZES, TOY, TOY_RECIPE
+from transformers import HfArgumentParser
+from transformers.hf_argparser import HfArg, string_to_bool
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 BATCHINGS = ("padded", "packed", "shared_prefix")
 PACKED_ATTENTIONS = ("auto", "flex_attention", "segments", "mask")
 MIXED_PRECISIONS = ("bf16", "no")
+LOSSES = ("bradley_terry", "plackett_luce")
+DATA_FILES = (".jsonl", ".json", ".parquet")
+
+# --model_name_or_path and a dataset mixer's NAME for minrm's offline toy model and data (`minrm.toy`).
+TOY = "minrm:toy"
+# The toy data's splits and their rows. One epoch of train is 1536 steps at the recipe's batch of 16;
+# 1024 steps reached only ~0.975 eval accuracy, 1536 reach >= 0.99 on every seed tried.
+SPLIT_SIZES = {"train": 24576, "test": 512}
+# With the toy model, the flags that neither the command line nor a config file gives take these values.
+TOY_RECIPE: dict[str, object] = {
+    "learning_rate": 1e-3,  # 3e-3 and above learned the copy check worse
+    "per_device_train_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "num_train_epochs": 1,
+    "warm_up_steps": 10,
+    "lr_scheduler_type": "linear",
+    "max_token_length": 128,
+    "max_prompt_token_length": 64,
+    "per_device_eval_batch_size": 64,
+    "num_evals": 2,
+    "dataset_mixer_list": [TOY, "1.0"],
+    "dataset_mixer_list_splits": ["train"],
+    "dataset_mixer_eval_list": [TOY, "1.0"],
+    "dataset_mixer_eval_list_splits": ["test"],
+}
 
 
 @dataclass
 class Args:
     # Data
-    dataset_mixer_list: list[str] = field(
-        default_factory=lambda: ["allenai/tulu-3-wildchat-reused-on-policy-8b", "1.0"]
+    dataset_mixer_list: list[str] = HfArg(
+        default_factory=lambda: ["allenai/tulu-3-wildchat-reused-on-policy-8b", "1.0"],
+        help="Training datasets and amounts: `NAME AMOUNT NAME AMOUNT ...`. NAME is a Hub dataset id or a local "
+        '.jsonl/.json/.parquet file; AMOUNT with a decimal point is a fraction ("1.0" all, "0.5" half, "3.0" '
+        'three times), without one a row count ("400").',
     )
-    """Training datasets and amounts: `NAME AMOUNT NAME AMOUNT ...`. NAME is a Hub dataset id or a local .jsonl/.json/.parquet file; AMOUNT with a decimal point is a fraction ("1.0" all, "0.5" half, "3.0" three times), without one a row count ("400")."""
-    dataset_mixer_list_splits: list[str] = field(default_factory=lambda: ["train"])
-    """Split of each training dataset: one for all, or one per dataset."""
-    dataset_mixer_eval_list: list[str] = field(default_factory=list)
-    """Evaluation datasets and amounts, in the same form as --dataset_mixer_list (empty: no eval)."""
-    dataset_mixer_eval_list_splits: list[str] = field(default_factory=lambda: ["test"])
-    """Split of each evaluation dataset: one for all, or one per dataset."""
-    max_token_length: int = 512
-    """Pairs whose chosen or rejected sequence has more tokens than this are dropped (and counted)."""
-    max_prompt_token_length: int = 256
-    """Pairs whose prompt has more tokens than this are dropped (and counted)."""
+    dataset_mixer_list_splits: list[str] = HfArg(
+        default_factory=lambda: ["train"], help="Split of each training dataset: one for all, or one per dataset."
+    )
+    dataset_mixer_eval_list: list[str] = HfArg(
+        default_factory=list,
+        help="Evaluation datasets and amounts, in the same form as --dataset_mixer_list (empty: no eval).",
+    )
+    dataset_mixer_eval_list_splits: list[str] = HfArg(
+        default_factory=lambda: ["test"], help="Split of each evaluation dataset: one for all, or one per dataset."
+    )
+    max_token_length: int = HfArg(
+        default=512, help="Pairs whose chosen or rejected sequence has more tokens than this are dropped (and counted)."
+    )
+    max_prompt_token_length: int = HfArg(
+        default=256, help="Pairs whose prompt has more tokens than this are dropped (and counted)."
+    )
 
     # Data formats, cache and validation
-    chosen_key: str = "chosen"
-    """Column of the chosen response (a conversation, or a string). [minrm]"""
-    rejected_key: str = "rejected"
-    """Column of the rejected response (a conversation, or a string). [minrm]"""
-    prompt_key: str = "prompt"
-    """Column of the prompt; a dataset that has it is read in the explicit-prompt format. [minrm]"""
-    skip_bad_rows: bool = False
-    """Leave out rows that break a rule (missing or mistyped fields, different prompts, identical responses, invalid JSON...) and count them by reason, instead of stopping before training with a list of them. [minrm]"""
-    eval_fraction: float = 0.0
-    """Hold out this fraction of each training dataset's rows as the eval set (no row on both sides); not with --dataset_mixer_eval_list. [minrm]"""
-    dataset_local_cache_dir: str = "local_dataset_cache"
-    """Folder of the cache of tokenized datasets, one sub-folder per hash of the inputs that shape them."""
-    dataset_skip_cache: bool = False
-    """Tokenize in every process without reading or writing the cache."""
-    cache_dataset_only: bool = False
-    """Build the dataset cache, then exit without training."""
-    no_visualize: bool = False
-    """Do not print the coloured tokens of one training pair at start. [minrm]"""
+    chosen_key: str = HfArg(
+        default="chosen", help="Column of the chosen response (a conversation, or a string). [minrm]"
+    )
+    rejected_key: str = HfArg(
+        default="rejected", help="Column of the rejected response (a conversation, or a string). [minrm]"
+    )
+    prompt_key: str = HfArg(
+        default="prompt",
+        help="Column of the prompt; a dataset that has it is read in the explicit-prompt format. [minrm]",
+    )
+    responses_key: str = HfArg(
+        default="responses",
+        help="Column of a row's list of responses, compared by their --scores_key scores. [minrm]",
+    )
+    scores_key: str = HfArg(
+        default="scores",
+        help="Column of the scores of --responses_key's responses (numbers, higher is better, one per response): "
+        "a response is preferred to another when its score is higher; equal scores make no comparison. [minrm]",
+    )
+    margin_key: str = HfArg(
+        default="margin",
+        help="Column of a pair's margin (a number; a row without it has none): its loss is then "
+        "-logsigmoid(r_chosen - r_rejected - margin), Llama 2's margin loss (arXiv:2307.09288). [minrm]",
+    )
+    max_responses_per_prompt: int | None = HfArg(
+        default=None,
+        help="Keep at most this many responses (at least 2; None: all) of a row with more, chosen so that the row "
+        "keeps comparisons; the log counts what is cut. [minrm]",
+    )
+    skip_bad_rows: bool = HfArg(
+        default=False,
+        help="Leave out rows that break a rule (missing or mistyped fields, different prompts, identical responses, "
+        "invalid JSON...) and count them by reason, instead of stopping before training with a list of them. [minrm]",
+    )
+    eval_fraction: float = HfArg(
+        default=0.0,
+        help="Hold out this fraction of each training dataset's rows as the eval set (no row on both sides); not "
+        "with --dataset_mixer_eval_list. [minrm]",
+    )
+    dataset_local_cache_dir: str = HfArg(
+        default="local_dataset_cache",
+        help="Folder of the cache of tokenized datasets, one sub-folder per hash of the inputs that shape them.",
+    )
+    dataset_skip_cache: bool = HfArg(
+        default=False, help="Tokenize in every process without reading or writing the cache."
+    )
+    cache_dataset_only: bool = HfArg(default=False, help="Build the dataset cache, then exit without training.")
+    no_visualize: bool = HfArg(
+        default=False, help="Do not print the coloured tokens of one training pair at start. [minrm]"
+    )
 
     # Model and tokenizer
-    model_name_or_path: str = TOY
-    """Hub id or local folder of the model to train. The default, `minrm:toy`, is a tiny Llama built offline that trains on minrm's own toy preference data (flags not given take the toy recipe's values)."""
-    model_revision: str | None = None
-    """Revision (branch, tag or commit) of the model on the Hub."""
-    tokenizer_name_or_path: str | None = None
-    """Tokenizer to use (default: the model's). `--tokenizer_name` is an alias."""
-    tokenizer_revision: str | None = None
-    """Revision of the tokenizer on the Hub (default: the model's revision)."""
-    use_slow_tokenizer: bool = False
-    """Load the slow (Python) tokenizer instead of the fast one."""
-    chat_template_name: str | None = None
-    """Chat template to apply instead of the tokenizer's own (default: the tokenizer's own, as in the reference): a name minrm knows (tulu, zephyr, simple_chat), or a tokenizer id/path whose template is borrowed."""
-    add_bos: bool = False
-    """Prepend the bos token to the chat template (for templates that do not begin with it; refused for those that do)."""
-    trust_remote_code: bool = False
-    """Allow model and tokenizer code from the Hub repository to run."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    init_score_head: bool = True
-    """Re-draw the score head from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325). False keeps a loaded head, to continue training an existing reward model. [minrm]"""
-    mixed_precision: Literal[MIXED_PRECISIONS] | None = None
-    """`bf16`: FSDP2 gathers the parameters in bf16 for the forward and backward passes and reduces gradients in fp32; master weights, AdamW state, the score head, rewards and loss stay fp32. `no`: fp32 throughout. Default: bf16 with CUDA, no otherwise. [minrm]"""
-    use_liger_kernel: bool | None = None
-    """Swap Liger's fused RMSNorm, SwiGLU and RoPE kernels into the backbone (default: on with CUDA, off otherwise). [minrm]"""
-    strict_kernels: bool = False
-    """Fail at start, instead of training without them, when the Liger kernels are wanted (--use_liger_kernel True, or auto on CUDA) but cannot be used. [minrm]"""
+    model_name_or_path: str = HfArg(
+        default=TOY,
+        help="Hub id or local folder of the model to train. The default, `minrm:toy`, is a tiny Llama built "
+        "offline that trains on minrm's own toy preference data (flags not given take the toy recipe's values).",
+    )
+    model_revision: str | None = HfArg(default=None, help="Revision (branch, tag or commit) of the model on the Hub.")
+    tokenizer_name_or_path: str | None = HfArg(
+        default=None, aliases=["--tokenizer_name"], help="Tokenizer to use (default: the model's)."
+    )
+    tokenizer_revision: str | None = HfArg(
+        default=None, help="Revision of the tokenizer on the Hub (default: the model's revision)."
+    )
+    use_slow_tokenizer: bool = HfArg(default=False, help="Load the slow (Python) tokenizer instead of the fast one.")
+    chat_template_name: str | None = HfArg(
+        default=None,
+        help="Chat template to apply instead of the tokenizer's own (default: the tokenizer's own, as in the "
+        "reference): a name minrm knows (tulu, zephyr, simple_chat), or a tokenizer id/path whose template is "
+        "borrowed.",
+    )
+    add_bos: bool = HfArg(
+        default=False,
+        help="Prepend the bos token to the chat template (for templates that do not begin with it; refused for "
+        "those that do).",
+    )
+    trust_remote_code: bool = HfArg(
+        default=False, help="Allow model and tokenizer code from the Hub repository to run."
+    )
+    gradient_checkpointing: bool = HfArg(
+        default=False, help="Recompute activations in the backward pass to save memory."
+    )
+    init_score_head: bool = HfArg(
+        default=True,
+        help="Re-draw the score head from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325). False keeps a "
+        "loaded head, to continue training an existing reward model. [minrm]",
+    )
+    mixed_precision: Literal[MIXED_PRECISIONS] | None = HfArg(
+        default=None,
+        help="`bf16`: FSDP2 gathers the parameters in bf16 for the forward and backward passes and reduces "
+        "gradients in fp32; master weights, AdamW state, the score head, rewards and loss stay fp32. `no`: fp32 "
+        "throughout. Default: bf16 with CUDA, no otherwise. [minrm]",
+    )
+    use_liger_kernel: bool | None = HfArg(
+        default=None,
+        help="Swap Liger's fused RMSNorm, SwiGLU and RoPE kernels into the backbone (default: on with CUDA, off "
+        "otherwise). [minrm]",
+    )
+    strict_kernels: bool = HfArg(
+        default=False,
+        help="Fail at start, instead of training without them, when the Liger kernels are wanted "
+        "(--use_liger_kernel True, or auto on CUDA) but cannot be used. [minrm]",
+    )
 
     # Experiment
-    exp_name: str = "reward_modeling"
-    """Name of this experiment."""
-    seed: int = 1
-    """Seed of the experiment: data order, score-head init, RNGs."""
-    run_name: str | None = None
-    """Unique name of this run (default: EXP_NAME__SEED__UNIXTIME). Outputs go to OUTPUT_DIR/RUN_NAME."""
+    exp_name: str = HfArg(default="reward_modeling", help="Name of this experiment.")
+    seed: int = HfArg(default=1, help="Seed of the experiment: data order, score-head init, RNGs.")
+    run_name: str | None = HfArg(
+        default=None,
+        help="Unique name of this run (default: EXP_NAME__SEED__UNIXTIME). Outputs go to OUTPUT_DIR/RUN_NAME.",
+    )
 
-    # Optimizer and schedule
-    eps: float = 1e-5
-    """AdamW epsilon."""
-    learning_rate: float = 2e-5
-    """Peak learning rate of AdamW."""
-    weight_decay: float = 0.01
-    """AdamW weight decay, applied to every parameter (torch's default, as in the reference). [minrm]"""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this (as the reference's DeepSpeed production runs do); <= 0 turns clipping off. [minrm]"""
-    lr_scheduler_type: Literal[SCHEDULERS] = "linear"
-    """Learning-rate schedule."""
-    warm_up_steps: int = 0
-    """Number of warm-up optimizer steps."""
+    # Loss, optimizer and schedule
+    loss: Literal[LOSSES] = HfArg(
+        default="bradley_terry",
+        help="`bradley_terry`: a row's loss is the mean over its comparisons (i preferred to j) of "
+        "-logsigmoid(r_i - r_j), InstructGPT's all-pairs loss (arXiv:2203.02155), the reference's for a pair; "
+        "`plackett_luce`: the negative log-likelihood of the row's ranking by its scores, the pairwise loss "
+        "when it has two responses. The step's loss is the mean over its rows. [minrm]",
+    )
+    center_rewards_coefficient: float | None = HfArg(
+        default=None,
+        help="Add C x mean(r^2) over the step's responses to the loss, which keeps the rewards centred on 0 "
+        "(TRL's flag; Eisenstein et al. 2023, arXiv:2312.09244). None: off. [minrm]",
+    )
+    eps: float = HfArg(default=1e-5, help="AdamW epsilon.")
+    learning_rate: float = HfArg(default=2e-5, help="Peak learning rate of AdamW.")
+    weight_decay: float = HfArg(
+        default=0.01,
+        help="AdamW weight decay, applied to every parameter (torch's default, as in the reference). [minrm]",
+    )
+    max_grad_norm: float = HfArg(
+        default=1.0,
+        help="Clip the global gradient norm to this (as the reference's DeepSpeed production runs do); <= 0 turns "
+        "clipping off. [minrm]",
+    )
+    lr_scheduler_type: Literal[SCHEDULERS] = HfArg(default="linear", help="Learning-rate schedule.")
+    warm_up_steps: int = HfArg(default=0, help="Number of warm-up optimizer steps.")
 
     loss: Literal["bradley_terry", "plackett_luce"] = "bradley_terry"
     """The ranking loss (loss.py). [minrm]"""
@@ -125,131 +228,153 @@ class Args:
     """Adds this x mean(r^2) over the step's responses to the loss (default: off). [minrm]"""
 
     # Batch sizes
-    num_train_epochs: int = 1
-    """Number of passes over the training set."""
-    gradient_accumulation_steps: int = 8
-    """Micro-batches accumulated per optimizer step."""
-    per_device_train_batch_size: int = 1
-    """Pairs per process per micro-batch (with --max_tokens_per_batch, the step's pairs per process are
-    this x gradient_accumulation_steps, cut by tokens)."""
-    per_device_eval_batch_size: int = 1
-    """Pairs per process per evaluation batch."""
-    total_episodes: int | None = None
-    """Training pairs to consume in total (default: num_train_epochs x training-set size)."""
-    num_evals: int = 1
-    """Evaluations spread evenly through training (the last after the final step), when an eval set is given."""
+    num_train_epochs: int = HfArg(default=1, help="Number of passes over the training set.")
+    gradient_accumulation_steps: int = HfArg(default=8, help="Micro-batches accumulated per optimizer step.")
+    per_device_train_batch_size: int = HfArg(
+        default=1,
+        help="Pairs per process per micro-batch (with --max_tokens_per_batch, the step's pairs per process are "
+        "this x gradient_accumulation_steps, cut by tokens).",
+    )
+    per_device_eval_batch_size: int = HfArg(default=1, help="Pairs per process per evaluation batch.")
+    total_episodes: int | None = HfArg(
+        default=None,
+        help="Training pairs to consume in total (default: num_train_epochs x training-set size).",
+    )
+    num_evals: int = HfArg(
+        default=1,
+        help="Evaluations spread evenly through training (the last after the final step), when an eval set is given.",
+    )
 
     # Batching
-    batching: Literal[BATCHINGS] = "shared_prefix"
-    """How a micro-batch's pairs become model input: `padded` (the reference: right padding to the
-    longest sequence), `packed` (sequences end to end with no padding, each attending only to
-    itself) or `shared_prefix` (packed, and each pair's prompt computed once for both responses).
-    Same rewards and metrics in every mode; see docs/batching.md."""
-    packed_attention: Literal[PACKED_ATTENTIONS] = "auto"
-    """The attention that runs packed rows: `flex_attention` (a block mask; the `auto` choice on GPU),
-    `segments` (SDPA on each sequence's span of the row; `auto` elsewhere) or `mask` (one dense
-    L x L mask through the model's own attention). [minrm]"""
-    max_tokens_per_batch: int | None = None
-    """A token budget per micro-batch: each optimizer step still takes per_device_train_batch_size x
-    gradient_accumulation_steps pairs per process, cut into as few micro-batches as keep each within
-    this many computed tokens (padding included), instead of micro-batches of
-    per_device_train_batch_size pairs; evaluation batches are cut the same way. Same loss and
-    metrics. [minrm]"""
+    batching: Literal[BATCHINGS] = HfArg(
+        default="shared_prefix",
+        help="How a micro-batch's pairs become model input: `padded` (the reference: right padding to the longest "
+        "sequence), `packed` (sequences end to end with no padding, each attending only to itself) or "
+        "`shared_prefix` (packed, and each pair's prompt computed once for both responses). Same rewards and "
+        "metrics in every mode; see docs/batching.md.",
+    )
+    packed_attention: Literal[PACKED_ATTENTIONS] = HfArg(
+        default="auto",
+        help="The attention that runs packed rows: `flex_attention` (a block mask; the `auto` choice on GPU), "
+        "`segments` (SDPA on each sequence's span of the row; `auto` elsewhere) or `mask` (one dense L x L mask "
+        "through the model's own attention). [minrm]",
+    )
+    max_tokens_per_batch: int | None = HfArg(
+        default=None,
+        help="A token budget per micro-batch: each optimizer step still takes per_device_train_batch_size x "
+        "gradient_accumulation_steps pairs per process, cut into as few micro-batches as keep each within this "
+        "many computed tokens (padding included), instead of micro-batches of per_device_train_batch_size pairs; "
+        "evaluation batches are cut the same way. Same loss and metrics. [minrm]",
+    )
 
     # Checkpointing
-    checkpointing_steps: str | None = None
-    """Save a resumable checkpoint every N optimizer steps, or `epoch` (every ceil(training pairs / batch_size) steps), to OUTPUT_DIR/RUN_NAME/checkpoints/step_N (default: none). [minrm]"""
-    keep_last_n_checkpoints: int = 2
-    """Keep the newest K checkpoints, deleting older ones once a new one is complete; <= 0 keeps all. [minrm]"""
-    resume_from_checkpoint: str | None = None
-    """Resume from this checkpoint folder, or `auto`: the newest complete checkpoint of OUTPUT_DIR/RUN_NAME (needs --run_name; with none found, start fresh). The batch size, data and schedule flags must be those it was written with. [minrm]"""
+    checkpointing_steps: str | None = HfArg(
+        default=None,
+        help="Save a resumable checkpoint every N optimizer steps, or `epoch` (every ceil(training pairs / "
+        "batch_size) steps), to OUTPUT_DIR/RUN_NAME/checkpoints/step_N (default: none). [minrm]",
+    )
+    keep_last_n_checkpoints: int = HfArg(
+        default=2,
+        help="Keep the newest K checkpoints, deleting older ones once a new one is complete; <= 0 keeps all. [minrm]",
+    )
+    resume_from_checkpoint: str | None = HfArg(
+        default=None,
+        help="Resume from this checkpoint folder, or `auto`: the newest complete checkpoint of OUTPUT_DIR/RUN_NAME "
+        "(needs --run_name; with none found, start fresh). The batch size, data and schedule flags must be those "
+        "it was written with. [minrm]",
+    )
 
     # Tracking and output
-    with_tracking: bool = False
-    """Log to Weights & Biases (set WANDB_MODE=offline to log without a network)."""
-    wandb_project_name: str = "open_instruct_internal"
-    """W&B project."""
-    wandb_entity: str | None = None
-    """W&B entity (team or user)."""
-    push_to_hub: bool = False
-    """Upload the final model to the Hugging Face Hub. minrm's default is False (the reference's is True): a run should not need Hub credentials to finish."""
-    hf_entity: str | None = None
-    """Hub user or organisation of the model repository (default: the logged-in user)."""
-    hf_repo_id: str | None = None
-    """Hub repository name (default: open_instruct_dev); the repo is HF_ENTITY/HF_REPO_ID."""
-    hf_repo_revision: str | None = None
-    """Hub branch to push to (default: the run name)."""
-    output_dir: str = "output"
-    """The final model, metrics.jsonl and samples go to OUTPUT_DIR/RUN_NAME."""
-    no_plot: bool = False
-    """Do not draw OUTPUT_DIR/RUN_NAME/metrics.png (the six metric panels against episodes, `python -m minrm.plot`) at the end of training. [minrm]"""
-    timeout_minutes: int = 60
-    """How long a collective may wait for the slowest process before the run fails (torch's default: 10 minutes with NCCL). The longest waits left are rank 0 writing the final model (a 70B model's fp32 weights are 280 GB) while the others wait at a barrier, and stragglers reading a large model or checkpoint; building the dataset cache and the Hub upload wait outside any collective. [minrm]"""
-
-
-ALIASES = {"tokenizer_name": "tokenizer_name_or_path"}
-
-
-def _field_docs() -> dict[str, str]:
-    """The docstring under each field of `Args`, read from this file's source."""
-    body = ast.parse(inspect.getsource(Args)).body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value
-    return docs
+    with_tracking: bool = HfArg(
+        default=False, help="Log to Weights & Biases (set WANDB_MODE=offline to log without a network)."
+    )
+    wandb_project_name: str = HfArg(default="open_instruct_internal", help="W&B project.")
+    wandb_entity: str | None = HfArg(default=None, help="W&B entity (team or user).")
+    push_to_hub: bool = HfArg(
+        default=False,
+        help="Upload the final model to the Hugging Face Hub. minrm's default is False (the reference's is True): "
+        "a run should not need Hub credentials to finish.",
+    )
+    hf_entity: str | None = HfArg(
+        default=None, help="Hub user or organisation of the model repository (default: the logged-in user)."
+    )
+    hf_repo_id: str | None = HfArg(
+        default=None, help="Hub repository name (default: open_instruct_dev); the repo is HF_ENTITY/HF_REPO_ID."
+    )
+    hf_repo_revision: str | None = HfArg(default=None, help="Hub branch to push to (default: the run name).")
+    output_dir: str = HfArg(
+        default="output", help="The final model, metrics.jsonl and samples go to OUTPUT_DIR/RUN_NAME."
+    )
+    no_plot: bool = HfArg(
+        default=False,
+        help="Do not draw OUTPUT_DIR/RUN_NAME/metrics.png (the six metric panels against episodes, `python -m "
+        "minrm.plot`) at the end of training. [minrm]",
+    )
+    timeout_minutes: int = HfArg(
+        default=60,
+        help="How long a collective may wait for the slowest process before the run fails (torch's default: 10 "
+        "minutes with NCCL). The longest waits left are rank 0 writing the final model (a 70B model's fp32 "
+        "weights are 280 GB) while the others wait at a barrier, and stragglers reading a large model or "
+        "checkpoint; building the dataset cache and the Hub upload wait outside any collective. [minrm]",
+    )
 
 
 def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("true", "1", "yes"):
-        return True
-    if low in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    """HfArgumentParser's own reading of a boolean (true/false, yes/no, t/f, y/n, 1/0), with a one-line message."""
+    try:
+        return string_to_bool(text)
+    except ArgumentTypeError:
+        raise ArgumentTypeError(f"expected True or False, got {text!r}") from None
 
 
-def _optional(kind):
+def _optional(kind: type):
+    """`kind`, or None for `None` / `none`: how a YAML null reaches a flag, and how the command line gives one."""
+
     def parse(text: str):
         return None if text in ("None", "none") else kind(text)
 
-    parse.__name__ = kind.__name__
+    parse.__name__ = kind.__name__  # argparse names the type in its message: "invalid int value"
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # Defaults are SUPPRESSed so that `parse_args` can tell which flags the user gave.
-    parser = argparse.ArgumentParser(
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(
+        Args,
         prog="python -m minrm.train",
-        description="Train a pairwise (Bradley-Terry) reward model. Flags follow open-instruct's reward_modeling.py. "
-        "A YAML file of `flag: value` lines may come first (python -m minrm.train config.yaml [--flag value ...]); "
-        "flags after it override it.",
-        argument_default=argparse.SUPPRESS,
+        description="Train a reward model. Flags follow open-instruct's reward_modeling.py. A YAML file of "
+        "`flag: value` lines may come first (python -m minrm.train config.yaml [--flag value ...]); flags after "
+        "it override it.",
         allow_abbrev=False,
     )
-    docs = _field_docs()
-    hints = typing.get_type_hints(Args)
-    for f in dataclasses.fields(Args):
-        kind = hints[f.name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        names = [f"--{f.name}"] + [f"--{a}" for a, target in ALIASES.items() if target == f.name]
-        help_text = f"{docs[f.name]} (default: {default})"
-        args = typing.get_args(kind)
-        optional = type(None) in args
-        base = next(a for a in args if a is not type(None)) if optional else kind
-        if base is bool:
-            parser.add_argument(*names, dest=f.name, nargs="?", const=True, type=_bool, help=help_text)
-        elif typing.get_origin(base) is list:
-            parser.add_argument(*names, dest=f.name, nargs="*", metavar="STR", help=help_text)
-        elif typing.get_origin(base) is Literal:
-            parser.add_argument(*names, dest=f.name, choices=typing.get_args(base), help=help_text)
-        else:
-            parser.add_argument(*names, dest=f.name, type=_optional(base) if optional else base, help=help_text)
+    # HfArgumentParser makes each flag from its field; three forms minrm keeps are changed on what it made
+    # (`_actions`: argparse's list of the flags, which it has no public accessor for):
+    # - a list flag given alone is empty (`--dataset_mixer_eval_list` turns the toy's eval off); it makes nargs="+";
+    # - `--use_liger_kernel` alone (a boolean whose default, None, means auto) is True, as the other booleans
+    #   are; it makes that one take exactly one value;
+    # - an optional flag takes `None`, the form a YAML null arrives in; it keeps "None" as a string, or refuses it
+    #   for a number.
+    for action in parser._actions:
+        if action.nargs == "+":
+            action.nargs = "*"
+        elif action.type is string_to_bool:
+            action.type, action.nargs, action.const = _bool, "?", True
+        elif action.default is None and action.type in (str, int, float):
+            action.type = _optional(action.type)
     return parser
 
 
+def _amount_ok(amount: str) -> bool:
+    """A mixer AMOUNT: a whole row count (`400`) or a fraction with a decimal point (`0.5`, `3.0`), above 0."""
+    if "." not in amount:
+        return amount.isdecimal() and int(amount) > 0
+    try:
+        return math.isfinite(float(amount)) and float(amount) > 0
+    except ValueError:
+        return False
+
+
 def validate(args: Args) -> None:
-    """Reject bad values before any model or data is loaded."""
+    """Reject bad values and combinations, from the flags alone, before any model or data is loaded."""
 
     def fail(flag: str, why: str) -> None:
         raise SystemExit(f"minrm: error: --{flag}: {why}")
@@ -257,20 +382,32 @@ def validate(args: Args) -> None:
     for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(args, name) < 1:
             fail(name, f"must be at least 1, got {getattr(args, name)}")
-    for name in ("max_token_length", "max_prompt_token_length", "num_train_epochs"):
+    for name in ("max_token_length", "max_prompt_token_length", "num_train_epochs", "timeout_minutes"):
         if getattr(args, name) < 1:
             fail(name, f"must be at least 1, got {getattr(args, name)}")
     for name in ("warm_up_steps", "num_evals"):
         if getattr(args, name) < 0:
             fail(name, f"must be >= 0, got {getattr(args, name)}")
-    if args.timeout_minutes < 1:
-        fail("timeout_minutes", f"must be at least 1, got {args.timeout_minutes}")
-    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch < 1:
-        fail("max_tokens_per_batch", f"must be at least 1, got {args.max_tokens_per_batch}")
-    if args.total_episodes is not None and args.total_episodes < 1:
-        fail("total_episodes", f"must be at least 1, got {args.total_episodes}")
+    for name in ("max_tokens_per_batch", "total_episodes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(name, f"must be at least 1, got {getattr(args, name)}")
+    if args.max_responses_per_prompt is not None and args.max_responses_per_prompt < 2:
+        fail(
+            "max_responses_per_prompt",
+            f"must be at least 2 (a comparison needs two), got {args.max_responses_per_prompt}",
+        )
+    coefficient = args.center_rewards_coefficient
+    if coefficient is not None and not (math.isfinite(coefficient) and coefficient >= 0):
+        fail("center_rewards_coefficient", f"must be a number >= 0, got {coefficient}")
     if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:
         fail("learning_rate/eps/weight_decay", "learning_rate and weight_decay must be >= 0 and eps > 0")
+    steps = args.checkpointing_steps
+    if steps is not None and steps != "epoch" and not (steps.isdecimal() and int(steps) > 0):
+        fail("checkpointing_steps", f"expected a positive integer or `epoch`, got {steps!r}")
+    if args.resume_from_checkpoint == "auto" and not args.run_name:
+        fail("resume_from_checkpoint", "auto needs --run_name (it finds the run's folder)")
+    if args.cache_dataset_only and args.dataset_skip_cache:
+        fail("cache_dataset_only", "builds the dataset cache, which --dataset_skip_cache turns off: give one of them")
     if not 0 <= args.eval_fraction < 1:
         fail("eval_fraction", f"must be in [0, 1), got {args.eval_fraction}")
     if args.eval_fraction > 0 and args.dataset_mixer_eval_list:
@@ -285,26 +422,24 @@ def validate(args: Args) -> None:
         if mixer and len(splits) not in (1, n):
             fail(flag + "_splits", f"give one split for all datasets or one per dataset ({n}), got {splits}")
         for name, amount in zip(mixer[::2], mixer[1::2]):
-            try:
-                ok = float(amount) > 0
-            except ValueError:
-                ok = False
-            if not ok:
-                fail(flag, f"amount {amount!r} for {name!r} is not a positive number")
-            if name.endswith((".jsonl", ".json", ".parquet")) and not os.path.isfile(name):
-                fail(flag, f"local dataset file {name!r} does not exist")
+            if not _amount_ok(amount):
+                fail(
+                    flag,
+                    f"amount {amount!r} for {name!r} is not a positive number: a row count (400) or a fraction "
+                    "with a decimal point (0.5, 1.0, 3.0)",
+                )
         for name, split in zip(mixer[::2], splits * n if len(splits) == 1 else splits):
             if name == TOY and split not in SPLIT_SIZES:
                 fail(flag + "_splits", f"{TOY} has the splits {sorted(SPLIT_SIZES)}, not {split!r}")
-            if name.endswith((".jsonl", ".json", ".parquet")) and split != "train":
+            if name.endswith(DATA_FILES) and split != "train":
                 fail(flag + "_splits", f"{name} is a local file, whose one split is `train`, not {split!r}")
-    check_paths(args)
 
 
 def read_config_file(path: str) -> dict:
-    """The flags a YAML config file sets: keys are flag names, values YAML scalars or lists (for the
-    list flags). They go through the command line's own parser, so each value gets the type and
-    the checks its flag gets there (`lr: 3e-6`, a string to YAML, is a float here as on the command line)."""
+    """The flags a YAML config file sets, by field name: keys are flag names (or aliases), values YAML
+    scalars or lists (for the list flags). HfArgumentParser's own `parse_yaml_file` hands the YAML values
+    to the dataclass as they are (`lr: 3e-6` is a string to YAML); here they go through the command
+    line's parser instead, so each value gets the type and the checks its flag gets there."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -320,11 +455,12 @@ def read_config_file(path: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise SystemExit(f"minrm: error: {path}: expected `flag: value` lines, got a YAML {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(Args)] + list(ALIASES)
+    fields = {f.name: f.name for f in dataclasses.fields(Args)}
+    fields |= {alias[2:]: f.name for f in dataclasses.fields(Args) for alias in f.metadata.get("aliases", [])}
     argv = []
     for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             raise SystemExit(
                 f"minrm: error: {path}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
             )
@@ -334,28 +470,32 @@ def read_config_file(path: str) -> dict:
     parser = build_parser()
     parser.exit_on_error = False  # raise, so that the message can name the file
     try:
-        given, extra = parser.parse_known_args(argv)
+        parsed, extra = parser.parse_known_args(argv)
     except argparse.ArgumentError as e:
-        raise SystemExit(f"minrm: error: {path}: {e}") from None
+        # argparse names a flag by all its spellings (--learning_rate/--learning-rate): the first is the field's.
+        where = f"argument {e.argument_name.split('/')[0]}: " if e.argument_name else ""
+        raise SystemExit(f"minrm: error: {path}: {where}{e.message}") from None
     if extra:
         raise SystemExit(f"minrm: error: {path}: a list where one value is expected: {' '.join(extra)}")
-    return vars(given)
+    return {fields[key]: getattr(parsed, fields[key]) for key in data}
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Parse the command line: an optional YAML config file first, then flags, which override it.
     With the toy model, flags given in neither take the toy recipe's values."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    given = {}
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        given = read_config_file(argv[0])
-        argv = argv[1:]
-    given.update(vars(build_parser().parse_args(argv)))
-    args = Args(**given)
+    from_file = read_config_file(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else {}
+    parser = build_parser()
+    # The file's values are the parser's defaults, so the flags given override them.
+    parser.set_defaults(**from_file)
+    args = Args(**vars(parser.parse_args(argv)))
     if args.model_name_or_path == TOY:
-        for key, value in TOY_RECIPE.items():
-            # --eval_fraction carves the eval set from the training data: the toy's own stays out.
-            if key not in given and not (key.startswith("dataset_mixer_eval") and "eval_fraction" in given):
-                setattr(args, key, value)
+        # The toy recipe goes under the file's values as defaults, and the flags are read again. An eval set
+        # carved by --eval_fraction replaces the toy's own.
+        recipe = {
+            k: v for k, v in TOY_RECIPE.items() if not (k.startswith("dataset_mixer_eval") and args.eval_fraction)
+        }
+        parser.set_defaults(**{**recipe, **from_file})
+        args = Args(**vars(parser.parse_args(argv)))
     validate(args)
     return args

@@ -1,9 +1,9 @@
 """What the flags point at, checked before anything expensive starts; each failure is one line.
 
-- `check_paths(args)` (called by `config.validate`, file system only): the model and tokenizer are
-  existing folders (a model folder with a config) or valid Hub ids; a chat template
-  name is one minrm knows or a tokenizer's folder or Hub id; the output and cache folders can be
-  created; a checkpoint to resume from exists.
+- `check_paths(args)` (first in train.py, right after the flags are parsed; file system only): the
+  local dataset files exist; the model and tokenizer are existing folders (a model folder with a
+  config) or valid Hub ids; a chat template name is one minrm knows or a tokenizer's folder or Hub
+  id; the output and cache folders can be created; a checkpoint to resume from exists.
 - `load_or_exit`: a `from_pretrained` whose failure (not found, offline, bad revision...) becomes
   one line naming the flag. `check_model(args)`, first in train.py, fetches the model's config
   with it and checks that a model folder holds weights, before the data is built.
@@ -15,13 +15,14 @@ docs/errors.md lists every check and its message.
 
 import json
 import os
+import tempfile
 
 import datasets
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 
-from minrm import toy
+from minrm.config import DATA_FILES, TOY
 from minrm.formats import CHAT_TEMPLATES
 from minrm.packed_attention import packing_problem
 
@@ -52,21 +53,28 @@ def _check_source(flag: str, name: str, model: bool, neither: str = "an existing
 
 
 def _check_writable(flag: str, path: str) -> None:
-    """The folder exists or can be created: its nearest existing ancestor is a folder we may write in."""
+    """The folder exists or can be created: a folder can be made (and is removed) in its nearest existing
+    ancestor. Making one is the test: `os.access` says yes to root on /proc and /sys, where mkdir fails."""
     target = os.path.abspath(path)
     while not os.path.exists(target):
         target = os.path.dirname(target)
     if not os.path.isdir(target):
         _fail(flag, f"cannot create {path}: {target} is a file")
-    if not os.access(target, os.W_OK | os.X_OK):
-        _fail(flag, f"cannot write in {target} (permission denied)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".minrm_probe_", dir=target))
+    except OSError as e:
+        _fail(flag, f"cannot create {path}: a folder cannot be made in {target} ({e.strerror})")
 
 
 def check_paths(args) -> None:
     """Every path or name a flag gives, checked on the file system alone (no network)."""
-    if args.model_name_or_path != toy.TOY:
+    for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
+        for name in getattr(args, flag)[::2]:
+            if name.endswith(DATA_FILES) and not os.path.isfile(name):
+                _fail(flag, f"local dataset file {name!r} does not exist")
+    if args.model_name_or_path != TOY:
         _check_source("model_name_or_path", args.model_name_or_path, model=True)
-    if args.tokenizer_name_or_path not in (None, toy.TOY):
+    if args.tokenizer_name_or_path not in (None, TOY):
         _check_source("tokenizer_name_or_path", args.tokenizer_name_or_path, model=False)
     if args.chat_template_name not in (None, *CHAT_TEMPLATES):  # else a tokenizer to borrow from
         known = f"a template minrm knows ({', '.join(CHAT_TEMPLATES)}) nor a tokenizer's folder or Hub id"
@@ -94,7 +102,7 @@ def check_model(args, flag: str = "model_name_or_path"):
     packed batchings can run the model: the first fetch of a run, so that a wrong model fails before
     the data is built. Returns the config (None for the toy)."""
     name = args.model_name_or_path
-    if name == toy.TOY:
+    if name == TOY:
         return None
     _check_source(flag, name, model=True)
     kwargs = {"revision": args.model_revision, "trust_remote_code": args.trust_remote_code}

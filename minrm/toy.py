@@ -6,6 +6,8 @@ and a synthetic "repeat the words" preference data set.  The task is chosen so
 the reward depends on the prompt (a response is only good if it copies *this*
 prompt), which a response-only classifier cannot solve, yet a 2-layer model
 learns it (eval accuracy ~0.99) in about half a minute on two CPU cores.
+The flag values it trains with (`TOY_RECIPE`) and its split sizes are in
+config.py, with the other flags.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import datasets
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from minrm.config import SPLIT_SIZES, TOY
 from minrm.formats import CHAT_TEMPLATES
-
-TOY = "minrm:toy"  # sentinel for --model_name_or_path and the dataset mixers
 
 # Closed vocabulary: every string the generator can emit is one token, so the
 # model never sees <unk> (any other word maps to it) and word identity is a
@@ -32,9 +33,6 @@ WORDS = (
 VERBS = ("repeat:", "copy:", "echo:")
 SYSTEM = "be exact"
 CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>"]
-# One epoch of train is 1536 steps at batch 16; 1024 steps reached only ~0.975
-# eval accuracy, 1536 reach >= 0.99 on every seed tried.
-SPLIT_SIZES = {"train": 24576, "test": 512}
 
 
 def toy_tokenizer() -> PreTrainedTokenizerFast:
@@ -116,22 +114,3 @@ def toy_dataset(split: str) -> datasets.Dataset:
     rng, seen = random.Random(1234), set()
     splits = {name: _pairs(rng, size, seen) for name, size in SPLIT_SIZES.items()}
     return datasets.Dataset.from_list(splits[split])
-
-
-# Defaults the trainer applies when the toy model is used and a flag is unset.
-TOY_RECIPE: dict[str, object] = {
-    "learning_rate": 1e-3,  # 3e-3 and above learned the copy check worse
-    "per_device_train_batch_size": 16,
-    "gradient_accumulation_steps": 1,
-    "num_train_epochs": 1,
-    "warm_up_steps": 10,
-    "lr_scheduler_type": "linear",
-    "max_token_length": 128,
-    "max_prompt_token_length": 64,
-    "per_device_eval_batch_size": 64,
-    "num_evals": 2,
-    "dataset_mixer_list": [TOY, "1.0"],
-    "dataset_mixer_list_splits": ["train"],
-    "dataset_mixer_eval_list": [TOY, "1.0"],
-    "dataset_mixer_eval_list_splits": ["test"],
-}

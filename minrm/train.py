@@ -54,7 +54,7 @@ from minrm.distributed import (
 from minrm.evaluate import evaluate
 from minrm.export import model_card, push_folder, resolve_hub_repo, save_hf_folder
 from minrm.failsafe import NonFinite, StopSignal, exit_after_signal, exit_nonfinite, nonfinite, nonfinite_weights
-from minrm.inputs import check_model
+from minrm.inputs import check_model, check_paths
 from minrm.liger import apply_liger_kernel
 from minrm.loss import LOSS, STATS, row_statistics
 from minrm.model import read_weights, skeleton, transformer_blocks
@@ -108,13 +108,19 @@ def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float,
 def main(args: Args) -> dict:
     # ------------------------------------------------------------------------------------------
     # Setup
+    check_paths(args)  # what the flags name, on the file system: right after parsing, before any fetch
     check_model(args)  # the model's config loads (folder or Hub), before any other fetch
     d = init_distributed(args.timeout_minutes)
     # Every rank must agree on the run name (it names the output folder): rank 0's clock decides.
     args.run_name = broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = os.path.join(args.output_dir, args.run_name)
     if d.is_main:
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(
+                f"minrm: error: --output_dir: cannot create the run folder {run_dir} ({e.strerror})"
+            ) from None
     torch.manual_seed(args.seed)
 
     # ------------------------------------------------------------------------------------------

@@ -41,11 +41,11 @@ from minrm import export
 from minrm.checkpoint import (
     CheckpointWriter,
     TrainerState,
-    check_resume_args,
     checkpoint_interval,
     find_latest,
     load_checkpoint,
 )
+from minrm.config import parse_args
 from minrm.distributed import Dist
 from minrm.tracking import ELAPSED
 from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
@@ -267,12 +267,12 @@ def test_checkpointing_steps_epoch():
     assert checkpoint_interval("epoch", train_pairs=48, batch_size=5) == 10  # ceil(48 / 5)
     assert checkpoint_interval("7", 48, 5) == 7 and checkpoint_interval(None, 48, 5) is None
     with pytest.raises(SystemExit, match="checkpointing_steps"):
-        checkpoint_interval("0", 48, 5)
+        parse_args(["--checkpointing_steps", "0"])
 
 
 def test_auto_needs_a_run_name():
     with pytest.raises(SystemExit, match="needs --run_name"):
-        check_resume_args(SimpleNamespace(resume_from_checkpoint="auto", run_name=None))
+        parse_args(["--resume_from_checkpoint", "auto"])
 
 
 def test_auto_skips_incomplete_checkpoints(uninterrupted, tmp_path):

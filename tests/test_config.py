@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
+from minrm import train
 from minrm.config import TOY_RECIPE, Args, build_parser, parse_args
+from minrm.inputs import check_paths
 from tests.conftest import ROOT
 
 # The Tulu 3 8B RM command line of the reference (minus the launcher), with --push_to_hub False.
@@ -70,7 +72,7 @@ def test_toy_recipe_fills_only_flags_not_given():
 )
 def test_bad_input_fails_with_a_clear_message(flags, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        parse_args(["--model_name_or_path", "x/y", *flags])
+        check_paths(parse_args(["--model_name_or_path", "x/y", *flags]))  # as train.py starts
     assert message in str(exc.value) + capsys.readouterr().err
 
 
@@ -160,3 +162,70 @@ def test_bad_yaml_names_the_file(tmp_path, text, message):
     with pytest.raises(SystemExit) as e:
         parse_args([str(config)])
     assert str(e.value).startswith(f"minrm: error: {config}{message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The flags of K-response rows and their losses, and checks that need nothing but the flags
+
+
+def test_new_flags_defaults_and_the_args_log():
+    args = parse_args([])
+    assert (args.loss, args.center_rewards_coefficient, args.max_responses_per_prompt) == ("bradley_terry", None, None)
+    assert (args.responses_key, args.scores_key, args.margin_key) == ("responses", "scores", "margin")
+    given = "--loss plackett_luce --center_rewards_coefficient 0.01 --max_responses_per_prompt 4 --responses_key r "
+    given += "--scores_key s --margin_key m"
+    logged = dataclasses.asdict(parse_args(given.split()))  # what train.py prints at start, as JSON
+    assert {k: logged[k] for k in ("loss", "center_rewards_coefficient", "max_responses_per_prompt")} == {
+        "loss": "plackett_luce",
+        "center_rewards_coefficient": 0.01,
+        "max_responses_per_prompt": 4,
+    }
+    assert (logged["responses_key"], logged["scores_key"], logged["margin_key"]) == ("r", "s", "m")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--loss", "listnet"], "argument --loss: invalid choice: 'listnet'"),
+        (["--max_responses_per_prompt", "1"], "--max_responses_per_prompt: must be at least 2 (a comparison needs two), got 1"),
+        (["--center_rewards_coefficient", "-0.1"], "--center_rewards_coefficient: must be a number >= 0, got -0.1"),
+        (["--center_rewards_coefficient", "nan"], "--center_rewards_coefficient: must be a number >= 0, got nan"),
+        (["--checkpointing_steps", "bad"], "--checkpointing_steps: expected a positive integer or `epoch`, got 'bad'"),
+        (["--checkpointing_steps", "0"], "--checkpointing_steps: expected a positive integer or `epoch`, got '0'"),
+        (["--resume_from_checkpoint", "auto"], "--resume_from_checkpoint: auto needs --run_name (it finds the run's folder)"),
+        (["--cache_dataset_only", "--dataset_skip_cache"], "--cache_dataset_only: builds the dataset cache, which --dataset_skip_cache turns off"),
+        (["--dataset_mixer_list", "a/b", "1e3"], "--dataset_mixer_list: amount '1e3' for 'a/b' is not a positive number"),
+    ],
+)  # fmt: skip
+def test_flags_checked_at_parse(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model_name_or_path", "x/y", *flags])
+    assert message in str(exc.value) + capsys.readouterr().err
+
+
+def test_good_values_of_the_checked_flags():
+    args = parse_args(["--checkpointing_steps", "epoch", "--resume_from_checkpoint", "auto", "--run_name", "r"])
+    assert (args.checkpointing_steps, args.resume_from_checkpoint) == ("epoch", "auto")
+    args = parse_args(["--center_rewards_coefficient", "0", "--max_responses_per_prompt", "2"])
+    assert (args.center_rewards_coefficient, args.max_responses_per_prompt) == (0.0, 2)
+    assert parse_args(["--dataset_mixer_list", "a/b", "400", "c/d", "0.5"]).dataset_mixer_list[1::2] == ["400", "0.5"]
+
+
+def test_checkpointing_steps_fails_before_any_model_or_data_work(monkeypatch, tmp_path):
+    """The trainer's entry (`main(parse_args())`) stops on the flag before its first fetch, load or process group."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("model or data work began before the flag was checked")
+
+    for name in ("check_model", "check_packing", "init_distributed", "load_tokenizer", "load_datasets", "load_model"):
+        monkeypatch.setattr(train, name, never)
+    with pytest.raises(SystemExit) as exc:
+        train.main(train.parse_args(["--checkpointing_steps", "bad", "--output_dir", str(tmp_path)]))
+    assert exc.value.code == "minrm: error: --checkpointing_steps: expected a positive integer or `epoch`, got 'bad'"
+
+
+def test_config_imports_nothing_from_minrm():
+    """config.py is the bottom of the package: every module may read the flags, it reads none of them."""
+    code = "import sys, minrm.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'minrm'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split("\n")[0] == "['minrm', 'minrm.config']", result.stderr

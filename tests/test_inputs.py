@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from minrm import train
 from minrm.config import parse_args
 from minrm.data import load_tokenizer
-from minrm.inputs import check_model
+from minrm.inputs import check_model, check_paths
 from tests.conftest import ROOT, build_dataset
 
 CONVERSATION = {
@@ -28,6 +29,11 @@ def refused(call, *args) -> str:
         call(*args)
     assert isinstance(e.value.code, str)
     return e.value.code
+
+
+def parse_and_check(flags: list[str]):
+    """The flags parsed and their paths checked, as train.py starts."""
+    check_paths(parse_args(flags))
 
 
 def build(path: str, *flags: str):
@@ -93,7 +99,7 @@ def test_bad_model_and_tokenizer_paths(folders):
         (["--tokenizer_name_or_path", "tok@1"], "--tokenizer_name_or_path: 'tok@1' is neither an existing folder nor a valid Hub id"),
     ]  # fmt: skip
     for flags, message in cases:
-        assert refused(parse_args, flags).startswith("minrm: error: " + message), flags
+        assert refused(parse_and_check, flags).startswith("minrm: error: " + message), flags
 
 
 def test_hub_ids_that_cannot_be_fetched_and_folders_without_weights(monkeypatch, tiny_model_dir, folders):
@@ -133,11 +139,34 @@ def test_other_flags_users_get_wrong(tmp_path, pairs_file):
         (["--resume_from_checkpoint", str(tmp_path / "step_9")], f"--resume_from_checkpoint: the checkpoint folder {tmp_path / 'step_9'} does not exist"),
     ]  # fmt: skip
     for flags, message in cases:
-        assert refused(parse_args, flags) == "minrm: error: " + message, flags
+        assert refused(parse_and_check, flags) == "minrm: error: " + message, flags
     assert refused(build, pairs_file, "--chosen_key", "good") == (
         f"minrm: error: {pairs_file}: no column 'good' (--chosen_key) in its first 48 rows; "
         "its columns are ['chosen', 'rejected']"
     )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and /sys are Linux's")
+@pytest.mark.parametrize("path", ["/proc/minrm_out", "/sys/minrm_out"])
+def test_output_dir_in_a_system_folder(path):
+    """mkdir fails there even for root, whom `os.access` tells that /proc and /sys are writable."""
+    assert refused(parse_and_check, ["--output_dir", path]).startswith(
+        f"minrm: error: --output_dir: cannot create {path}: a folder cannot be made in {os.path.dirname(path)} ("
+    )
+
+
+def test_writable_folders_are_checked_without_a_trace(tmp_path):
+    parse_and_check(["--output_dir", str(tmp_path / "out"), "--dataset_local_cache_dir", str(tmp_path / "a/cache")])
+    assert os.listdir(tmp_path) == []  # the probe folders are gone, and neither folder is made yet
+
+
+def test_a_run_folder_that_cannot_be_made(monkeypatch, tmp_path):
+    """The run folder OUTPUT_DIR/RUN_NAME, made by rank 0 once the run name is agreed, fails with one line."""
+    (tmp_path / "taken").write_text("")  # a file where the run folder goes
+    monkeypatch.setattr(train, "init_distributed", lambda timeout: SimpleNamespace(is_main=True))
+    monkeypatch.setattr(train, "broadcast_object", lambda value: value)
+    message = refused(train.main, parse_args(["--output_dir", str(tmp_path), "--run_name", "taken"]))
+    assert message == f"minrm: error: --output_dir: cannot create the run folder {tmp_path / 'taken'} (File exists)"
 
 
 def test_the_trainer_exits_with_the_line(tmp_path, tiny_model_dir):

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 from minrm import toy
+from minrm.config import TOY_RECIPE
 from minrm.formats import CHAT_TEMPLATES
 from minrm.plot import load_run, plot_runs, save_run_plot
 from minrm.tracking import ELAPSED
@@ -297,7 +298,7 @@ def test_embedded_default_shortened(tmp_path):
     run_minrm(["--total_episodes", "640", "--num_evals", "1", "--output_dir", str(tmp_path), "--run_name", "toy"])
     rows = read_metrics(tmp_path / "toy")
     train_rows = [r for r in rows if "train/rm/loss" in r]
-    bs = toy.TOY_RECIPE["per_device_train_batch_size"]
+    bs = TOY_RECIPE["per_device_train_batch_size"]
     assert [r["episode"] for r in train_rows] == [bs * (i + 1) for i in range(640 // bs)]
     assert train_rows[-1]["epoch"] == pytest.approx(640 / len(toy.toy_dataset("train")))
     final_eval = rows[-1]
