@@ -217,7 +217,7 @@ def test_checkpointing_steps_fails_before_any_model_or_data_work(monkeypatch, tm
     def never(*args, **kwargs):
         raise AssertionError("model or data work began before the flag was checked")
 
-    for name in ("check_model", "check_packing", "init_distributed", "load_tokenizer", "load_datasets", "load_model"):
+    for name in ("check_model", "init_distributed", "load_tokenizer", "load_datasets", "skeleton", "read_weights"):
         monkeypatch.setattr(train, name, never)
     with pytest.raises(SystemExit) as exc:
         train.main(train.parse_args(["--checkpointing_steps", "bad", "--output_dir", str(tmp_path)]))
