@@ -2,8 +2,8 @@
 category, and section scores as RewardBench reports them.
 
     python -m minrm.score output/my_run --data prefs.jsonl --out scores.jsonl
-    python -m minrm.score allenai/Llama-3.1-Tulu-3-8B-RM --data allenai/reward-bench-2 --split test \\
-        --sections sections.json --out rb2.parquet
+    python -m minrm.score allenai/Llama-3.1-Tulu-3-8B-RM --data allenai/reward-bench-2 --benchmark rewardbench2 \\
+        --out rb2.parquet
     torchrun --nproc_per_node 8 -m minrm.score output/my_run --data prefs.jsonl --out scores.jsonl
 
 MODEL is a folder minrm exported or any Hugging Face `*ForSequenceClassification` with one label
@@ -13,6 +13,8 @@ All the responses of a row go through the model in one packed row, the prompt co
 (`--batching shared_prefix`); rows are sorted by length into batches of `--max_tokens_per_batch`
 tokens; bf16 on GPU, fp32 on CPU. Under torchrun each process holds the whole model and scores
 every world_size-th row; rank 0 gathers the rewards in file order and writes them.
+`--benchmark rewardbench|rewardbench2` scores the rows as RewardBench 1 or 2 publish their scores
+(minrm.rewardbench).
 """
 
 import argparse
@@ -27,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from minrm import formats
+from minrm import formats, rewardbench
 from minrm.batching import BATCHINGS, collate, micro_batches, to_device
 from minrm.config import PACKED_ATTENTIONS, Args
 from minrm.data import json_or_none, load_tokenizer, read_raw, report_bad_rows
@@ -45,10 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minrm.score", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("model", help="a folder (minrm's export or any HF reward model) or a Hub id")
     p.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file or a Hub dataset id")
-    p.add_argument("--split", default="train", help="split of a Hub dataset (a local file has one: train)")
+    p.add_argument("--split", help="split of a Hub dataset (default train; a --benchmark's: filtered, test)")
     p.add_argument("--out", help="write every row's rewards to this .jsonl or .parquet file, the summary beside it")
     p.add_argument("--subset_key", default="subset", help="column of a row's category (absent: no table)")
     p.add_argument("--sections", help="JSON file {section: [categories]} or {section: {category: weight}}")
+    p.add_argument("--benchmark", choices=rewardbench.SPLITS, help="score as RewardBench 1 or 2 publish it")
     p.add_argument("--batching", choices=BATCHINGS, default="shared_prefix", help="as minrm.train's; same rewards")
     p.add_argument("--packed_attention", choices=PACKED_ATTENTIONS, default="auto", help="as minrm.train's")
     p.add_argument("--max_tokens_per_batch", type=int, help="computed tokens per forward (default 16384 GPU, 4096 CPU)")
@@ -73,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--out {args.out!r}: name a .jsonl or .parquet file")
     if args.data.endswith((".jsonl", ".json", ".parquet")) and not os.path.isfile(args.data):
         p.error(f"--data {args.data!r}: no such file")
+    if args.benchmark and args.sections:
+        p.error("--sections and --benchmark: give one (a benchmark has its own sections)")
+    args.split = args.split or rewardbench.SPLITS.get(args.benchmark, "train")
     args.sections = read_sections(args.sections) if args.sections else None
     return args
 
@@ -161,6 +167,14 @@ def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
     return [r for r in rows if not r["problem"]], log
 
 
+def read_ids(args) -> dict[int, object]:
+    """Every row's `id` column by row number, for --benchmark: RewardBench 2's Ties subset pairs its
+    rows by it, and --out gives it."""
+    raw, _ = read_raw(args.data, args.split)
+    numbers = raw["row"] if "row" in raw.column_names else range(len(raw))
+    return {n: (json_or_none(x) or {}).get("id") for n, x in zip(numbers, raw)}
+
+
 @torch.inference_mode()
 def score_rows(model, rows: list[dict], batching: str, max_tokens: int, pad_id: int, device, bar):
     """Every row's rewards (its responses' in order) and its training metrics (`loss.STATS`):
@@ -191,19 +205,17 @@ def means(stats: list[dict]) -> dict:
 
 
 def section_scores(categories: dict, sections: dict) -> dict:
-    """RewardBench's sections: a section's score is the weighted mean of its categories' best-of-N accuracies,
+    """RewardBench's sections (rewardbench.weighted_sections) of the categories' best-of-N accuracies,
     weighted by their row counts (a list of categories: the accuracy over the section's rows) or by
     the weights the file gives; the overall score is the plain mean of the section scores. A
     category absent from the data is left out of its section and listed; a section with none
     present has no score."""
-    scores, missing = {}, []
-    for name, members in sections.items():
-        weights = members if isinstance(members, dict) else {c: categories.get(c, {}).get("rows", 0) for c in members}
-        present = {c: w for c, w in weights.items() if c in categories}
-        missing += [c for c in members if c not in categories]
-        total = sum(present.values())
-        accuracy = {c: categories[c]["best_of_n_accuracy"] for c in present}
-        scores[name] = sum(w * accuracy[c] for c, w in present.items()) / total if present else None
+    weights = {
+        name: members if isinstance(members, dict) else {c: categories[c]["rows"] for c in members if c in categories}
+        for name, members in sections.items()
+    }
+    scores = rewardbench.weighted_sections({c: m["best_of_n_accuracy"] for c, m in categories.items()}, weights)
+    missing = [c for members in sections.values() for c in members if c not in categories]
     found = [s for s in scores.values() if s is not None]
     return {"sections": scores, "score": sum(found) / len(found) if found else None, "missing_categories": missing}
 
@@ -284,17 +296,25 @@ def main(argv: list[str] | None = None) -> dict:
     parts = gather_objects(mine, "score/scored", "score its rows")
     scored = sorted((x for part in parts for x in part), key=lambda x: x[0])
     categories = any(subset is not None for _, subset, *_ in scored)
+    ids = read_ids(args) if args.benchmark else {}
     records = []
     for row, subset, scores, row_rewards, row_stats in scored:
         top = max(scores)  # the chosen responses: the best-scored
         record = {"row": row, "subset": subset} if categories else {"row": row}
         record["chosen_rewards"] = [r for r, s in zip(row_rewards, scores) if s == top]
         record["rejected_rewards"] = [r for r, s in zip(row_rewards, scores) if s != top]
-        record["correct"] = row_stats["best_of_n_accuracy"] == 1.0
+        if args.benchmark:
+            record = {**record, "id": ids[row], "credit": None}
+            record["credit"] = rewardbench.credit(args.benchmark, record)
+        else:
+            record["correct"] = row_stats["best_of_n_accuracy"] == 1.0
         records.append(record)
-    summary = summarize([x[4] for x in scored], [x[1] for x in scored], args.sections)
+    if args.benchmark:
+        summary = rewardbench.summarize(args.benchmark, records)
+    else:
+        summary = summarize([x[4] for x in scored], [x[1] for x in scored], args.sections)
     if d.is_main:
-        print(report(summary), flush=True)
+        print((rewardbench.report if args.benchmark else report)(summary), flush=True)
         if args.out:
             print(f"score: wrote {args.out} and {write_outputs(args.out, records, summary)}", flush=True)
     dist.destroy_process_group()
