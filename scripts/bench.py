@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from minrm.batching import device_batch, shared_prefix_length
-from minrm.config import BATCHINGS
+from minrm.batching import BATCHINGS, collate, shared_prefix, to_device
 from minrm.model import reward_forward
 from minrm.packed_attention import use_packed_attention
 
@@ -105,7 +104,8 @@ def file_pairs(path: str, tokenizer_name: str | None, n: int) -> list[dict]:
     """The first n pairs of a preference file in any format minrm reads, tokenized as minrm does
     (chat template `tulu`; the toy tokenizer unless `tokenizer_name` is given)."""
     from minrm.config import parse_args
-    from minrm.data import build_side, load_tokenizer, pairs_at
+    from minrm.batching import rows_at
+    from minrm.data import build_side, load_tokenizer
 
     flags = ["--dataset_mixer_list", path, "1.0", "--max_token_length", "2048", "--max_prompt_token_length", "2048"]
     flags += ["--chat_template_name", "tulu"]  # the same format whatever the tokenizer carries
@@ -114,11 +114,20 @@ def file_pairs(path: str, tokenizer_name: str | None, n: int) -> list[dict]:
     args = parse_args(flags)
     ds, _, log = build_side(args.dataset_mixer_list, ["train"], load_tokenizer(args), args, "bench")
     print("\n".join(log), file=sys.stderr)
-    pairs = pairs_at(ds, list(range(min(n, len(ds)))))
-    for p in pairs:  # a random-init model of VOCAB rows: fold the ids into it
-        for k in p:
-            p[k] = [t % VOCAB for t in p[k]]
+    pairs = []
+    for row in rows_at(ds, list(range(min(n, len(ds))))):  # a random-init model of VOCAB rows: fold the ids into it
+        (chosen, rejected), fold = row["responses"], lambda ids: [t % VOCAB for t in ids]
+        pairs.append({"prompt": fold(row["prompt"]), "chosen": fold(chosen), "rejected": fold(rejected)})
     return pairs
+
+
+def as_rows(pairs: list[dict]) -> list[dict]:
+    """Pairs as the trainer's rows: a prompt with two responses, the chosen one preferred."""
+    return [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "scores": [1.0, 0.0]} for p in pairs]
+
+
+def shared_prefix_length(pair: dict) -> int:
+    return shared_prefix(as_rows([pair])[0])
 
 
 def attended_pairs(pairs: list[dict], batching: str) -> int:
@@ -145,7 +154,7 @@ def build(device: torch.device, size: str):
         )
     model.forward = types.MethodType(reward_forward, model)
     default = model.config._attn_implementation
-    use_packed_attention(model, "auto", cuda)  # as minrm.model.load_model does for the packed modes
+    use_packed_attention(model, "auto", cuda)  # as minrm.model.skeleton does for the packed modes
     attention = {m: default if m == "padded" else model.config._attn_implementation for m in BATCHINGS}
     if cuda:
         return model, torch.optim.SGD(model.parameters(), lr=1e-4), attention
@@ -159,8 +168,8 @@ def train_step(model, optimizer, attention, pairs: list[dict], batching: str, de
     if model.config._attn_implementation != attention[batching]:
         model.set_attn_implementation(attention[batching])
     start = time.perf_counter()
-    inputs = device_batch(pairs, 0, batching, device)
-    chosen, rejected = model(**inputs).chunk(2)
+    inputs, _ = to_device(collate(as_rows(pairs), 0, batching), device)
+    chosen, rejected = model(**inputs).view(-1, 2).unbind(1)
     (-F.logsigmoid(chosen - rejected).mean()).backward()
     sync()
     middle = time.perf_counter()

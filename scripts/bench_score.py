@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
-from minrm.batching import pad_right, row_tokens, token_batches
+from minrm.batching import micro_batches, pad_right, row_tokens
 from minrm.model import reward_forward
 from minrm.packed_attention import use_packed_attention
 from minrm.score import MAX_TOKENS, score_rows
@@ -38,7 +38,8 @@ def synthetic_rows(profile: str, n: int, responses: int, seed: int) -> list[dict
         p, c, _ = draws[0][i]
         prompt = rng.integers(1, VOCAB, p).tolist()
         lengths = [c] + [d[i][2] for d in draws]
-        rows.append({"prompt": prompt, "responses": [prompt + rng.integers(1, VOCAB, m).tolist() for m in lengths]})
+        responses = [prompt + rng.integers(1, VOCAB, m).tolist() for m in lengths]
+        rows.append({"prompt": prompt, "responses": responses, "scores": [1.0] + [0.0] * (len(responses) - 1)})
     return rows
 
 
@@ -62,7 +63,7 @@ def hf_padded(model, rows: list[dict], device: torch.device) -> tuple[list[float
 
 def minrm_score(model, rows: list[dict], device: torch.device, max_tokens: int) -> tuple[list[float], int]:
     """minrm.score's forward of the rows (collation included); rewards and computed tokens."""
-    rewards = score_rows(model, rows, "shared_prefix", max_tokens, device, tqdm(disable=True))
+    rewards, _ = score_rows(model, rows, "shared_prefix", max_tokens, 0, device, tqdm(disable=True))
     return [x for r in rewards for x in r], sum(row_tokens(r, "shared_prefix") for r in rows)
 
 
@@ -74,7 +75,7 @@ def time_scoring(rows: list[dict], size: str, max_tokens: int) -> dict:
     }
     totals = {name: dict(seconds=0.0, rows=0, real=0, computed=0) for name in paths}
     worst = 0.0  # the largest reward difference between the two paths
-    batches = token_batches(rows, max_tokens, "shared_prefix")
+    batches = micro_batches(rows, "shared_prefix", max_tokens=max_tokens, longest_first=True)
     for i, batch in enumerate(batches):
         chunk = [rows[j] for j in batch]
         out = {}
