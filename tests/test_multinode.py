@@ -160,7 +160,7 @@ def test_node_local_caches_are_built_once_per_node(group_of_one, pairs_file, tmp
     def process(rank: int) -> None:
         mine = dataclasses.replace(args, dataset_local_cache_dir=str(tmp_path / f"node{rank // 2}"))
         train, _ = load_datasets(mine, tokenizer, Dist(rank, 4, rank % 2, torch.device("cpu"), mesh=None))
-        loaded[rank] = train["chosen"]
+        loaded[rank] = train["responses"]
 
     processes = [threading.Thread(target=process, args=(rank,), daemon=True) for rank in range(4)]
     for p in processes:
@@ -169,7 +169,7 @@ def test_node_local_caches_are_built_once_per_node(group_of_one, pairs_file, tmp
         p.join(timeout=60)
     assert not any(p.is_alive() for p in processes), "a process still waits"
     assert capsys.readouterr().out.count("data: built the cache") == 2
-    expected = build_datasets(args, tokenizer)[0]["train"]["chosen"]
+    expected = build_datasets(args, tokenizer)[0]["train"]["responses"]
     assert loaded == {rank: expected for rank in range(4)}
     assert [os.listdir(tmp_path / node) for node in ("node0", "node1")] == [[cache_key(args, tokenizer)]] * 2
 
