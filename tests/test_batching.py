@@ -154,7 +154,7 @@ def test_flex_attention_block_mask_matches_padded(window):
             torch.testing.assert_close(r1, r0, rtol=0, atol=1e-5, msg=batching)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU")
+@pytest.mark.gpu  # FlexAttention's backward needs a GPU
 @pytest.mark.parametrize("batching", MODES)
 def test_flex_attention_gradients_match_padded_on_gpu(batching):
     """The `auto` GPU path end to end in fp32: rewards, loss and every gradient against padded."""

@@ -6,7 +6,9 @@
   as rotary `inv_freq`, are right): 2 processes with a saved model, 1 (in this process) with the toy;
 - memory on CPU, with a 25M-parameter model (96 MiB in fp32) whose size dominates: rank 1 never
   holds the full model while loading, rank 0 drops the copy it read, and the gradients accumulated
-  over a step's micro-batches stay sharded.
+  over a step's micro-batches stay sharded;
+- the CPU tests run with CUDA hidden, here and in the processes they start (torchrun would pick it);
+  GPU-marked tests see it.
 """
 
 import json
@@ -235,3 +237,23 @@ def test_gather_outlasts_the_collective_timeout():
     mp.spawn(_gather_worker, args=(port, results), nprocs=2)
     expected = [{"rank": 0, "rows": [0]}, {"rank": 1, "rows": [1, 1]}]
     assert results[0] == results[1] == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA hidden from the CPU tests (tests/conftest.py)
+
+SEES_CUDA = "import os, torch; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')), torch.cuda.is_available())"
+
+
+def test_cpu_tests_run_with_cuda_hidden():
+    """As on a machine without a GPU, even on one that has some: on a one-GPU machine
+    `torchrun --nproc_per_node 2` would ask for cuda:1."""
+    assert not torch.cuda.is_available()
+    seen = subprocess.run([sys.executable, "-c", SEES_CUDA], capture_output=True, text=True, check=True).stdout
+    assert seen.split() == ["''", "False"]
+
+
+@pytest.mark.gpu
+def test_gpu_tests_see_the_gpu():
+    seen = subprocess.run([sys.executable, "-c", SEES_CUDA], capture_output=True, text=True, check=True).stdout
+    assert seen.split()[1] == "True" and torch.cuda.is_available()

@@ -12,7 +12,7 @@ from scripts import bench
 from tests.conftest import read_metrics, run_minrm
 from tests.test_train import GA, PDBS, STEPS, assert_close_to_fp32, common_flags
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 def eval_rewards(run_dir) -> torch.Tensor:
