@@ -62,16 +62,19 @@ def tokenizer():
     return tok
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+def save_tiny_llama(path: Path, tokenizer, **overrides) -> str:
     """A tiny Llama reward model saved as a Hugging Face folder, with its tokenizer."""
-    path = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id, **overrides)
     model = AutoModelForSequenceClassification.from_config(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer)
 
 
 def write_pairs(path: Path, n: int, split: str = "train") -> str:
