@@ -118,12 +118,20 @@ def check_model(args) -> None:
 
 
 def load_reward_model(args, device: torch.device) -> PreTrainedModel:
-    """The model for inference: bf16 on GPU, fp32 on CPU, eval mode, rewards from `reward_forward`."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model,
-        revision=args.model_revision,
-        trust_remote_code=args.trust_remote_code,
-        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+    """The model for inference, eval mode, rewards from `reward_forward`: fp32 on CPU; on GPU the
+    backbone in bf16 and the score head in fp32, its weights as the checkpoint holds them, as
+    training computes rewards (--mixed_precision bf16). A bf16 head would round every reward to
+    bf16 (steps of 1/64 between 2 and 4): ties, counted as wrong."""
+    hub = dict(revision=args.model_revision, trust_remote_code=args.trust_remote_code)
+    config = AutoConfig.from_pretrained(args.model, **hub)
+    with torch.device("meta"):  # the class transformers picks for this config; no weights
+        cls = type(AutoModelForSequenceClassification.from_config(config, trust_remote_code=args.trust_remote_code))
+    # transformers loads the parameters matching `_keep_in_fp32_modules_strict` in fp32 when the rest
+    # is bf16. The module stays the model's: transformers reads its source (can it swap attention?).
+    fp32_head = {"_keep_in_fp32_modules_strict": [r"^score\."], "__module__": cls.__module__}
+    cls = type(cls.__name__, (cls,), fp32_head)
+    model = cls.from_pretrained(
+        args.model, config=config, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, **hub
     )
     model.to(device).eval()
     if args.batching != "padded":
