@@ -204,6 +204,7 @@ def main(args: Args) -> dict:
         *totals, stop_votes, norm = torch.cat([all_reduce_sum(sums), grad_norm.reshape(1).float()]).tolist()
         if bad := nonfinite(loss=totals[1] / batch_size, grad_norm=norm):
             exit_nonfinite(f"{bad}; its update was not applied", step + 1, lr, saver, run_dir, d)
+        saver.wait_staged()  # a save in flight must have copied the state before this update changes it
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
