@@ -5,6 +5,7 @@ One code path for 1..N processes: `python -m minrm.train` starts a one-process g
 """
 
 import datetime
+import ipaddress
 import json
 import os
 import socket
@@ -66,11 +67,38 @@ def init_distributed(timeout_minutes: int | None = None) -> Dist:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     shape = " x ".join(f"{name} {size}" for name, size in zip(mesh.mesh_dim_names, mesh.shape))
     minutes = dist.distributed_c10d._get_default_store().timeout.total_seconds() / 60  # the group's timeout
+    nodes = f", gloo groups on {gloo_interface()}" if world > local_world else ""
     print0(
         f"distributed: {world} process{'es' if world > 1 else ''}, {local_world} per node, {backend}, "
-        f"{'HSDP' if mesh.ndim == 2 else 'FSDP'} mesh ({shape}), collective timeout {minutes:g} min"
+        f"{'HSDP' if mesh.ndim == 2 else 'FSDP'} mesh ({shape}), collective timeout {minutes:g} min{nodes}"
     )
     return Dist(rank, world, local_rank, device, mesh)
+
+
+def gloo_interface() -> str:
+    """Where this process's gloo groups (the checkpoint writer's; all groups on CPU) connect from,
+    by torch's rule (ProcessGroupGloo): the interfaces GLOO_SOCKET_IFNAME names, else the first
+    address this machine's hostname resolves to that a socket can bind, else loopback."""
+    if names := os.environ.get("GLOO_SOCKET_IFNAME"):
+        return f"interface {names} (GLOO_SOCKET_IFNAME)"
+    host = socket.gethostname()
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        found = []
+    address = None
+    for family, kind, proto, _, where in found:
+        with socket.socket(family, kind, proto) as s:
+            try:
+                s.bind(where)
+            except OSError:
+                continue
+        address = where[0]
+        break
+    said = f"{address}, the address of hostname {host}" if address else f"127.0.0.1 ({host} resolves to no address here)"
+    if address is None or ipaddress.ip_address(address).is_loopback:
+        said += "; other nodes cannot reach a loopback address: set GLOO_SOCKET_IFNAME (docs/checkpointing.md)"
+    return said
 
 
 def print0(*args, **kwargs) -> None:
