@@ -150,8 +150,8 @@ def test_a_nan_weight_is_counted_once_over_the_replicas(tmp_path):
     """One NaN in the model before sharding: under HSDP both replicas hold it, the count says 1.
     GLOO_SOCKET_IFNAME picks the interface of gloo's groups, and the log says so."""
     out = two_nodes([], tmp_path, module="tests.test_multinode", env={"GLOO_SOCKET_IFNAME": "lo"})
-    assert "HSDP mesh (replicate 2 x shard 2)" in out and "gloo groups on interface lo (GLOO_SOCKET_IFNAME)" in out
     assert "nonfinite: 1 weights are NaN or infinite after the update" in out
+    assert "HSDP mesh (replicate 2 x shard 2)" in out and "gloo groups on interface lo (GLOO_SOCKET_IFNAME)" in out
 
 
 def count_one_nan() -> None:
