@@ -188,7 +188,7 @@ class CheckpointWriter:
                 json.dump({**meta, **where, "metrics": trainer.metrics, "elapsed_s": trainer.elapsed_s}, f, indent=1)
         barrier()
         if self.d.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()  # the stager's stream reads what the update wrote
+            torch.cuda.current_stream().synchronize()  # the stager copies on its own stream, after the update
         states = _checkpoint_states(model, optimizer, trainer)
         saving = dcp.async_save(states, checkpoint_id=tmp, process_group=self.group, async_stager=self.stager)
         self.staging, self.pending = saving.staging_completion, (saving.upload_completion, trainer.step)

@@ -86,17 +86,16 @@ def gloo_interface() -> str:
         found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
         found = []
-    address = None
+    address, said = "127.0.0.1", f"127.0.0.1 ({host} resolves to no address here)"
     for family, kind, proto, _, where in found:
         with socket.socket(family, kind, proto) as s:
             try:
                 s.bind(where)
             except OSError:
                 continue
-        address = where[0]
+        address, said = where[0], f"{where[0]}, the address of hostname {host}"
         break
-    said = f"{address}, the address of hostname {host}" if address else f"127.0.0.1 ({host} resolves to no address here)"
-    if address is None or ipaddress.ip_address(address).is_loopback:
+    if ipaddress.ip_address(address).is_loopback:
         said += "; other nodes cannot reach a loopback address: set GLOO_SOCKET_IFNAME (docs/checkpointing.md)"
     return said
 

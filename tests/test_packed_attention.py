@@ -209,7 +209,8 @@ def test_flex_attention_compiles_few_graphs_over_many_lengths(monkeypatch):
     model = AutoModelForSequenceClassification.from_config(tiny_llama_config(100, pad_token_id=0)).requires_grad_(False)
     use_packed_attention(model, "flex_attention", log=False)
     graphs, lengths = [], []
-    for p, c, r in [(5, 10, 6), (5, 40, 21), (5, 100, 51)] + [(9 + 7 * k, 11 * k + 3, 5 * k + 2) for k in range(1, 26, 3)]:
+    sizes = [(5, 10, 6), (5, 40, 21), (5, 100, 51)] + [(9 + 7 * k, 11 * k + 3, 5 * k + 2) for k in range(1, 26, 3)]
+    for p, c, r in sizes:  # (prompt, chosen response, rejected response) lengths
         batch = collate(lengths_pairs([(p, c, r)]), 0, "shared_prefix")
         for mode in ("train", "eval"):
             with torch.set_grad_enabled(mode == "train"):
