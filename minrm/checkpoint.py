@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -148,11 +149,14 @@ class CheckpointWriter:
     """Writes `checkpoints/step_<N>` in the background (`dcp.async_save`): training goes on while
     the shards are written (an 8B model's checkpoint with its AdamW state is ~100 GB).
 
-    `save` copies this rank's shards to CPU memory, the only part the loop waits for, and a thread
-    runs DCP's save from that copy. DCP's collectives (the save plan, the gather of what each rank
-    wrote) run in that thread on a gloo group of their own: on the training group they would
-    interleave with FSDP's collectives in a different order on each rank.
-    Rank 0's save returns only after every rank reported its files written and rank 0 wrote
+    `save` starts copying this rank's shards to host memory in a thread of its own (the stager) and
+    returns; DCP's save then writes from that copy in another thread. The copy goes into buffers
+    the first save allocates and every later save refills (pinned on GPU, so the copies from the
+    device run at full speed without blocking the loop); the loop waits for it only before the
+    next optimizer step changes what it copies (`wait_staged`). DCP's collectives (the save plan,
+    the gather of what each rank wrote) run in the writing thread on a gloo group of their own: on
+    the training group they would interleave with FSDP's collectives in a different order on each
+    rank. Rank 0's save returns only after every rank reported its files written and rank 0 wrote
     `.metadata`, so rank 0 alone then renames `step_<N>.tmp` to `step_<N>` and prunes. It looks
     once per step (`poll`); `wait` (before the next save, the export and any exit) blocks until then.
     """
@@ -161,6 +165,12 @@ class CheckpointWriter:
         self.root = os.path.join(run_dir, "checkpoints")
         self.keep_last_n, self.d = keep_last_n, d
         self.group = dist.new_group(backend="gloo")  # every rank creates it, at the same point
+        cuda = d.device.type == "cuda"  # pinned memory and copies on a stream of their own need CUDA
+        options = StagingOptions(
+            use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda
+        )
+        self.stager = DefaultStager(options)
+        self.staging = None  # DCP's future of the copy in flight
         self.pending = None  # (DCP's future, step) of the save in flight
         self.last = None  # the path of the last checkpoint this writer completed
 
@@ -175,8 +185,18 @@ class CheckpointWriter:
                 where = {"step": trainer.step, "episode": trainer.episode, "world_size": self.d.world_size}
                 json.dump({**meta, **where, "metrics": trainer.metrics, "elapsed_s": trainer.elapsed_s}, f, indent=1)
         barrier()
+        if self.d.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the stager copies on its own stream, after the update
         states = _checkpoint_states(model, optimizer, trainer)
-        self.pending = (dcp.async_save(states, checkpoint_id=tmp, process_group=self.group), trainer.step)
+        saving = dcp.async_save(states, checkpoint_id=tmp, process_group=self.group, async_stager=self.stager)
+        self.staging, self.pending = saving.staging_completion, (saving.upload_completion, trainer.step)
+
+    def wait_staged(self) -> None:
+        """Block until the save in flight has copied the state (all ranks call this before an
+        optimizer step: the step changes the weights and AdamW state in place)."""
+        if self.staging is not None:
+            self.staging.result()
+            self.staging = None
 
     def poll(self) -> None:
         """Complete the save in flight if its writes are done (no collective: each rank looks at its own)."""

@@ -5,6 +5,7 @@ One code path for 1..N processes: `python -m minrm.train` starts a one-process g
 """
 
 import datetime
+import ipaddress
 import json
 import os
 import socket
@@ -66,11 +67,37 @@ def init_distributed(timeout_minutes: int | None = None) -> Dist:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     shape = " x ".join(f"{name} {size}" for name, size in zip(mesh.mesh_dim_names, mesh.shape))
     minutes = dist.distributed_c10d._get_default_store().timeout.total_seconds() / 60  # the group's timeout
+    nodes = f", gloo groups on {gloo_interface()}" if world > local_world else ""
     print0(
         f"distributed: {world} process{'es' if world > 1 else ''}, {local_world} per node, {backend}, "
-        f"{'HSDP' if mesh.ndim == 2 else 'FSDP'} mesh ({shape}), collective timeout {minutes:g} min"
+        f"{'HSDP' if mesh.ndim == 2 else 'FSDP'} mesh ({shape}), collective timeout {minutes:g} min{nodes}"
     )
     return Dist(rank, world, local_rank, device, mesh)
+
+
+def gloo_interface() -> str:
+    """Where this process's gloo groups (the checkpoint writer's; all groups on CPU) connect from,
+    by torch's rule (ProcessGroupGloo): the interfaces GLOO_SOCKET_IFNAME names, else the first
+    address this machine's hostname resolves to that a socket can bind, else loopback."""
+    if names := os.environ.get("GLOO_SOCKET_IFNAME"):
+        return f"interface {names} (GLOO_SOCKET_IFNAME)"
+    host = socket.gethostname()
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        found = []
+    address, said = "127.0.0.1", f"127.0.0.1 ({host} resolves to no address here)"
+    for family, kind, proto, _, where in found:
+        with socket.socket(family, kind, proto) as s:
+            try:
+                s.bind(where)
+            except OSError:
+                continue
+        address, said = where[0], f"{where[0]}, the address of hostname {host}"
+        break
+    if ipaddress.ip_address(address).is_loopback:
+        said += "; other nodes cannot reach a loopback address: set GLOO_SOCKET_IFNAME (docs/checkpointing.md)"
+    return said
 
 
 def print0(*args, **kwargs) -> None:
@@ -104,21 +131,23 @@ def shard_model(model: torch.nn.Module, layers: torch.nn.ModuleList, d: Dist, mi
 
 
 @torch.no_grad()
-def fill_from_rank0(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None, d: Dist) -> None:
-    """Give the sharded skeleton (built on the meta device) storage on the device, then rank 0's
-    `weights` (`model.read_weights`; None on the other ranks, which never hold the model whole).
+def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, d: Dist) -> None:
+    """Give the sharded skeleton (built on the meta device) storage on the device, then the weights
+    of `full`, the model rank 0 read (`model.read_model`; None on the other ranks, which never hold
+    the model whole).
 
     DCP's broadcast sends one tensor at a time and each rank keeps its shard of it. Non-persistent
-    buffers (e.g. rotary `inv_freq`) are in no state dict: they are broadcast whole.
+    buffers (e.g. rotary `inv_freq`) are in no state dict: they are broadcast whole, as rank 0
+    computed them when it built its model.
     """
     model.to_empty(device=d.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full.state_dict() if d.is_main else {}, options=options)
     persistent = model.state_dict().keys()
-    state = {k: v for k, v in weights.items() if k in persistent} if d.is_main else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, buffer in model.named_buffers():
         if name not in persistent:
             if d.is_main:
-                buffer.copy_(weights[name])
+                buffer.copy_(full.get_buffer(name))
             dist.broadcast(buffer, src=0)
 
 

@@ -18,13 +18,14 @@ import os
 import tempfile
 
 import datasets
+import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 
 from minrm.config import DATA_FILES, TOY
 from minrm.formats import CHAT_TEMPLATES
-from minrm.packed_attention import packing_problem
+from minrm.packed_attention import check_flex, packing_problem
 
 
 def _label(flag: str) -> str:
@@ -111,6 +112,8 @@ def check_model(args, flag: str = "model_name_or_path"):
         _fail(flag, f"the folder {name} has no weights (*.safetensors or *.bin files)")
     if args.batching != "padded" and (problem := packing_problem(config)):
         raise SystemExit(f"minrm: error: --batching {args.batching}: {config.model_type} {problem}; use --batching padded")
+    if args.batching != "padded":
+        check_flex(config, args.packed_attention, torch.cuda.is_available())
     return config
 
 

@@ -1,11 +1,11 @@
 """The reward model: a Hugging Face `*ForSequenceClassification` with one output, dropout off, a
 re-drawn score head, and a forward that pools at the last real token of each sequence.
 
-Two jobs, two functions. `skeleton` builds the model that runs: its modules and config on the meta
-device (no memory), attention, checkpointing and forward set for training or scoring. `read_weights`
-reads (or, for the toy, draws) the weights it is filled with, as a state dict. Training builds the
-skeleton on every rank and shards it, and rank 0 alone reads the weights and broadcasts them
-(`distributed.fill_from_rank0`); the scorer and the export fill a whole skeleton (`load_whole`).
+Two jobs, two functions. `skeleton` builds the model that trains: its modules and config on the meta
+device (no memory), set up by `prepare` (attention, checkpointing, forward). `read_model` reads (or,
+for the toy, draws) a model with its weights, and nothing else: training's rank 0 reads it only to
+broadcast its weights into every rank's shards (`distributed.fill_from_rank0`); the scorer prepares
+it and scores with it.
 """
 
 import math
@@ -15,16 +15,17 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from minrm import toy
+from minrm.config import TOY
 from minrm.packed_attention import SEGMENTS, PackedLayout, packed_attention_mask, use_packed_attention
+from minrm.toy import toy_model_config, toy_tokenizer
 
 
 def model_config(args):
     """The model's config with one output and every dropout probability zeroed (see p.3 of
     arXiv:1909.08593), before any module is built: attention modules copy these into plain
     attributes at init, out of reach of an `nn.Dropout` sweep."""
-    if args.model_name_or_path == toy.TOY:
-        config = toy.toy_model_config(len(toy.toy_tokenizer()))  # as shipped: no <pad> yet
+    if args.model_name_or_path == TOY:
+        config = toy_model_config(len(toy_tokenizer()))  # as shipped: no <pad> yet
     else:
         kwargs = {"revision": args.model_revision, "trust_remote_code": args.trust_remote_code}
         config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1, **kwargs)
@@ -45,13 +46,53 @@ def _fit_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, m
 
 def skeleton(args, tokenizer: PreTrainedTokenizerBase, cuda: bool = False) -> PreTrainedModel:
     """The reward model's modules on the meta device (fp32, no storage, nothing read or drawn), set
-    up to run: dropout off, gradient checkpointing if asked, the attention that runs packed rows
-    (`cuda`: FlexAttention is available), and `reward_forward`."""
+    up to run (`prepare`)."""
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(
             model_config(args), trust_remote_code=args.trust_remote_code, dtype=torch.float32
         )
     _fit_tokenizer(model, tokenizer, mean_resizing=False)  # new rows have no values to draw from yet
+    return prepare(model, args, cuda)
+
+
+def read_model(
+    args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> PreTrainedModel:
+    """The model with its weights, in `dtype` on `device`: the checkpoint's (the toy's drawn from the
+    seed), the embedding rows of an added <pad> drawn from the old rows' mean and covariance, and
+    the score head re-drawn from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325) unless
+    --init_score_head False. The score head stays in fp32 whatever `dtype`, read exactly as stored,
+    so that rewards are never rounded to bf16 (`reward_forward`)."""
+    torch.manual_seed(args.seed)
+    config = model_config(args)
+    if args.model_name_or_path == TOY:
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).to(device)
+    else:
+        with torch.device("meta"):  # the class transformers picks for this config
+            cls = type(AutoModelForSequenceClassification.from_config(config, trust_remote_code=args.trust_remote_code))
+        # transformers loads a class's `_keep_in_fp32_modules_strict` in fp32 when the rest is in a lower
+        # precision; a subclass names the head without touching the model's class.
+        cls = type(cls.__name__, (cls,), {"_keep_in_fp32_modules_strict": [r"^score\."], "__module__": cls.__module__})
+        model = cls.from_pretrained(
+            args.model_name_or_path,
+            config=config,
+            revision=args.model_revision,
+            trust_remote_code=args.trust_remote_code,
+            dtype=dtype,  # fp32 master weights in training; FSDP2 casts to bf16 for compute (--mixed_precision)
+            device_map=device,
+        )
+    _fit_tokenizer(model, tokenizer, mean_resizing=True)
+    if args.init_score_head:
+        std = 1 / math.sqrt(model.config.get_text_config().hidden_size + 1)
+        generator = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            model.score.weight.copy_(torch.empty(model.score.weight.shape).normal_(0.0, std, generator=generator))
+    return model
+
+
+def prepare(model: PreTrainedModel, args, cuda: bool = False) -> PreTrainedModel:
+    """Set a reward model up to run: dropout off, gradient checkpointing if asked, the attention that
+    runs packed rows (`cuda`: FlexAttention is available), and `reward_forward`."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -60,47 +101,6 @@ def skeleton(args, tokenizer: PreTrainedTokenizerBase, cuda: bool = False) -> Pr
     if args.batching != "padded":
         use_packed_attention(model, args.packed_attention, cuda)
     model.forward = types.MethodType(reward_forward, model)
-    return model
-
-
-def read_weights(args, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-    """The weights, in fp32 on the CPU: the checkpoint's (the toy's drawn from the seed), the
-    embedding rows of an added <pad> drawn from the old rows' mean and covariance, and the score head
-    re-drawn from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325) unless
-    --init_score_head False. Non-persistent buffers (rotary `inv_freq`) are included: they are in no
-    state dict, yet the skeleton has no values for them."""
-    torch.manual_seed(args.seed)
-    config = model_config(args)
-    if args.model_name_or_path == toy.TOY:
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            args.model_name_or_path,
-            config=config,
-            revision=args.model_revision,
-            trust_remote_code=args.trust_remote_code,
-            dtype=torch.float32,  # fp32 master weights; FSDP2 casts to bf16 for compute (--mixed_precision)
-        )
-    _fit_tokenizer(model, tokenizer, mean_resizing=True)
-    if args.init_score_head:
-        std = 1 / math.sqrt(model.config.get_text_config().hidden_size + 1)
-        generator = torch.Generator().manual_seed(args.seed)
-        with torch.no_grad():
-            model.score.weight.normal_(0.0, std, generator=generator)
-    weights = model.state_dict()
-    weights.update((name, b) for name, b in model.named_buffers() if name not in weights)
-    return weights
-
-
-def load_whole(model: PreTrainedModel, weights: dict[str, torch.Tensor], device: torch.device) -> PreTrainedModel:
-    """A skeleton given storage on `device` and filled with `weights` (the model unsharded: the
-    scorer, the export)."""
-    model.to_empty(device=device)
-    persistent = model.state_dict().keys()
-    model.load_state_dict({k: v for k, v in weights.items() if k in persistent})
-    for name, buffer in model.named_buffers():
-        if name not in persistent:
-            buffer.copy_(weights[name])
     return model
 
 

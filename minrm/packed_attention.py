@@ -98,16 +98,17 @@ AttentionInterface.register(SEGMENTS, segment_attention)
 
 def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: bool = False, log: bool = True) -> None:
     """Switch the backbone to the attention that runs packed rows (--packed_attention): `auto` takes
-    FlexAttention on GPU and `segment_attention` elsewhere, falling back to `mask` (a dense L x L
-    mask through the model's own attention) for a model that cannot swap its attention function.
-    `log`: say which (on rank 0)."""
+    FlexAttention on GPU where its kernel runs the model (`check_flex`) and `segment_attention`
+    elsewhere, falling back to `mask` (a dense L x L mask through the model's own attention) for a
+    model that cannot swap its attention function. `log`: say which (on rank 0)."""
     say = print0 if log else lambda message: None
     config = model.config.get_text_config()
     if problem := packing_problem(config):
         raise SystemExit(f"minrm: error: {config.model_type} {problem}; use --batching padded")
     mixed = mask_window(config) == "mixed"  # per-layer windows: only segment_attention has them
+    no_flex = check_flex(config, choice, cuda)
     if choice == "auto":
-        names = (["flex_attention"] if cuda and not mixed else []) + [SEGMENTS]
+        names = (["flex_attention"] if cuda and not mixed and not no_flex else []) + [SEGMENTS]
     else:
         names = {"flex_attention": ["flex_attention"], "segments": [SEGMENTS], "mask": []}[choice]
     for name in names:
@@ -116,7 +117,8 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
         except (ImportError, ValueError) as e:
             say(f"model: attention {name} unavailable ({e})")
         if model.config._attn_implementation == name:
-            say(f"model: packed rows run attention {name}")
+            why = f" (not flex_attention: {no_flex})" if choice == "auto" and no_flex else ""
+            say(f"model: packed rows run attention {name}{why}")
             return
     if choice not in ("auto", "mask") or mixed:
         why = "mixes sliding-window and full attention layers, which one mask cannot express" if mixed else ""
@@ -125,6 +127,24 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
             "use --packed_attention auto or --batching padded"
         )
     say(f"model: packed rows use a dense L x L mask with attention {model.config._attn_implementation}")
+
+
+def check_flex(config, choice: str, cuda: bool) -> str | None:
+    """Why FlexAttention cannot run this model here (None when it can), and a `flex_attention`
+    choice (--packed_attention) that cannot run refused. Inductor's CUDA lowering
+    (`torch/_inductor/kernel/flex/flex_attention.py`) refuses query/key or value heads of fewer
+    than 16 dims (`tl.dot`); it pads other sizes up to a power of two and runs fp32, bf16 and fp16
+    alike. Its CPU lowering runs any size."""
+    config = config.get_text_config()
+    qk = getattr(config, "qk_head_dim", None)  # multi-head latent attention: its own query/key size
+    qk = qk or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    smallest = min(qk, getattr(config, "v_head_dim", None) or qk)
+    if not cuda or smallest >= 16:
+        return None
+    problem = f"{config.model_type} has attention heads of {smallest} dims; FlexAttention's GPU kernel needs 16 or more"
+    if choice == "flex_attention":
+        raise SystemExit(f"minrm: error: --packed_attention flex_attention: {problem}; use auto or segments")
+    return problem
 
 
 def packing_problem(config) -> str | None:

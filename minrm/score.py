@@ -36,7 +36,7 @@ from minrm.data import json_or_none, load_tokenizer, read_raw, report_bad_rows
 from minrm.distributed import Dist, gather_objects, init_distributed, print0
 from minrm.inputs import check_model as check_loadable
 from minrm.loss import STATS, row_statistics
-from minrm.model import load_whole, read_weights, skeleton
+from minrm.model import prepare, read_model
 
 # Flags passed on to minrm.train's loading of the tokenizer and the model (the chat template: train's default when not given).
 TRAIN_FLAGS = ("tokenizer_name_or_path", "chat_template_name", "add_bos", "trust_remote_code", "model_revision")
@@ -124,12 +124,12 @@ def check_model(args) -> None:
 
 
 def load_reward_model(args, tokenizer, device: torch.device) -> PreTrainedModel:
-    """The model as minrm.train builds it, whole, for inference: the backbone in bf16 on GPU (fp32
-    on CPU), the score head in fp32 as in training, so that rewards are not rounded to bf16."""
-    model = load_whole(skeleton(train_args(args), tokenizer, device.type == "cuda"), read_weights(train_args(args), tokenizer), device)
-    if device.type == "cuda":
-        model.to(torch.bfloat16).score.float()
-    return model.eval()
+    """The model as minrm.train reads it, set up to run, for inference: the backbone in bf16 on GPU
+    (fp32 on CPU) and the score head in fp32 as in training (--mixed_precision bf16). A bf16 head
+    would round every reward to bf16 (steps of 1/64 between 2 and 4): ties, counted as wrong."""
+    cuda = device.type == "cuda"
+    model = read_model(train_args(args), tokenizer, torch.bfloat16 if cuda else torch.float32, device)
+    return prepare(model, train_args(args), cuda).eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from minrm.failsafe import NonFinite, StopSignal, exit_after_signal, exit_nonfin
 from minrm.inputs import check_model, check_paths
 from minrm.liger import apply_liger_kernel
 from minrm.loss import LOSS, STATS, row_statistics
-from minrm.model import read_weights, skeleton, transformer_blocks
+from minrm.model import read_model, skeleton, transformer_blocks
 from minrm.optim import build_optimizer, clip_grad_norm_, lr_multiplier, set_lr
 from minrm.tracking import Tracker, summary_line
 
@@ -80,7 +80,7 @@ def forward_backward(model, batch, args: Args, row_scale: float, response_scale:
     return stats.detach().sum(0)
 
 
-def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float, float], stop, d: Dist):
+def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float, float], stop, saver, d: Dist):
     """One optimizer step over this rank's micro-batches. Returns the step's metrics (means over
     every rank's rows), whether any rank got a stop signal, and the global gradient norm; raises
     NonFinite, before the update, when the loss or the gradient norm is NaN or infinite."""
@@ -100,6 +100,7 @@ def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float,
     norm = grad_norm.item()
     if bad := nonfinite(loss=metrics["loss"], grad_norm=norm):
         raise NonFinite(f"{bad}; its update was not applied")
+    saver.wait_staged()  # a save in flight must have copied the state before this update changes it
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return metrics, stop_votes > 0, norm
@@ -173,9 +174,9 @@ def main(args: Args) -> dict:
     architecture = type(model).__name__  # before FSDP2 renames the class
     print0(apply_liger_kernel(model, args.use_liger_kernel, args.strict_kernels, d.device))
     print0(shard_model(model, transformer_blocks(model), d, args.mixed_precision))
-    weights = rank0_alone(lambda: read_weights(args, tokenizer), "model", "rank 0 to read the model")
-    fill_from_rank0(model, weights, d)
-    del weights
+    full = rank0_alone(lambda: read_model(args, tokenizer), "model", "rank 0 to read the model")
+    fill_from_rank0(model, full, d)
+    del full
     optimizer = build_optimizer(model, args)
 
     # ------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def main(args: Args) -> dict:
         forwards += len(batches)
         scales = (d.world_size / batch_size, d.world_size / step_responses(num_responses, step, batch_size, args.seed))
         try:
-            step_metrics, stop_votes, norm = train_step(model, optimizer, batches, args, scales, stop, d)
+            step_metrics, stop_votes, norm = train_step(model, optimizer, batches, args, scales, stop, saver, d)
         except NonFinite as e:
             exit_nonfinite(str(e), step + 1, lr, saver, run_dir, d)
         episode += batch_size

@@ -1,5 +1,9 @@
 """Shared tiny fixtures: an offline tokenizer, tiny models saved as HF folders, small preference
-files, and a helper that runs minrm as users do (`python -m` or `torchrun`)."""
+files, and a helper that runs minrm as users do (`python -m` or `torchrun`).
+
+Tests marked `gpu` run only where CUDA is (skipped elsewhere); every other test runs with CUDA
+hidden, in this process and in the processes it starts, so the CPU suite passes unchanged on a GPU
+machine."""
 
 import json
 import os
@@ -16,6 +20,23 @@ from minrm.data import build_side
 from minrm.tracking import ELAPSED
 
 ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()  # read before any test hides it
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); other tests run with CUDA hidden")
+
+
+@pytest.fixture(autouse=True)
+def cuda_only_for_gpu_tests(request, monkeypatch):
+    """A test not marked `gpu` runs as on a machine without a GPU: `torchrun --nproc_per_node 2` on a
+    one-GPU machine would otherwise ask for cuda:1, and minrm's code in this process would pick CUDA."""
+    if request.node.get_closest_marker("gpu"):
+        if not CUDA:
+            pytest.skip("needs a CUDA GPU")
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # read by the CUDA runtime of every process started
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this process may have CUDA running
 
 
 def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
@@ -41,16 +62,19 @@ def tokenizer():
     return tok
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+def save_tiny_llama(path: Path, tokenizer, **overrides) -> str:
     """A tiny Llama reward model saved as a Hugging Face folder, with its tokenizer."""
-    path = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id, **overrides)
     model = AutoModelForSequenceClassification.from_config(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer)
 
 
 def write_pairs(path: Path, n: int, split: str = "train") -> str:

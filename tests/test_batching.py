@@ -163,13 +163,42 @@ def test_flex_attention_block_mask_matches_padded(window):
             torch.testing.assert_close(r1, r0, rtol=0, atol=1e-5, msg=batching)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU")
+def test_auto_takes_flex_attention_on_gpu_only_where_its_kernel_runs(tmp_path, capsys, monkeypatch):
+    """Inductor's CUDA FlexAttention refuses heads of fewer than 16 dims (its CPU kernel runs them):
+    on GPU, `auto` runs segment attention there and says why, and an explicit flex_attention is
+    refused, at start from the config. The choice is made from the config: `cuda=True` here on CPU."""
+    model = tiny_model()  # hidden 32, 4 heads: 8 dims
+    use_packed_attention(model, "auto", cuda=True)
+    assert model.config._attn_implementation == SEGMENTS
+    why = "llama has attention heads of 8 dims; FlexAttention's GPU kernel needs 16 or more"
+    assert f"packed rows run attention {SEGMENTS} (not flex_attention: {why})" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=f"--packed_attention flex_attention: {why}; use auto or segments"):
+        use_packed_attention(tiny_model(), "flex_attention", cuda=True)
+    use_packed_attention(model, "flex_attention", cuda=False)  # on CPU it runs
+    assert model.config._attn_implementation == "flex_attention"
+
+    sixteen = tiny_llama_config(VOCAB, head_dim=16)
+    model = tiny_model(config=sixteen)
+    use_packed_attention(model, "auto", cuda=True)
+    assert model.config._attn_implementation == "flex_attention"
+
+    tiny_llama_config(VOCAB).save_pretrained(tmp_path / "eight")
+    sixteen.save_pretrained(tmp_path / "sixteen")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # check_packing asks torch
+    flags = ["--packed_attention", "flex_attention", "--model_name_or_path"]
+    with pytest.raises(SystemExit, match=why):
+        check_packing(parse_args([*flags, str(tmp_path / "eight")]))
+    check_packing(parse_args([*flags, str(tmp_path / "sixteen")]))
+
+
+@pytest.mark.gpu  # FlexAttention's backward needs a GPU
 @pytest.mark.parametrize("batching", MODES)
 def test_flex_attention_gradients_match_padded_on_gpu(batching):
-    """The `auto` GPU path end to end in fp32: rewards, loss and every gradient against padded."""
-    pairs, cuda = varied_pairs(), torch.device("cuda")
-    r0, l0, g0 = rewards_loss_grads(tiny_model().to(cuda), pairs, "padded", cuda)
-    model = tiny_model().to(cuda)
+    """The `auto` GPU path end to end in fp32: rewards, loss and every gradient against padded (heads
+    of 16 dims, the fewest FlexAttention's GPU kernel takes)."""
+    pairs, cuda, config = varied_pairs(), torch.device("cuda"), tiny_llama_config(VOCAB, head_dim=16)
+    r0, l0, g0 = rewards_loss_grads(tiny_model(config=config).to(cuda), pairs, "padded", cuda)
+    model = tiny_model(config=config).to(cuda)
     use_packed_attention(model, "auto", cuda=True)
     assert model.config._attn_implementation == "flex_attention"
     r1, l1, g1 = rewards_loss_grads(model, pairs, batching, cuda)

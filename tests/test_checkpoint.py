@@ -7,8 +7,8 @@
 - a run stopped by SIGTERM (to `python -m minrm.train`, and to torchrun, which forwards it) writes a
   checkpoint without --checkpointing_steps, prints the resume command, and that command finishes it
   bitwise like an uninterrupted run (1 and 2 processes);
-- a background save writes the state of the moment `save` was called, while the model and the
-  optimizer change under it;
+- background saves write the state of the moment `save` was called, while the model and the
+  optimizer change under them, and the second copies into the host buffers of the first;
 - `auto` starts fresh without a checkpoint and skips one left half-written; a checkpoint from another model is refused;
 - `python -m minrm.export CHECKPOINT OUT` reloads with AutoModelForSequenceClassification and
   scores the eval pairs as the run did;
@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from minrm import export
@@ -235,32 +236,60 @@ def test_sigterm_to_torchrun_and_resume_two_processes_is_bitwise(
     assert_same_run(uninterrupted_two_process, tmp_path / "preempted2", atol=0)
 
 
-def test_background_save_keeps_the_state_of_its_step(tmp_path):
+def test_background_saves_keep_the_state_of_their_step_in_reused_buffers(tmp_path, monkeypatch):
+    """Two saves with training between them, the loop's order: save, then `wait_staged` before the
+    next optimizer step. Each checkpoint holds the weights of its step, bitwise, while the model
+    and the optimizer change under the writes, and the second save copies into the host buffers
+    of the first (the same memory, refilled), not into new ones."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
         fully_shard(model, mesh=mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-        model(torch.randn(2, 4)).sum().backward()
-        optimizer.step()
-        expected = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
         saver = CheckpointWriter(str(tmp_path), keep_last_n=2, d=Dist(0, 1, 0, torch.device("cpu"), mesh))
-        saver.save(TrainerState(step=1, episode=2), model, optimizer, meta={})
-        optimizer.step()  # training goes on while the save may still be writing
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
+        staged = []  # the copies the stager hands DCP to write
+        stage = saver.stager.stage
+        monkeypatch.setattr(saver.stager, "stage", lambda state: staged.append(stage(state)) or staged[-1])
+        expected = {}
+        for step in (1, 2):
+            model(torch.randn(2, 4)).sum().backward()
+            optimizer.step()
+            expected[step] = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+            saver.save(TrainerState(step=step, episode=2 * step), model, optimizer, meta={})
+            saver.wait_staged()
+            optimizer.step()  # training goes on while the save may still be writing
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
         saver.wait()
     finally:
         dist.destroy_process_group()
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_1"]
-    assert find_latest(str(tmp_path)) == str(tmp_path / "checkpoints" / "step_1")
-    dcp_to_torch_save(tmp_path / "checkpoints" / "step_1", tmp_path / "step_1.pt")
-    saved = torch.load(tmp_path / "step_1.pt", weights_only=False)
-    assert saved["trainer"]["step"] == 1 and saved["model"].keys() == expected.keys()
-    for key, value in expected.items():
-        assert torch.equal(saved["model"][key], value), key
+    first, second = (host_buffers(f.result()) for f in staged)
+    assert len(first) == 4 * 4 and second == first  # per parameter: itself, 2 AdamW moments, its step count
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_1", "step_2"]
+    for step in (1, 2):
+        dcp_to_torch_save(tmp_path / "checkpoints" / f"step_{step}", tmp_path / f"step_{step}.pt")
+        saved = torch.load(tmp_path / f"step_{step}.pt", weights_only=False)
+        assert saved["trainer"]["step"] == step and saved["model"].keys() == expected[step].keys()
+        for key, value in expected[step].items():
+            assert torch.equal(saved["model"][key], value), (step, key)
+
+
+def host_buffers(staged: dict) -> set[tuple[int, int]]:
+    """(address, bytes) of the host memory holding a staged copy's model and optimizer tensors."""
+    found = set()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            local = x.to_local() if isinstance(x, DTensor) else x
+            found.add((local.untyped_storage().data_ptr(), local.untyped_storage().nbytes()))
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+
+    visit({"model": staged["model"], "optimizer": staged["optimizer"]})
+    return found
 
 
 def test_checkpointing_steps_epoch():

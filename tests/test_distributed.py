@@ -6,7 +6,9 @@
   as rotary `inv_freq`, are right): 2 processes with a saved model, 1 (in this process) with the toy;
 - memory on CPU, with a 25M-parameter model (96 MiB in fp32) whose size dominates: rank 1 never
   holds the full model while loading, rank 0 drops the copy it read, and the gradients accumulated
-  over a step's micro-batches stay sharded.
+  over a step's micro-batches stay sharded;
+- the CPU tests run with CUDA hidden, here and in the processes they start (torchrun would pick it);
+  GPU-marked tests see it.
 """
 
 import json
@@ -24,7 +26,7 @@ from minrm import toy
 from minrm.config import parse_args
 from minrm.data import load_tokenizer
 from minrm.distributed import Dist, fill_from_rank0, shard_model
-from minrm.model import load_whole, read_weights, skeleton, transformer_blocks
+from minrm.model import read_model, skeleton, transformer_blocks
 from tests.conftest import ROOT, tiny_llama_config, write_pairs
 from tests.train_probe import save_loaded
 
@@ -98,7 +100,7 @@ def one_process_toy(tmp_path_factory):
     tokenizer = load_tokenizer(args)
     model = skeleton(args, tokenizer)
     shard_model(model, transformer_blocks(model), d, None)
-    fill_from_rank0(model, read_weights(args, tokenizer), d)
+    fill_from_rank0(model, read_model(args, tokenizer), d)
     save_loaded(model, d, str(out))
     dist.destroy_process_group()
     return out
@@ -156,16 +158,14 @@ def test_accumulated_gradients_stay_sharded(two_processes, big_model_dir):
 @pytest.mark.parametrize("which", ["saved", "toy"])
 def test_skeleton_config_is_the_loaded_models(which, big_model_dir):
     # The skeleton's config is the one exported (config.json) and hashed into checkpoints; its
-    # state dict is what the weights fill, name for name and shape for shape.
+    # state dict is what the read model fills, name for name and shape for shape.
     args = parse_args(["--model_name_or_path", big_model_dir[0] if which == "saved" else toy.TOY])
     tokenizer = load_tokenizer(args)
     model = skeleton(args, tokenizer)
     assert all(p.is_meta for p in model.parameters())
-    weights = read_weights(args, tokenizer)
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: weights[k].shape for k in model.state_dict()}
-    loaded = load_whole(skeleton(args, tokenizer), weights, torch.device("cpu"))
-    assert model.config.to_dict() == loaded.config.to_dict()
-    assert all(torch.equal(p, weights[n]) for n, p in loaded.state_dict().items())
+    full = read_model(args, tokenizer)
+    assert model.config.to_dict() == full.config.to_dict()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in full.state_dict().items()}
 
 
 def _rank0_alone_worker(rank: int, port: int, results) -> None:
@@ -240,3 +240,23 @@ def test_gather_outlasts_the_collective_timeout():
     mp.spawn(_gather_worker, args=(port, results), nprocs=2)
     expected = [{"rank": 0, "rows": [0]}, {"rank": 1, "rows": [1, 1]}]
     assert results[0] == results[1] == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA hidden from the CPU tests (tests/conftest.py)
+
+SEES_CUDA = "import os, torch; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')), torch.cuda.is_available())"
+
+
+def test_cpu_tests_run_with_cuda_hidden():
+    """As on a machine without a GPU, even on one that has some: on a one-GPU machine
+    `torchrun --nproc_per_node 2` would ask for cuda:1."""
+    assert not torch.cuda.is_available()
+    seen = subprocess.run([sys.executable, "-c", SEES_CUDA], capture_output=True, text=True, check=True).stdout
+    assert seen.split() == ["''", "False"]
+
+
+@pytest.mark.gpu
+def test_gpu_tests_see_the_gpu():
+    seen = subprocess.run([sys.executable, "-c", SEES_CUDA], capture_output=True, text=True, check=True).stdout
+    assert seen.split()[1] == "True" and torch.cuda.is_available()

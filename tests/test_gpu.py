@@ -1,5 +1,6 @@
-"""GPU-only: the bf16 training path on a real CUDA device (one process, NCCL, Liger on by default),
-against the same run in fp32 on the same GPU; the 8B benchmark on one GPU. The CPU suite runs the same policy on gloo
+"""GPU-only: the bf16 training path on a real CUDA device (one process, NCCL, Liger on by default,
+packed rows through FlexAttention), against the same run in fp32 on the same GPU; the 8B benchmark
+on one GPU. The CPU suite runs the same policy on gloo
 (tests/test_train.py::test_bf16_two_processes_close_to_fp32); this one checks the CUDA kernels.
 Skips without CUDA."""
 
@@ -9,10 +10,16 @@ import pytest
 import torch
 
 from scripts import bench
-from tests.conftest import read_metrics, run_minrm
+from tests.conftest import read_metrics, run_minrm, save_tiny_llama
 from tests.test_train import GA, PDBS, STEPS, assert_close_to_fp32, common_flags
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def flex_model_dir(tmp_path_factory, tokenizer) -> str:
+    """The CPU tests' tiny Llama with heads of 16 dims, the fewest FlexAttention's GPU kernel takes."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama16"), tokenizer, head_dim=16)
 
 
 def eval_rewards(run_dir) -> torch.Tensor:
@@ -20,12 +27,13 @@ def eval_rewards(run_dir) -> torch.Tensor:
     return torch.tensor([[r["chosen_reward"], r["rejected_reward"]] for r in rows], dtype=torch.float64)
 
 
-def test_bf16_rewards_close_to_fp32_on_gpu(tiny_model_dir, pairs_file, eval_file, tmp_path):
+def test_bf16_rewards_close_to_fp32_on_gpu(flex_model_dir, pairs_file, eval_file, tmp_path):
     runs = {}
     for precision in ("bf16", "no"):
-        flags = common_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, precision)
+        flags = common_flags(flex_model_dir, pairs_file, eval_file, tmp_path, precision)
         flags += ["--per_device_train_batch_size", str(PDBS), "--gradient_accumulation_steps", str(GA)]
-        run_minrm(flags + ["--mixed_precision", precision])
+        result = run_minrm(flags + ["--mixed_precision", precision])
+        assert "packed rows run attention flex_attention" in result.stdout
         runs[precision] = tmp_path / precision
     bf16, fp32 = read_metrics(runs["bf16"]), read_metrics(runs["no"])
     assert len(bf16) == len(fp32) == STEPS + 1

@@ -374,10 +374,8 @@ def test_rope_matches_under_triton_interpreter():
 # ----------------------------------------------------------------------------------------------
 # Numerics on GPU
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels need CUDA")
 
-
-@cuda_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_type", NUMERIC)
 def test_rewards_and_grads_match_on_gpu(model_type, dtype):
@@ -393,7 +391,7 @@ def test_rewards_and_grads_match_on_gpu(model_type, dtype):
     assert_grads_close(grads, ref_grads, tol["grads"])
 
 
-@cuda_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_training_matches_on_gpu(dtype):
     """10 steps under FSDP2 (in a subprocess: its own process group), bf16 as the trainer's mixed precision."""

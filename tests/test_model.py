@@ -11,7 +11,7 @@ from minrm import toy
 from minrm.batching import collate, pad_right
 from minrm.config import parse_args
 from minrm.data import load_tokenizer
-from minrm.model import load_whole, read_weights, reward_forward, skeleton
+from minrm.model import prepare, read_model, reward_forward
 from tests.conftest import tiny_llama_config
 
 PAD = 0
@@ -39,8 +39,8 @@ def random_rows(vocab: int, lengths: list[tuple[int, int]], seed: int = 0) -> li
 
 
 def load_model(args, tokenizer):
-    """The whole model as the scorer and the export build it: the skeleton filled with the weights."""
-    return load_whole(skeleton(args, tokenizer), read_weights(args, tokenizer), torch.device("cpu"))
+    """The whole model as the scorer builds it: read, then set up to run."""
+    return prepare(read_model(args, tokenizer), args)
 
 
 @pytest.mark.parametrize("make_config", [tiny_llama_config, tiny_qwen2_config], ids=["llama", "qwen2"])

@@ -8,7 +8,8 @@ within a node and replicates across nodes (HSDP, a 2x2 mesh). Checked against a 
 - on a shared cache folder the dataset cache is built once for both nodes; on node-local folders
   once per node (the protocol run by 4 threads standing for 2 nodes of 2 processes);
 - a builder's failure stops the processes waiting for it with its message, and a cache that
-  another builder completed first is kept, not replaced.
+  another builder completed first is kept, not replaced;
+- one NaN weight is counted once, not once per replica, and the log names gloo's interface.
 """
 
 import dataclasses
@@ -24,13 +25,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForSequenceClassification
 
 from minrm import dataset_cache
 from minrm.config import parse_args
 from minrm.data import load_tokenizer
 from minrm.dataset_cache import build_datasets, build_or_load_cache, cache_key, load_datasets
-from minrm.distributed import Dist
-from tests.conftest import ROOT, read_metrics, run_minrm, write_pairs
+from minrm.distributed import Dist, init_distributed, print0, shard_model
+from minrm.failsafe import nonfinite_weights
+from minrm.model import transformer_blocks
+from tests.conftest import ROOT, read_metrics, run_minrm, tiny_llama_config, write_pairs
 
 # 48 pairs, 8 per optimizer step (2x2 run: 1 pair x 4 processes x GA 2; 1 process: 4 x GA 2): 6 steps.
 PDBS, GA, STEPS, EVERY = 1, 2, 6, 3
@@ -63,19 +67,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(args: list[str], logs: Path) -> str:
-    """Run minrm as two 2-process "nodes" on localhost; returns both nodes' stdout, concatenated.
-    (c10d hands out node ranks in order of arrival: rank 0 may be in either launch.)"""
+def two_nodes(args: list[str], logs: Path, module: str = "minrm.train", env: dict | None = None) -> str:
+    """Run minrm (or another module) as two 2-process "nodes" on localhost (`env`: more variables);
+    returns both nodes' stdout, concatenated. (c10d hands out node ranks in order of arrival: rank 0
+    may be in either launch.)"""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     procs = []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2"]
         cmd += ["--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
         with open(logs / f"node{node}.out", "w") as out, open(logs / f"node{node}.err", "w") as err:
-            procs.append(
-                subprocess.Popen(cmd + ["-m", "minrm.train", *args], cwd=ROOT, env=env, stdout=out, stderr=err)
-            )
+            procs.append(subprocess.Popen(cmd + ["-m", module, *args], cwd=ROOT, env=env, stdout=out, stderr=err))
     for proc in procs:
         proc.wait(timeout=300)
     for node, proc in enumerate(procs):
@@ -120,7 +123,7 @@ def runs(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> dict:
 
 def test_two_nodes_form_a_2x2_hsdp_mesh_and_match_one_process(runs):
     mesh = "distributed: 4 processes, 2 per node, gloo, HSDP mesh (replicate 2 x shard 2), collective timeout 45 min"
-    assert mesh in runs["hsdp"]
+    assert f"{mesh}, gloo groups on " in runs["hsdp"] and "gloo groups" not in runs["one"]
     assert "distributed: 1 process, 1 per node, gloo, FSDP mesh (shard 1)" in runs["one"]
     assert "starting fresh" in runs["hsdp"]
     assert_same_metrics(read_metrics(runs["out"] / "one"), read_metrics(runs["out"] / "hsdp"))
@@ -141,6 +144,27 @@ def test_a_shared_cache_is_built_once_for_all_nodes(runs):
     assert runs["hsdp"].count("data: loading the tokenized datasets from the cache") == 1
     assert "data: loading the tokenized datasets from the cache" in runs["resumed"]
     assert [p.name for p in (runs["out"] / "cache").iterdir()] == os.listdir(runs["out"] / "cache_one")
+
+
+def test_a_nan_weight_is_counted_once_over_the_replicas(tmp_path):
+    """One NaN in the model before sharding: under HSDP both replicas hold it, the count says 1.
+    GLOO_SOCKET_IFNAME picks the interface of gloo's groups, and the log says so."""
+    out = two_nodes([], tmp_path, module="tests.test_multinode", env={"GLOO_SOCKET_IFNAME": "lo"})
+    assert "nonfinite: 1 weights are NaN or infinite after the update" in out
+    assert "HSDP mesh (replicate 2 x shard 2)" in out and "gloo groups on interface lo (GLOO_SOCKET_IFNAME)" in out
+
+
+def count_one_nan() -> None:
+    """Run by the test above in each of the 4 processes: the tiny Llama sharded as training shards
+    it, one NaN among its weights."""
+    d = init_distributed()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_llama_config(100, pad_token_id=0))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[5, 3] = float("nan")
+    shard_model(model, transformer_blocks(model), d, None)
+    print0(f"nonfinite: {nonfinite_weights(model, d.device)}")
+    dist.destroy_process_group()
 
 
 @pytest.fixture
@@ -220,3 +244,7 @@ def test_a_complete_cache_is_never_replaced(pairs_file, tmp_path, monkeypatch, c
     assert (Path(first[0]) / "theirs").exists()  # their folder, untouched
     assert os.listdir(tmp_path) == [os.path.basename(first[0])]  # our temporary folder is gone
     assert "another process built the cache" in capsys.readouterr().out
+
+
+if __name__ == "__main__":  # the processes of test_a_nan_weight_is_counted_once_over_the_replicas
+    count_one_nan()

@@ -1,6 +1,7 @@
 """The attentions that run packed rows, against who-attends-to-whom written out here per token from
 the layout itself: FlexAttention's block lists built from the spans (exact, tight, and small at
-L = 32k), and `segment_attention` with grouped-query heads, sliding windows included."""
+L = 32k), and `segment_attention` with grouped-query heads, sliding windows included. FlexAttention
+compiles a few graphs over many packed lengths, never reaching dynamo's recompile limit."""
 
 import json
 import subprocess
@@ -8,11 +9,23 @@ import sys
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from transformers import AutoModelForSequenceClassification
 
 from minrm.batching import collate
-from minrm.packed_attention import BLOCK, PackedLayout, Segment, block_lists, mask_rule, segment_attention
-from tests.conftest import ROOT
+from minrm.model import reward_forward
+from minrm.packed_attention import (
+    BLOCK,
+    PackedLayout,
+    Segment,
+    block_lists,
+    mask_rule,
+    segment_attention,
+    use_packed_attention,
+)
+from tests.conftest import ROOT, tiny_llama_config
 
 WINDOWS = [None, 8, 300]
 
@@ -185,3 +198,29 @@ def test_layouts_the_attentions_cannot_run_are_refused():
         PackedLayout([Segment(0, 10), Segment(10, 20, 2, 6)])  # a prompt in the middle of a segment
     with pytest.raises(ValueError, match="a shared prompt must begin an earlier segment"):
         PackedLayout([Segment(0, 10, 10, 12), Segment(10, 20)])  # a prompt after the segment
+
+
+def test_flex_attention_compiles_few_graphs_over_many_lengths(monkeypatch):
+    """transformers compiles `flex_attention` once, but dynamo compiles again for what its graphs do
+    not cover, and past `recompile_limit` (8 per function) it falls back to eager FlexAttention,
+    which computes the L x L scores. Over 12 packed lengths of 1 to 5 tiles, each run in train mode
+    (grad on) and in eval mode (no_grad): 6 graphs, per grad mode one for the first length, one for
+    any other length of one tile and one for any length of more, all 6 there after the third length.
+    Forward only (FlexAttention has no CPU backward): train mode runs on frozen weights."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # raise, not fall back
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_llama_config(100, pad_token_id=0)).requires_grad_(False)
+    use_packed_attention(model, "flex_attention", log=False)
+    graphs, lengths = [], []
+    sizes = [(5, 10, 6), (5, 40, 21), (5, 100, 51)] + [(9 + 7 * k, 11 * k + 3, 5 * k + 2) for k in range(1, 26, 3)]
+    for p, c, r in sizes:  # (prompt, chosen response, rejected response) lengths
+        batch, _ = collate(lengths_pairs([(p, c, r)]), 0, "shared_prefix")
+        for mode in ("train", "eval"):
+            with torch.set_grad_enabled(mode == "train"):
+                reward_forward(getattr(model, mode)(), **batch)
+        lengths.append(batch["input_ids"].shape[1])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert len(set(lengths)) == 12 and min(lengths) < BLOCK and max(lengths) > 4 * BLOCK, lengths
+    assert graphs[2] == graphs[-1] == 6, dict(zip(lengths, graphs))

@@ -10,16 +10,19 @@ import types
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from minrm import formats, toy
 from minrm.batching import collate, micro_batches, row_tokens, shared_prefix
+from minrm.distributed import Dist, shard_model
 from minrm.formats import CHAT_TEMPLATES
 from minrm.loss import STATS
-from minrm.model import reward_forward
+from minrm.model import prepare, read_model, reward_forward, transformer_blocks
 from minrm.packed_attention import use_packed_attention
-from minrm.score import check_model, parse_args, score_rows, summarize
+from minrm.score import check_model, parse_args, score_rows, summarize, train_args
 from tests.conftest import ROOT, minrm_command, run_minrm, tiny_llama_config
 
 VOCAB = 100
@@ -134,6 +137,38 @@ def test_rewards_equal_hf_forward_for_every_batching_and_budget(batching, attent
             torch.testing.assert_close(torch.tensor(g), torch.tensor(e), rtol=0, atol=1e-5)
     if batching == "shared_prefix":  # each prompt once: the row of 4 responses holds one prompt
         assert row_tokens(rows[1], batching) == 17 + 3 + 30 + 5 + 8
+
+
+def test_gpu_loading_keeps_the_score_head_in_fp32_as_training(tmp_path, tokenizer):
+    """On GPU the scorer reads the model with the backbone in bf16 and the score head in fp32
+    (`load_reward_model`), as training computes rewards under --mixed_precision bf16 (FSDP2 gathers
+    bf16 blocks and an fp32 head): its rewards are not rounded to bf16, and equal training's
+    computation on the same export (shard_model, one process on gloo). Read here on the CPU."""
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(tiny_llama_config(VOCAB, pad_token_id=0)).save_pretrained(tmp_path)
+    args = train_args(parse_args([str(tmp_path), "--data", "any/hub_dataset", "--batching", "padded"]))
+    model = prepare(read_model(args, tokenizer, torch.bfloat16), args)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.score.weight.dtype == torch.float32
+
+    def rewards(model) -> torch.Tensor:  # row by row, as training's eval runs the model
+        with torch.no_grad():
+            return torch.cat([model(**collate([row], 0, "padded")[0]) for row in varied_rows()])
+
+    ours = rewards(model)
+    assert (ours.bfloat16().float() != ours).sum() > len(ours) / 2  # fp32 numbers, not bf16 ones
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        trained = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float32)
+        d = Dist(0, 1, 0, torch.device("cpu"), init_device_mesh("cpu", (1,)))
+        shard_model(trained, transformer_blocks(trained), d, "bf16")
+        trained.forward = types.MethodType(reward_forward, trained)
+        theirs = rewards(trained.eval())
+    finally:
+        dist.destroy_process_group()
+    # The same bf16 operations on the same bf16 weights, then the same fp32 head on the same inputs:
+    # equal (bitwise here); 1e-6 is far below bf16's step at these rewards (2^-10 at |r| = 0.2).
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,8 +73,8 @@ def main(out: str, argv: list[str]) -> None:
         start["load"] = start_phase()
         return skeleton(*args, **kwargs)
 
-    def fill_probe(model, weights, d):
-        fill_from_rank0(model, weights, d)
+    def fill_probe(model, full, d):
+        fill_from_rank0(model, full, d)
         record["load"] = memory_kb("VmHWM") - start["load"]
         save_loaded(model, d, out)
         model.register_forward_pre_hook(lambda *_: record["steps"][-1].append(tensor_kb()))
