@@ -55,10 +55,8 @@ def skeleton(args, tokenizer: PreTrainedTokenizerBase, cuda: bool = False) -> Pr
     return prepare(model, args, cuda)
 
 
-def read_model(
-    args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> PreTrainedModel:
-    """The model with its weights, in `dtype` on `device`: the checkpoint's (the toy's drawn from the
+def read_model(args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model with its weights, in `dtype` on the CPU: the checkpoint's (the toy's drawn from the
     seed), the embedding rows of an added <pad> drawn from the old rows' mean and covariance, and
     the score head re-drawn from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325) unless
     --init_score_head False. The score head stays in fp32 whatever `dtype`, read exactly as stored,
@@ -66,7 +64,7 @@ def read_model(
     torch.manual_seed(args.seed)
     config = model_config(args)
     if args.model_name_or_path == TOY:
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).to(device)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     else:
         with torch.device("meta"):  # the class transformers picks for this config
             cls = type(AutoModelForSequenceClassification.from_config(config, trust_remote_code=args.trust_remote_code))
@@ -79,14 +77,13 @@ def read_model(
             revision=args.model_revision,
             trust_remote_code=args.trust_remote_code,
             dtype=dtype,  # fp32 master weights in training; FSDP2 casts to bf16 for compute (--mixed_precision)
-            device_map=device,
         )
     _fit_tokenizer(model, tokenizer, mean_resizing=True)
     if args.init_score_head:
         std = 1 / math.sqrt(model.config.get_text_config().hidden_size + 1)
         generator = torch.Generator().manual_seed(args.seed)
         with torch.no_grad():
-            model.score.weight.copy_(torch.empty(model.score.weight.shape).normal_(0.0, std, generator=generator))
+            model.score.weight.normal_(0.0, std, generator=generator)
     return model
 
 

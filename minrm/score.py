@@ -128,8 +128,8 @@ def load_reward_model(args, tokenizer, device: torch.device) -> PreTrainedModel:
     (fp32 on CPU) and the score head in fp32 as in training (--mixed_precision bf16). A bf16 head
     would round every reward to bf16 (steps of 1/64 between 2 and 4): ties, counted as wrong."""
     cuda = device.type == "cuda"
-    model = read_model(train_args(args), tokenizer, torch.bfloat16 if cuda else torch.float32, device)
-    return prepare(model, train_args(args), cuda).eval()
+    model = read_model(train_args(args), tokenizer, torch.bfloat16 if cuda else torch.float32)
+    return prepare(model.to(device), train_args(args), cuda).eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -182,13 +182,13 @@ def test_auto_takes_flex_attention_on_gpu_only_where_its_kernel_runs(tmp_path, c
     use_packed_attention(model, "auto", cuda=True)
     assert model.config._attn_implementation == "flex_attention"
 
-    tiny_llama_config(VOCAB).save_pretrained(tmp_path / "eight")
-    sixteen.save_pretrained(tmp_path / "sixteen")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # check_packing asks torch
+    tiny_model().save_pretrained(tmp_path / "eight")
+    tiny_model(config=sixteen).save_pretrained(tmp_path / "sixteen")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # check_model asks torch
     flags = ["--packed_attention", "flex_attention", "--model_name_or_path"]
     with pytest.raises(SystemExit, match=why):
-        check_packing(parse_args([*flags, str(tmp_path / "eight")]))
-    check_packing(parse_args([*flags, str(tmp_path / "sixteen")]))
+        check_model(parse_args([*flags, str(tmp_path / "eight")]))
+    check_model(parse_args([*flags, str(tmp_path / "sixteen")]))
 
 
 @pytest.mark.gpu  # FlexAttention's backward needs a GPU
