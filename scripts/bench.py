@@ -185,9 +185,8 @@ def time_modes(
             t["real"] += sum(len(p["chosen"]) + len(p["rejected"]) for p in batch)
             t["unique"] += sum(len(p["chosen"]) + len(p["rejected"]) - shared_prefix_length(p) for p in batch)
             t["computed"] += computed
-            t["flops"] += 6 * params * computed + 12 * cfg.num_hidden_layers * cfg.hidden_size * attended_pairs(
-                batch, m
-            )
+            attended = 12 * cfg.num_hidden_layers * cfg.hidden_size * attended_pairs(batch, m)
+            t["flops"] += 6 * params * computed + attended
     rows = [
         {
             "mode": m,
