@@ -65,27 +65,30 @@ class Part:
     tests: tuple[str, ...] = ()  # pytest ids, for the check without a GPU
 
 
+def pytest_part(name: str, budget: int, ids: list[str], out: Path) -> Part:
+    """pytest on `ids`: -v puts each outcome in the log as it comes (there even if time runs out),
+    the JUnit XML (xunit1, the family that keeps `record_property`) the figures tests record."""
+    flags = ["-v", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={out / name}.xml"]
+    return Part(name, budget, "pytest", flags + ids, tuple(ids))
+
+
 def parts(out: Path) -> list[Part]:
     """What runs, in order, with its budget in seconds. FlexAttention compiles twice in a process (a
     static graph, then a dynamic one for new lengths); Inductor's cache shortens the second
     profile's compile. tests/test_gpu.py::test_bench_8b_fits_one_gpu runs the bench_8b command."""
 
-    def pytest(name: str, budget: int, ids: list[str]) -> Part:
-        flags = ["-v", "-p", "no:cacheprovider", f"--junitxml={out / name}.xml"]
-        return Part(name, budget, "pytest", flags + ids, tuple(ids))
-
     def bench(name: str, budget: int, *flags: str) -> Part:
         return Part(name, budget, "scripts.bench", [*flags, "--out", str(out / name)])
 
     return [
-        pytest("tests_training", 80, TESTS_TRAINING),
+        pytest_part("tests_training", 80, TESTS_TRAINING, out),
         bench("bench_multiturn_flex_attention", 55, "--profile", "multiturn", *ATTENTION_BENCH, "flex_attention"),
         bench("bench_multiturn_segments", 25, "--profile", "multiturn", *ATTENTION_BENCH, "segments"),
         bench("bench_longresponse_flex_attention", 45, "--profile", "longresponse", *ATTENTION_BENCH, "flex_attention"),
         bench("bench_longresponse_segments", 20, "--profile", "longresponse", *ATTENTION_BENCH, "segments"),
         bench("bench_8b", 80, "--size", "8b", "--pairs", "4", "--steps", "2"),
         Part("liger", 35, "scripts.bench_liger", ["--out", str(out / "liger.json")]),
-        pytest("tests_liger", 60, TESTS_LIGER),
+        pytest_part("tests_liger", 60, TESTS_LIGER, out),
     ]
 
 
@@ -132,8 +135,8 @@ def bf16_peak(device_name: str) -> float | None:
 
 
 def test_outcomes(log: Path, junit: Path) -> list[dict]:
-    """Each test's outcome from pytest -v's log (there even when the part ran out of time), and the
-    figures it recorded (`record_property`) from the JUnit XML when pytest finished."""
+    """Each test's outcome from pytest -v's log, and the figures it recorded (`record_property`)
+    from the JUnit XML when pytest finished."""
     figures = {}
     if junit.exists():
         for case in ET.parse(junit).iter("testcase"):

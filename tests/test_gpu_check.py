@@ -63,12 +63,7 @@ def test_parts_run_in_turn_and_the_report_holds_their_figures(tmp_path):
         r.update(flops_per_s=4e14, reward_difference=1e-3, loss_difference=1e-4, peak_memory_mib=2048.0)
     (out / "bench_fake.json").write_text(json.dumps({"rows": rows}))
     found = [
-        Part(
-            "tests_fake",
-            60,
-            "pytest",
-            ["-v", "-p", "no:cacheprovider", f"--junitxml={out / 'tests_fake.xml'}", str(tmp_path / "test_fake.py")],
-        ),
+        gpu_check.pytest_part("tests_fake", 60, [str(tmp_path / "test_fake.py")], out),
         Part("slow", 1, "timeit", ["-n", "1", "import time; time.sleep(60)"]),
         Part("broken", 30, "json.tool", [str(tmp_path / "no_such.json")]),
         Part("bench_fake", 30, "json.tool", [str(out / "bench_fake.json")]),  # its figures are there already
