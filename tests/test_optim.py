@@ -31,7 +31,6 @@ def test_adamw_is_the_references():
     assert len(group["params"]) == 2  # weight decay on every parameter, bias included
 
 
-
 def test_adamw_steps_as_the_references_single_tensor_loop():
     """minrm's AdamW (fused) against torch's single-tensor AdamW with the same hyperparameters, the
     reference's implementation on CPU: five steps of gradients from 1 down to 1e-4 in size."""
