@@ -37,13 +37,13 @@ PRESETS = {
 }
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, (gpu, cpu) in PRESETS.items():
         parser.add_argument(f"--{name}", type=int, default=None, help=f"default {gpu} on GPU, {cpu} on CPU")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--out", default="output/bench_liger.json", help="where to write the results as JSON")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:

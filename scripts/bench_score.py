@@ -27,7 +27,7 @@ from minrm.batching import micro_batches, pad_right, row_tokens
 from minrm.model import reward_forward
 from minrm.packed_attention import use_packed_attention
 from minrm.score import MAX_TOKENS, score_rows
-from scripts.bench import SIZES, VOCAB, model_config, synthetic_lengths
+from scripts.bench_inputs import SIZES, VOCAB, model_config, synthetic_lengths
 
 
 def synthetic_rows(profile: str, n: int, responses: int, seed: int) -> list[dict]:

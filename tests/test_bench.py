@@ -1,7 +1,10 @@
-"""scripts/bench.py's accounting, on a preference file read as minrm reads it: the computed-token
-counts and the wasted fraction against counts written out here from the pairs themselves."""
+"""scripts/bench.py on a preference file read as minrm reads it: the computed-token counts and the
+wasted fraction against counts written out here from the pairs themselves, and the bare loop
+against minrm's padded step on the same weights."""
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from scripts import bench
 
@@ -20,18 +23,42 @@ def test_file_pairs_are_the_trainers_tokens(file_pairs):
 
 def test_one_step_per_mode_counts_tokens(file_pairs):
     # Step 0 warms up on the first 4 pairs; step 1 is the same 4 again, run twice per mode.
-    rows = {r["mode"]: r for r in bench.time_modes(list(bench.BATCHINGS), file_pairs * 2, 4, 1, "9m", repeats=2)}
+    rows = {r["mode"]: r for r in bench.time_modes(list(bench.MODES), file_pairs * 2, 4, 1, "9m", repeats=2)}
     batch = file_pairs
     lengths = [(len(p["prompt"]), len(p["chosen"]), len(p["rejected"])) for p in batch]
     unique = sum(c + r - n for n, c, r in lengths)
     padded = 2 * len(batch) * max(max(c, r) for _, c, r in lengths)
-    assert rows["padded"]["wasted_fraction"] == pytest.approx(1 - unique / padded)
+    assert rows["padded"]["wasted_fraction"] == rows["bare"]["wasted_fraction"] == pytest.approx(1 - unique / padded)
     assert rows["packed"]["wasted_fraction"] == pytest.approx(1 - unique / sum(c + r for _, c, r in lengths))
     assert rows["shared_prefix"]["wasted_fraction"] == 0
-    computed = {"padded": padded, "packed": sum(c + r for _, c, r in lengths), "shared_prefix": unique}
+    computed = {"bare": padded, "padded": padded, "packed": sum(c + r for _, c, r in lengths), "shared_prefix": unique}
     for mode, row in rows.items():
         assert row["computed_tokens_per_s"] == pytest.approx(computed[mode] / row["seconds"])
         assert row["forward_backward_tokens_per_s"] > row["computed_tokens_per_s"]  # the step less its optimizer
         real = sum(c + r for _, c, r in lengths)
         assert row["real_tokens_per_s"] == pytest.approx(real / row["seconds"])
         assert row["pairs_per_s"] == pytest.approx(len(batch) / row["seconds"])
+        # Every mode's rewards and loss on the first batch are bare's (Hugging Face's own forward).
+        assert row["reward_difference"] < 1e-5 and row["loss_difference"] < 1e-6, mode
+
+
+def test_bare_step_is_a_padded_minrm_step(file_pairs):
+    """bare (Hugging Face's forward on right-padded pairs, torch's AdamW) and minrm's padded step
+    (collate, reward_forward, minrm's AdamW), each on its own copy of the same weights and batch:
+    the same loss, the computed tokens of 2 x pairs x the longest sequence, the same weights after."""
+    cpu = torch.device("cpu")
+    longest = max(len(p[k]) for p in file_pairs for k in ("chosen", "rejected"))
+    losses, weights = {}, {}
+    for mode in ("bare", "padded"):
+        model, optimizers, attention = bench.build(cpu, "9m")
+        rewards, computed = bench.rewards_of(model, attention, file_pairs, mode, cpu)
+        chosen, rejected = rewards.detach().chunk(2)
+        losses[mode] = -F.logsigmoid(chosen - rejected).mean()
+        before = model.score.weight.detach().clone()
+        assert bench.train_step(model, optimizers, attention, file_pairs, mode, cpu)[0] == computed
+        assert computed == 2 * len(file_pairs) * longest
+        assert (model.score.weight - before).abs().min() > 1e-5  # the step moved every weight by about lr
+        weights[mode] = dict(model.named_parameters())
+    torch.testing.assert_close(losses["bare"], losses["padded"], rtol=0, atol=1e-6)
+    for name, value in weights["padded"].items():
+        torch.testing.assert_close(weights["bare"][name], value, rtol=0, atol=1e-6, msg=name)

@@ -27,7 +27,7 @@ def eval_rewards(run_dir) -> torch.Tensor:
     return torch.tensor([[r["chosen_reward"], r["rejected_reward"]] for r in rows], dtype=torch.float64)
 
 
-def test_bf16_rewards_close_to_fp32_on_gpu(flex_model_dir, pairs_file, eval_file, tmp_path):
+def test_bf16_rewards_close_to_fp32_on_gpu(flex_model_dir, pairs_file, eval_file, tmp_path, record_property):
     runs = {}
     for precision in ("bf16", "no"):
         flags = common_flags(flex_model_dir, pairs_file, eval_file, tmp_path, precision)
@@ -40,6 +40,7 @@ def test_bf16_rewards_close_to_fp32_on_gpu(flex_model_dir, pairs_file, eval_file
     # The tolerances of the CPU test (bf16 rounding, then AdamW's sign-driven first update).
     assert_close_to_fp32(fp32, bf16, runs["no"], eval_file, 5e-2)
     ours, theirs = eval_rewards(runs["bf16"]), eval_rewards(runs["no"])
+    record_property("max_eval_reward_difference", (ours - theirs).abs().max().item())  # for scripts/gpu_check.py
     torch.testing.assert_close(ours, theirs, rtol=0, atol=5e-2)
     assert (ours - theirs).abs().max() > 1e-5  # bf16 did run
     as_fp32 = ours.float()  # the score head runs in fp32: rewards are not bf16 numbers
@@ -65,6 +66,7 @@ def test_bench_8b_fits_one_gpu(tmp_path):
         "packed": sum(c + r for s in lengths for _, c, r in s),
         "shared_prefix": sum(c + r - n for s in lengths for n, c, r in s),
     }
+    computed["bare"] = computed["padded"]  # the same right-padded batches
     assert rows.keys() == computed.keys()
     for mode, row in rows.items():
         assert row["computed_tokens_per_s"] * row["seconds"] == pytest.approx(computed[mode]), mode
