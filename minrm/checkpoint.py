@@ -11,10 +11,9 @@ What a checkpoint holds, and why that is all a resume needs:
 - the optimizer step and the episode count. minrm's data stream is a pure function of (global
   position, seed) (`batching.stream_indices`) and the learning rate a pure function of the step
   (`optim.lr_multiplier`): the step number IS the data position and the scheduler state;
-- the RNG states (torch, CUDA, python, numpy). Nothing in the loop draws from them today
-  (dropout is off, the data order has its own generators); they are kept so that a future use
-  cannot silently break exact resume. Every rank seeds the same way, so rank 0's states stand
-  for all ranks.
+- the RNG states (torch, CUDA, python, numpy): the loop draws nothing from them (dropout is off,
+  the data order has its own generators), and anything that did would still resume exactly.
+  Every rank seeds the same way, so rank 0's states stand for all ranks.
 
 Saves run in the background (`CheckpointWriter`). A crash mid-write never leaves a checkpoint that
 looks whole: ranks write into `step_<N>.tmp`, and rank 0 renames it to `step_<N>` once DCP's save

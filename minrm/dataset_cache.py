@@ -114,7 +114,7 @@ def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase, key: str | Non
         shutil.rmtree(tmp)
         print(f"data: another process built the cache {path} first; using it", flush=True)
         return path
-    # Not print0: every process that builds says so, which is how a test counts the builds.
+    # Not print0: on a cluster each node's builder says that it built, so the log shows every build.
     print(f"data: built the cache {path} in {time.perf_counter() - start:.1f}s", flush=True)
     return path
 

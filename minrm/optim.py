@@ -4,7 +4,7 @@
 optimizer step `step` (0-based): the same values as `transformers.get_scheduler` gives after
 `step` scheduler steps. minrm's horizon `total` is the true number of optimizer steps; the
 reference multiplies it by the number of epochs again, so with more than one epoch its rate never
-reaches the end value (SPEC §2).
+reaches the end value (README, "Where minrm differs").
 """
 
 import math

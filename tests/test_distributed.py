@@ -168,16 +168,25 @@ def test_skeleton_config_is_the_loaded_models(which, big_model_dir):
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in full.state_dict().items()}
 
 
+def join_with_a_short_timeout(rank: int, port: int) -> None:
+    """Two processes form a group, meet, and then give its collectives a 1 s timeout: a process that
+    starts later than the other (a loaded machine) does not time the join out."""
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.barrier()
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=1))
+
+
 def _rank0_alone_worker(rank: int, port: int, results) -> None:
     """One of two processes whose group times out after 1 s, while rank 0 works for 2 s, twice."""
-    import datetime
     import functools
     import time
 
     from minrm.distributed import rank0_alone
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=1))
+    join_with_a_short_timeout(rank, port)
 
     def work(fail: bool):
         time.sleep(2)
@@ -212,13 +221,11 @@ def test_rank0_alone_outlasts_the_collective_timeout():
 
 def _gather_worker(rank: int, port: int, results) -> None:
     """One of two processes whose group times out after 1 s; rank 1 works 2 s before the gather."""
-    import datetime
     import time
 
     from minrm.distributed import gather_objects
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=1))
+    join_with_a_short_timeout(rank, port)
     if rank == 1:
         time.sleep(2)
     results[rank] = gather_objects({"rank": rank, "rows": [rank] * (rank + 1)}, "test", "score its rows")

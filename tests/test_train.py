@@ -305,7 +305,7 @@ def test_embedded_default_shortened(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "toy").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "toy")
     assert tok.chat_template == CHAT_TEMPLATES["tulu"]  # the toy tokenizer's own: the Tulu format
-    correct = 0
+    margins = []
     test = toy.toy_dataset("test")
     for row in test:
         scores = []
@@ -313,6 +313,9 @@ def test_embedded_default_shortened(tmp_path):
             ids = tok.apply_chat_template(row[side], return_tensors="pt", return_dict=False)
             with torch.no_grad():
                 scores.append(model(input_ids=ids).logits.item())
-        correct += scores[0] > scores[1]
-    assert final_eval["eval/rm/accuracy"] == pytest.approx(correct / len(test), abs=1e-9)
+        margins.append(scores[0] - scores[1])
+    # A pair whose margin is within rounding of 0 may count either way (minrm scores it packed with
+    # others); every other pair counts as it does here.
+    sure, near = sum(m > 1e-5 for m in margins), sum(abs(m) <= 1e-5 for m in margins)
+    assert sure <= final_eval["eval/rm/accuracy"] * len(test) <= sure + near
     assert not math.isnan(final_eval["eval/rm/loss"])
