@@ -40,6 +40,7 @@ from minrm.model import reward_forward
 from minrm.optim import build_optimizer
 from minrm.packed_attention import use_packed_attention
 from scripts.bench_inputs import SIZES, file_pairs, model_config, synthetic_pairs
+from scripts.bench_ranked import run_ranked
 
 MODES = ("bare", *BATCHINGS)
 
@@ -282,10 +283,10 @@ def markdown(rows: list[dict], peak: float, command: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=["multiturn", "longresponse"], default="multiturn")
+    parser.add_argument("--profile", choices=["multiturn", "longresponse", "ranked"], default="multiturn")
     parser.add_argument("--data", help="a preference file (.jsonl/.json/.parquet, any row format minrm reads)")
     parser.add_argument("--tokenizer", help="tokenizer for --data (default: the toy one)")
-    parser.add_argument("--pairs", type=int, default=4, help="pairs per micro-batch (= optimizer step)")
+    parser.add_argument("--pairs", type=int, default=4, help="pairs (rows of 4 with --profile ranked) per optimizer step")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps, after one warm-up step")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each step per mode; the fastest counts")
     parser.add_argument("--size", choices=list(SIZES), default="9m", help="model shape, by parameter count")
@@ -301,6 +302,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.profile == "ranked":  # rows of 4 responses: scripts/bench_ranked.py
+        print(run_ranked(args, build), flush=True)
+        return
     n = args.pairs * (args.steps + 1)
     if args.data:
         pairs = file_pairs(args.data, args.tokenizer, n)

@@ -62,3 +62,26 @@ def test_bare_step_is_a_padded_minrm_step(file_pairs):
     torch.testing.assert_close(losses["bare"], losses["padded"], rtol=0, atol=1e-6)
     for name, value in weights["padded"].items():
         torch.testing.assert_close(weights["bare"][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_ranked_profile_ways_train_the_same_loss_on_their_token_counts():
+    """scripts/bench_ranked: rows of 4 responses, their 6 comparisons exploded into pairs (packed
+    with the prompt once, or padded): the same loss on the same weights, and the computed tokens
+    written out here from the lengths."""
+    import torch
+
+    from scripts.bench import build
+    from scripts.bench_ranked import exploded, ranked_rows, step
+
+    model, optimizers, attention = build(torch.device("cpu"), "9m")
+    run = (model, optimizers["shared_prefix"], attention, torch.device("cpu"))
+    rows = ranked_rows(2, 4, 8192, seed=0)
+    pairs = exploded(rows)
+    assert len(pairs) == 12 and all(p["responses"][0] != p["responses"][1] for p in pairs)
+    result = {w: step(run, rows, w, update=False) for w in ("rows", "pairs", "pairs_padded")}
+    assert result["pairs"][0] == pytest.approx(result["rows"][0], abs=1e-5)
+    assert result["pairs_padded"][0] == pytest.approx(result["rows"][0], abs=1e-5)
+    tails = [[len(s) - len(r["prompt"]) for s in r["responses"]] for r in rows]
+    assert result["rows"][1] == sum(len(r["prompt"]) + sum(t) for r, t in zip(rows, tails))
+    assert result["pairs"][1] == sum(len(p["prompt"]) + sum(len(s) - len(p["prompt"]) for s in p["responses"]) for p in pairs)
+    assert result["pairs_padded"][1] == 2 * len(pairs) * max(len(s) for p in pairs for s in p["responses"])
