@@ -58,265 +58,106 @@ TOY_RECIPE: dict[str, object] = {
 
 @dataclass
 class Args:
+    """Every flag: its type, default and `--help` text. `[minrm]` marks a flag the reference lacks."""
+
     # Data
     dataset_mixer_list: list[str] = HfArg(
         default_factory=lambda: ["allenai/tulu-3-wildchat-reused-on-policy-8b", "1.0"],
-        help="Training datasets and amounts: `NAME AMOUNT NAME AMOUNT ...`. NAME is a Hub dataset id or a local "
-        '.jsonl/.json/.parquet file; AMOUNT with a decimal point is a fraction ("1.0" all, "0.5" half, "3.0" '
-        'three times), without one a row count ("400").',
+        help="Training datasets and amounts, NAME AMOUNT ...: a Hub id or a local .jsonl/.json/.parquet file; an "
+        "AMOUNT with a decimal point is a fraction (1.0 all, 0.5 half, 3.0 three times), without one a row count.",
     )
-    dataset_mixer_list_splits: list[str] = HfArg(
-        default_factory=lambda: ["train"], help="Split of each training dataset: one for all, or one per dataset."
-    )
-    dataset_mixer_eval_list: list[str] = HfArg(
-        default_factory=list,
-        help="Evaluation datasets and amounts, in the same form as --dataset_mixer_list (empty: no eval).",
-    )
-    dataset_mixer_eval_list_splits: list[str] = HfArg(
-        default_factory=lambda: ["test"], help="Split of each evaluation dataset: one for all, or one per dataset."
-    )
-    max_token_length: int = HfArg(
-        default=512, help="Pairs whose chosen or rejected sequence has more tokens than this are dropped (and counted)."
-    )
-    max_prompt_token_length: int = HfArg(
-        default=256, help="Pairs whose prompt has more tokens than this are dropped (and counted)."
-    )
-
-    # Data formats, cache and validation
-    chosen_key: str = HfArg(
-        default="chosen", help="Column of the chosen response (a conversation, or a string). [minrm]"
-    )
-    rejected_key: str = HfArg(
-        default="rejected", help="Column of the rejected response (a conversation, or a string). [minrm]"
-    )
-    prompt_key: str = HfArg(
-        default="prompt",
-        help="Column of the prompt; a dataset that has it is read in the explicit-prompt format. [minrm]",
-    )
-    responses_key: str = HfArg(
-        default="responses",
-        help="Column of a row's list of responses, compared by their --scores_key scores. [minrm]",
-    )
-    scores_key: str = HfArg(
-        default="scores",
-        help="Column of the scores of --responses_key's responses (numbers, higher is better, one per response): "
-        "a response is preferred to another when its score is higher; equal scores make no comparison. [minrm]",
-    )
-    margin_key: str = HfArg(
-        default="margin",
-        help="Column of a pair's margin (a number; a row without it has none): its loss is then "
-        "-logsigmoid(r_chosen - r_rejected - margin), Llama 2's margin loss (arXiv:2307.09288). [minrm]",
-    )
-    max_responses_per_prompt: int | None = HfArg(
-        default=None,
-        help="Keep at most this many responses (at least 2; None: all) of a row with more, chosen so that the row "
-        "keeps comparisons; the log counts what is cut. [minrm]",
-    )
-    skip_bad_rows: bool = HfArg(
-        default=False,
-        help="Leave out rows that break a rule (missing or mistyped fields, different prompts, identical responses, "
-        "invalid JSON...) and count them by reason, instead of stopping before training with a list of them. [minrm]",
-    )
-    eval_fraction: float = HfArg(
-        default=0.0,
-        help="Hold out this fraction of each training dataset's rows as the eval set (no row on both sides); not "
-        "with --dataset_mixer_eval_list. [minrm]",
-    )
-    dataset_local_cache_dir: str = HfArg(
-        default="local_dataset_cache",
-        help="Folder of the cache of tokenized datasets, one sub-folder per hash of the inputs that shape them.",
-    )
-    dataset_skip_cache: bool = HfArg(
-        default=False, help="Tokenize in every process without reading or writing the cache."
-    )
-    cache_dataset_only: bool = HfArg(default=False, help="Build the dataset cache, then exit without training.")
-    no_visualize: bool = HfArg(
-        default=False, help="Do not print the coloured tokens of one training pair at start. [minrm]"
-    )
+    dataset_mixer_list_splits: list[str] = HfArg(default_factory=lambda: ["train"], help="One split, or one each.")
+    dataset_mixer_eval_list: list[str] = HfArg(default_factory=list, help="Eval datasets, as above.")
+    dataset_mixer_eval_list_splits: list[str] = HfArg(default_factory=lambda: ["test"], help="Their splits.")
+    max_token_length: int = HfArg(default=512, help="Longer responses are dropped from their rows (counted).")
+    max_prompt_token_length: int = HfArg(default=256, help="Rows with a longer prompt are dropped (counted).")
+    chosen_key: str = HfArg(default="chosen", help="Column of the chosen response(s). [minrm]")
+    rejected_key: str = HfArg(default="rejected", help="Column of the rejected response(s). [minrm]")
+    prompt_key: str = HfArg(default="prompt", help="Column of an explicit prompt. [minrm]")
+    responses_key: str = HfArg(default="responses", help="Column of a list of responses with scores. [minrm]")
+    scores_key: str = HfArg(default="scores", help="Their scores: higher is preferred. [minrm]")
+    margin_key: str = HfArg(default="margin", help="Column of a row's margin (Llama 2's margin loss). [minrm]")
+    max_responses_per_prompt: int | None = HfArg(default=None, help="Keep at most this many responses per row. [minrm]")
+    skip_bad_rows: bool = HfArg(default=False, help="Count bad rows and go on, not stop. [minrm]")
+    eval_fraction: float = HfArg(default=0.0, help="Hold out this fraction of each training dataset for eval. [minrm]")
+    dataset_local_cache_dir: str = HfArg(default="local_dataset_cache", help="Folder of the tokenized datasets' cache.")
+    dataset_skip_cache: bool = HfArg(default=False, help="Tokenize in every process, without the cache.")
+    cache_dataset_only: bool = HfArg(default=False, help="Build the dataset cache, then exit.")
+    no_visualize: bool = HfArg(default=False, help="Do not print one training row's coloured tokens. [minrm]")
 
     # Model and tokenizer
     model_name_or_path: str = HfArg(
-        default=TOY,
-        help="Hub id or local folder of the model to train. The default, `minrm:toy`, is a tiny Llama built "
-        "offline that trains on minrm's own toy preference data (flags not given take the toy recipe's values).",
+        default=TOY, help=f"Hub id or folder of the model; {TOY} is a tiny offline model with its own data and recipe."
     )
-    model_revision: str | None = HfArg(default=None, help="Revision (branch, tag or commit) of the model on the Hub.")
+    model_revision: str | None = HfArg(default=None, help="Branch, tag or commit of the model on the Hub.")
     tokenizer_name_or_path: str | None = HfArg(
-        default=None, aliases=["--tokenizer_name"], help="Tokenizer to use (default: the model's)."
+        default=None, aliases=["--tokenizer_name"], help="Tokenizer (default: the model's)."
     )
-    tokenizer_revision: str | None = HfArg(
-        default=None, help="Revision of the tokenizer on the Hub (default: the model's revision)."
-    )
-    use_slow_tokenizer: bool = HfArg(default=False, help="Load the slow (Python) tokenizer instead of the fast one.")
+    tokenizer_revision: str | None = HfArg(default=None, help="Its revision (default: the model's).")
+    use_slow_tokenizer: bool = HfArg(default=False, help="Load the slow (Python) tokenizer.")
     chat_template_name: str | None = HfArg(
-        default=None,
-        help="Chat template to apply instead of the tokenizer's own (default: the tokenizer's own, as in the "
-        "reference): a name minrm knows (tulu, zephyr, simple_chat), or a tokenizer id/path whose template is "
-        "borrowed.",
+        default=None, help="Template instead of the tokenizer's own: tulu, zephyr, simple_chat or a tokenizer's."
     )
-    add_bos: bool = HfArg(
-        default=False,
-        help="Prepend the bos token to the chat template (for templates that do not begin with it; refused for "
-        "those that do).",
-    )
-    trust_remote_code: bool = HfArg(
-        default=False, help="Allow model and tokenizer code from the Hub repository to run."
-    )
-    gradient_checkpointing: bool = HfArg(
-        default=False, help="Recompute activations in the backward pass to save memory."
-    )
+    add_bos: bool = HfArg(default=False, help="Prepend the bos token to the chat template.")
+    trust_remote_code: bool = HfArg(default=False, help="Run the model's and tokenizer's code from the Hub.")
+    gradient_checkpointing: bool = HfArg(default=False, help="Recompute activations in the backward pass.")
     init_score_head: bool = HfArg(
-        default=True,
-        help="Re-draw the score head from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325). False keeps a "
-        "loaded head, to continue training an existing reward model. [minrm]",
+        default=True, help="Re-draw the score head from N(0, 1/sqrt(hidden + 1)); False keeps a loaded one. [minrm]"
     )
     mixed_precision: Literal[MIXED_PRECISIONS] | None = HfArg(
-        default=None,
-        help="`bf16`: FSDP2 gathers the parameters in bf16 for the forward and backward passes and reduces "
-        "gradients in fp32; master weights, AdamW state, the score head, rewards and loss stay fp32. `no`: fp32 "
-        "throughout. Default: bf16 with CUDA, no otherwise. [minrm]",
+        default=None, help="bf16 compute with fp32 weights, head and loss, or `no` (default: bf16 with CUDA). [minrm]"
     )
-    use_liger_kernel: bool | None = HfArg(
-        default=None,
-        help="Swap Liger's fused RMSNorm, SwiGLU and RoPE kernels into the backbone (default: on with CUDA, off "
-        "otherwise). [minrm]",
-    )
-    strict_kernels: bool = HfArg(
-        default=False,
-        help="Fail at start, instead of training without them, when the Liger kernels are wanted "
-        "(--use_liger_kernel True, or auto on CUDA) but cannot be used. [minrm]",
-    )
+    use_liger_kernel: bool | None = HfArg(default=None, help="Liger's fused kernels (default: on with CUDA). [minrm]")
+    strict_kernels: bool = HfArg(default=False, help="Fail at start when wanted kernels cannot run. [minrm]")
 
     # Experiment
     exp_name: str = HfArg(default="reward_modeling", help="Name of this experiment.")
-    seed: int = HfArg(default=1, help="Seed of the experiment: data order, score-head init, RNGs.")
-    run_name: str | None = HfArg(
-        default=None,
-        help="Unique name of this run (default: EXP_NAME__SEED__UNIXTIME). Outputs go to OUTPUT_DIR/RUN_NAME.",
-    )
+    seed: int = HfArg(default=1, help="Seed of the data order, the score head and the RNGs.")
+    run_name: str | None = HfArg(default=None, help="Outputs go to OUTPUT_DIR/RUN_NAME.")
 
     # Loss, optimizer and schedule
-    loss: Literal[LOSSES] = HfArg(
-        default="bradley_terry",
-        help="`bradley_terry`: a row's loss is the mean over its comparisons (i preferred to j) of "
-        "-logsigmoid(r_i - r_j), InstructGPT's all-pairs loss (arXiv:2203.02155), the reference's for a pair; "
-        "`plackett_luce`: the negative log-likelihood of the row's ranking by its scores, the pairwise loss "
-        "when it has two responses. The step's loss is the mean over its rows. [minrm]",
-    )
-    center_rewards_coefficient: float | None = HfArg(
-        default=None,
-        help="Add C x mean(r^2) over the step's responses to the loss, which keeps the rewards centred on 0 "
-        "(TRL's flag; Eisenstein et al. 2023, arXiv:2312.09244). None: off. [minrm]",
-    )
+    loss: Literal[LOSSES] = HfArg(default="bradley_terry", help="All comparisons' mean, or plackett_luce. [minrm]")
+    center_rewards_coefficient: float | None = HfArg(default=None, help="Adds C x mean(r^2) to the loss. [minrm]")
     eps: float = HfArg(default=1e-5, help="AdamW epsilon.")
-    learning_rate: float = HfArg(default=2e-5, help="Peak learning rate of AdamW.")
-    weight_decay: float = HfArg(
-        default=0.01,
-        help="AdamW weight decay, applied to every parameter (torch's default, as in the reference). [minrm]",
-    )
-    max_grad_norm: float = HfArg(
-        default=1.0,
-        help="Clip the global gradient norm to this (as the reference's DeepSpeed production runs do); <= 0 turns "
-        "clipping off. [minrm]",
-    )
+    learning_rate: float = HfArg(default=2e-5, help="Peak learning rate.")
+    weight_decay: float = HfArg(default=0.01, help="AdamW weight decay, on every parameter. [minrm]")
+    max_grad_norm: float = HfArg(default=1.0, help="Clip the global gradient norm to this; <= 0: no clipping. [minrm]")
     lr_scheduler_type: Literal[SCHEDULERS] = HfArg(default="linear", help="Learning-rate schedule.")
-    warm_up_steps: int = HfArg(default=0, help="Number of warm-up optimizer steps.")
-
-    loss: Literal["bradley_terry", "plackett_luce"] = "bradley_terry"
-    """The ranking loss (loss.py). [minrm]"""
-    center_rewards_coefficient: float | None = None
-    """Adds this x mean(r^2) over the step's responses to the loss (default: off). [minrm]"""
+    warm_up_steps: int = HfArg(default=0, help="Warm-up optimizer steps.")
 
     # Batch sizes
-    num_train_epochs: int = HfArg(default=1, help="Number of passes over the training set.")
-    gradient_accumulation_steps: int = HfArg(default=8, help="Micro-batches accumulated per optimizer step.")
-    per_device_train_batch_size: int = HfArg(
-        default=1,
-        help="Pairs per process per micro-batch (with --max_tokens_per_batch, the step's pairs per process are "
-        "this x gradient_accumulation_steps, cut by tokens).",
-    )
-    per_device_eval_batch_size: int = HfArg(default=1, help="Pairs per process per evaluation batch.")
-    total_episodes: int | None = HfArg(
-        default=None,
-        help="Training pairs to consume in total (default: num_train_epochs x training-set size).",
-    )
-    num_evals: int = HfArg(
-        default=1,
-        help="Evaluations spread evenly through training (the last after the final step), when an eval set is given.",
-    )
-
-    # Batching
+    num_train_epochs: int = HfArg(default=1, help="Passes over the training set.")
+    gradient_accumulation_steps: int = HfArg(default=8, help="Micro-batches per optimizer step.")
+    per_device_train_batch_size: int = HfArg(default=1, help="Rows per process per micro-batch.")
+    per_device_eval_batch_size: int = HfArg(default=1, help="Rows per process per evaluation batch.")
+    total_episodes: int | None = HfArg(default=None, help="Training rows in all (default: epochs x training rows).")
+    num_evals: int = HfArg(default=1, help="Evaluations spread evenly through training, the last after the end.")
     batching: Literal[BATCHINGS] = HfArg(
-        default="shared_prefix",
-        help="How a micro-batch's pairs become model input: `padded` (the reference: right padding to the longest "
-        "sequence), `packed` (sequences end to end with no padding, each attending only to itself) or "
-        "`shared_prefix` (packed, and each pair's prompt computed once for both responses). Same rewards and "
-        "metrics in every mode; see docs/batching.md.",
+        default="shared_prefix", help="padded (the reference's), packed, or shared_prefix (each prompt once)."
     )
-    packed_attention: Literal[PACKED_ATTENTIONS] = HfArg(
-        default="auto",
-        help="The attention that runs packed rows: `flex_attention` (a block mask; the `auto` choice on GPU), "
-        "`segments` (SDPA on each sequence's span of the row; `auto` elsewhere) or `mask` (one dense L x L mask "
-        "through the model's own attention). [minrm]",
-    )
+    packed_attention: Literal[PACKED_ATTENTIONS] = HfArg(default="auto", help="What runs packed rows. [minrm]")
     max_tokens_per_batch: int | None = HfArg(
-        default=None,
-        help="A token budget per micro-batch: each optimizer step still takes per_device_train_batch_size x "
-        "gradient_accumulation_steps pairs per process, cut into as few micro-batches as keep each within this "
-        "many computed tokens (padding included), instead of micro-batches of per_device_train_batch_size pairs; "
-        "evaluation batches are cut the same way. Same loss and metrics. [minrm]",
+        default=None, help="Cut each step's rows into micro-batches of at most this many computed tokens. [minrm]"
     )
 
     # Checkpointing
-    checkpointing_steps: str | None = HfArg(
-        default=None,
-        help="Save a resumable checkpoint every N optimizer steps, or `epoch` (every ceil(training pairs / "
-        "batch_size) steps), to OUTPUT_DIR/RUN_NAME/checkpoints/step_N (default: none). [minrm]",
-    )
-    keep_last_n_checkpoints: int = HfArg(
-        default=2,
-        help="Keep the newest K checkpoints, deleting older ones once a new one is complete; <= 0 keeps all. [minrm]",
-    )
+    checkpointing_steps: str | None = HfArg(default=None, help="Checkpoint every N steps, or `epoch`. [minrm]")
+    keep_last_n_checkpoints: int = HfArg(default=2, help="Keep the newest K checkpoints; <= 0 keeps all. [minrm]")
     resume_from_checkpoint: str | None = HfArg(
-        default=None,
-        help="Resume from this checkpoint folder, or `auto`: the newest complete checkpoint of OUTPUT_DIR/RUN_NAME "
-        "(needs --run_name; with none found, start fresh). The batch size, data and schedule flags must be those "
-        "it was written with. [minrm]",
+        default=None, help="A checkpoint folder, or `auto`: the run's newest (needs --run_name). [minrm]"
     )
 
     # Tracking and output
-    with_tracking: bool = HfArg(
-        default=False, help="Log to Weights & Biases (set WANDB_MODE=offline to log without a network)."
-    )
+    with_tracking: bool = HfArg(default=False, help="Log to Weights & Biases.")
     wandb_project_name: str = HfArg(default="open_instruct_internal", help="W&B project.")
-    wandb_entity: str | None = HfArg(default=None, help="W&B entity (team or user).")
-    push_to_hub: bool = HfArg(
-        default=False,
-        help="Upload the final model to the Hugging Face Hub. minrm's default is False (the reference's is True): "
-        "a run should not need Hub credentials to finish.",
-    )
-    hf_entity: str | None = HfArg(
-        default=None, help="Hub user or organisation of the model repository (default: the logged-in user)."
-    )
-    hf_repo_id: str | None = HfArg(
-        default=None, help="Hub repository name (default: open_instruct_dev); the repo is HF_ENTITY/HF_REPO_ID."
-    )
-    hf_repo_revision: str | None = HfArg(default=None, help="Hub branch to push to (default: the run name).")
-    output_dir: str = HfArg(
-        default="output", help="The final model, metrics.jsonl and samples go to OUTPUT_DIR/RUN_NAME."
-    )
-    no_plot: bool = HfArg(
-        default=False,
-        help="Do not draw OUTPUT_DIR/RUN_NAME/metrics.png (the six metric panels against episodes, `python -m "
-        "minrm.plot`) at the end of training. [minrm]",
-    )
-    timeout_minutes: int = HfArg(
-        default=60,
-        help="How long a collective may wait for the slowest process before the run fails (torch's default: 10 "
-        "minutes with NCCL). The longest waits left are rank 0 writing the final model (a 70B model's fp32 "
-        "weights are 280 GB) while the others wait at a barrier, and stragglers reading a large model or "
-        "checkpoint; building the dataset cache and the Hub upload wait outside any collective. [minrm]",
-    )
+    wandb_entity: str | None = HfArg(default=None, help="W&B entity.")
+    push_to_hub: bool = HfArg(default=False, help="Upload the final model (the reference's default is True).")
+    hf_entity: str | None = HfArg(default=None, help="Hub user or organisation (default: the logged-in user).")
+    hf_repo_id: str | None = HfArg(default=None, help="Hub repository name (default: open_instruct_dev).")
+    hf_repo_revision: str | None = HfArg(default=None, help="Hub branch (default: the run name).")
+    output_dir: str = HfArg(default="output", help="The run's files go to OUTPUT_DIR/RUN_NAME.")
+    no_plot: bool = HfArg(default=False, help="Do not draw metrics.png at the end. [minrm]")
+    timeout_minutes: int = HfArg(default=60, help="How long a collective waits for the slowest process. [minrm]")
 
 
 def _bool(text: str) -> bool:
