@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate
 
 
 @dataclass
@@ -121,10 +122,11 @@ def shard_model(model: torch.nn.Module, layers: torch.nn.ModuleList, d: Dist, mi
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()
-    for block in layers:
-        fully_shard(block, mesh=d.mesh, mp_policy=mp)
+    # The last block and the head stay gathered after the forward: their backward runs first (torchtitan's rule).
+    for i, block in enumerate(layers):
+        fully_shard(block, mesh=d.mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    fully_shard(model.score, mesh=d.mesh, mp_policy=fp32)
+    fully_shard(model.score, mesh=d.mesh, mp_policy=fp32, reshard_after_forward=False)
     fully_shard(model, mesh=d.mesh, mp_policy=mp)
     kind = "HSDP (replicate x shard)" if d.mesh.ndim == 2 else "FSDP"
     return f"shard: {kind} over {d.world_size} processes, --mixed_precision {precision}"
@@ -149,6 +151,21 @@ def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, d: Dis
             if d.is_main:
                 buffer.copy_(full.get_buffer(name))
             dist.broadcast(buffer, src=0)
+
+
+def counted_shards(tensors) -> list[torch.Tensor]:
+    """The local shards of `tensors` that this rank counts, so that a sum over all ranks counts every
+    value once: FSDP's shards are disjoint, and under HSDP each node holds a replica of them, of
+    which only the first replica's ranks count."""
+    out = []
+    for t in tensors:
+        if isinstance(t, DTensor):
+            coordinate = t.device_mesh.get_coordinate()
+            if any(isinstance(how, Replicate) and i != 0 for how, i in zip(t.placements, coordinate)):
+                continue
+            t = t.to_local()
+        out.append(t)
+    return out
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -27,10 +27,9 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
 
 from minrm.checkpoint import CheckpointWriter, find_latest
-from minrm.distributed import Dist, all_reduce_sum, print0
+from minrm.distributed import Dist, all_reduce_sum, counted_shards, print0
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SAME_REQUEST_S = 1.0
@@ -127,17 +126,10 @@ def nonfinite(**values: float) -> str:
 
 def nonfinite_weights(model: torch.nn.Module, device: torch.device) -> str:
     """How many weights are NaN or infinite, each counted once over all ranks' shards; '' when none
-    (all ranks call this). Under HSDP every node holds a replica of the shards: only the ranks of
-    the first replica count."""
+    (all ranks call this)."""
     count = torch.zeros((), dtype=torch.int64, device=device)  # exact past fp32's 2^24
-    for p in model.parameters():
-        local = p
-        if isinstance(p, DTensor):
-            coordinate = p.device_mesh.get_coordinate()
-            if any(isinstance(how, Replicate) and i != 0 for how, i in zip(p.placements, coordinate)):
-                continue
-            local = p.to_local()
-        count += (~torch.isfinite(local.detach())).sum()
+    for local in counted_shards(p.detach() for p in model.parameters()):
+        count += (~torch.isfinite(local)).sum()
     n = int(all_reduce_sum(count).item())
     return f"{n} weights are NaN or infinite after the update" if n else ""
 

@@ -10,7 +10,8 @@ reaches the end value (README, "Where minrm differs").
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from minrm.distributed import counted_shards
 
 POLYNOMIAL_END_LR = 1e-7  # transformers' default lr_end for the polynomial schedule
 
@@ -51,12 +52,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """The global gradient norm over all ranks' shards, clipped to `max_norm` when it is > 0."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if isinstance(norm, DTensor):  # a sharded norm: reduce it so every rank sees the global value
-        norm = norm.full_tensor()
+def grad_square_sum(model: torch.nn.Module) -> torch.Tensor:
+    """This rank's share of the squared global gradient norm (fp64, on the device): summed over all
+    ranks (`distributed.all_reduce_sum`) it is the square of the norm over every shard once."""
+    grads = counted_shards(p.grad for p in model.parameters() if p.grad is not None)
+    return torch.nn.utils.get_total_norm(grads).double().square()
+
+
+def clip_grads_(model: torch.nn.Module, norm: float, max_norm: float) -> None:
+    """Scale the gradients by max_norm / norm when the global norm is above `max_norm` (> 0)."""
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+        params = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))

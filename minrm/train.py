@@ -18,6 +18,7 @@ the step's rows of each row's loss (loss.py).
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -58,7 +59,7 @@ from minrm.inputs import check_model, check_paths
 from minrm.liger import apply_liger_kernel
 from minrm.loss import LOSS, STATS, row_statistics
 from minrm.model import read_model, skeleton, transformer_blocks
-from minrm.optim import build_optimizer, clip_grad_norm_, lr_multiplier, set_lr
+from minrm.optim import build_optimizer, clip_grads_, grad_square_sum, lr_multiplier, set_lr
 from minrm.tracking import Tracker, summary_line
 
 
@@ -91,15 +92,17 @@ def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float,
         # one). With HSDP only the all-reduce across nodes waits for the last micro-batch.
         model.set_requires_all_reduce(k == len(batches) - 1)
         sums += forward_backward(model, to_device(batch, d.device), args, *scales)
-    grad_norm = clip_grad_norm_(model, args.max_grad_norm)  # the global norm, clipped or not
-    # One reduction for the step, before the update: the metrics' sums and whether a rank got a
-    # stop signal (so that every rank stops after the same step).
-    *totals, stop_votes = all_reduce_sum(torch.cat([sums, sums.new_tensor([stop.requested])])).tolist()
+    # One reduction for the step, before the update: the metrics' sums, whether a rank got a stop
+    # signal (so that every rank stops after the same step), and the squared gradient norm.
+    stop_flag = sums.new_tensor([stop.requested], dtype=torch.float64)
+    reduced = torch.cat([sums.double(), stop_flag, grad_square_sum(model)[None]])
+    *totals, stop_votes, square = all_reduce_sum(reduced).tolist()
     rows = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
     metrics = {name: total / rows for name, total in zip(STATS, totals)}
-    norm = grad_norm.item()
+    norm = math.sqrt(square)  # the global gradient norm, before clipping
     if bad := nonfinite(loss=metrics["loss"], grad_norm=norm):
         raise NonFinite(f"{bad}; its update was not applied")
+    clip_grads_(model, norm, args.max_grad_norm)
     saver.wait_staged()  # a save in flight must have copied the state before this update changes it
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
