@@ -19,7 +19,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from minrm import formats, toy
 from minrm.distributed import print0
-from minrm.inputs import load_or_exit, read_local_file
+from minrm.inputs import load_or_exit
+from minrm.local_files import read_local_file
 
 
 def load_tokenizer(args) -> PreTrainedTokenizerBase:
@@ -80,9 +81,9 @@ def load_tokenizer(args) -> PreTrainedTokenizerBase:
 def read_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
     """One dataset of the mixer list and the word for its row numbers ("line" for JSON lines).
 
-    Local files are read by `inputs.read_local_file`, which refuses empty, non-UTF-8 and
-    mis-shaped files with their line; JSON rows stay unparsed text until tokenization, so that
-    invalid JSON and rows of mixed types are reported with their line instead of failing in Arrow.
+    Local files are streamed into a memory-mapped Arrow file by `local_files.read_local_file`, which
+    refuses empty, non-UTF-8 and mis-shaped files with their line; JSON rows stay unparsed text until
+    tokenization, so that invalid JSON and rows of mixed types are reported with their line.
     """
     if name == toy.TOY:
         return toy.toy_dataset(split), "row"
@@ -132,10 +133,16 @@ def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, 
         out["fits"] = len(out["prompt"]) <= limits[0] and max(len(out["chosen"]), len(out["rejected"])) <= limits[1]
         return out
 
-    # A pool costs a second or two to start: worth it only for thousands of rows.
+    ids = datasets.List(datasets.Value("int32"))  # half the disk of Arrow's default int64
+    features = datasets.Features(
+        {"row": raw.features["row"], "prompt": ids, "chosen": ids, "rejected": ids}
+        | {"problem": datasets.Value("string"), "fits": datasets.Value("bool")}
+    )
+    # A pool costs a second or two to start: worth it only for thousands of rows. The map writes
+    # its output beside its input (a local file's, in local_files' scratch folder): on disk.
     num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 5000))
-    keep = ["row"]
-    ds = raw.map(tokenize, remove_columns=[c for c in raw.column_names if c not in keep], num_proc=num_proc)
+    remove = [c for c in raw.column_names if c != "row"]
+    ds = raw.map(tokenize, remove_columns=remove, features=features, num_proc=num_proc)
     print0(f"data: {name} [{split}]: {len(ds)} rows, format {fmt!r}, tokenized with {num_proc} processes")
     return ds, unit
 
