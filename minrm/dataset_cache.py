@@ -9,6 +9,7 @@ same inputs loads it in a fraction of a second.
 import hashlib
 import json
 import os
+import resource
 import secrets
 import shutil
 import socket
@@ -114,9 +115,16 @@ def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase, key: str | Non
         shutil.rmtree(tmp)
         print(f"data: another process built the cache {path} first; using it", flush=True)
         return path
-    # Not print0: every process that builds says so, which is how a test counts the builds.
-    print(f"data: built the cache {path} in {time.perf_counter() - start:.1f}s", flush=True)
+    # Not print0: every process that builds says so (on node-local disks, one a node).
+    print(f"data: built the cache {path} in {time.perf_counter() - start:.1f}s, {_peak_memory()}", flush=True)
     return path
+
+
+def _peak_memory() -> str:
+    """The peak resident memory of this process and of its largest finished child (a tokenizing
+    worker): the OS's count (ru_maxrss), which includes the pages of memory-mapped files read."""
+    gb = [resource.getrusage(who).ru_maxrss * 1024 / 1e9 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return f"peak memory {gb[0]:.2f} GB" + (f" (a tokenizing worker: {gb[1]:.2f} GB)" if gb[1] else "")
 
 
 def _find_or_build_and_post(args, tokenizer: PreTrainedTokenizerBase, key: str | None, rank: int) -> str:
