@@ -1,9 +1,11 @@
-"""From a dataset mixer list to tokenized preference pairs, and the training stream's order.
+"""From a dataset mixer list to tokenized preference rows, and the training stream's order.
 
 Each dataset of the mixer is read, its rows checked and tokenized (`formats.py`: conversational,
-explicit-prompt or plain-text rows), bad and over-long rows counted, then its amount taken.
-Tokenized, a pair is three id lists: `prompt`, `chosen` and `rejected` (whole sequences). The
-collator that turns pairs into model input is in `batching.py`, the cache in `dataset_cache.py`.
+explicit-prompt or plain-text rows; pairs, best-of-N or scored lists), bad and over-long rows and
+responses counted, then its amount taken. Tokenized, a row is a prompt with K responses and the
+comparisons among them: `prompt` (ids), `responses` (whole sequences), `scores` (i is preferred to
+j when its score is higher) and `margin`; a pair is [chosen, rejected] with scores [1.0, 0.0]. The
+collator that turns rows into model input is in `batching.py`, the cache in `dataset_cache.py`.
 """
 
 import collections
@@ -14,6 +16,7 @@ import re
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -117,26 +120,73 @@ def take(ds: datasets.Dataset, amount: str, seed: int) -> datasets.Dataset:
     return ds.select(take_indices(len(ds), amount, seed))
 
 
+ROW_COLUMNS = ["prompt", "responses", "scores", "margin"]  # a tokenized row, as the cache holds it
+
+
+def column_keys(args) -> dict:
+    """The column of each part of a row, from the --*_key flags (defaults where a parser lacks one)."""
+    return {
+        "chosen": args.chosen_key,
+        "rejected": args.rejected_key,
+        "prompt": args.prompt_key,
+        "responses": getattr(args, "responses_key", "responses"),
+        "scores": getattr(args, "scores_key", "scores"),
+        "margin": getattr(args, "margin_key", "margin"),
+    }
+
+
+def spread(indices: list[int], scores: list[float], most: int) -> list[int]:
+    """`most` of the responses `indices` (most >= 2), at evenly spaced ranks by score from the best to
+    the worst (equal scores ranked in row order), in row order. The best and the worst are always
+    kept, so a row with a comparison keeps one; the ranks between keep the spread of its scores."""
+    ranked = sorted(indices, key=lambda i: -scores[i])
+    return sorted(ranked[k * (len(ranked) - 1) // (most - 1)] for k in range(most))
+
+
+def fit_row(row: dict, max_prompt: int, max_response: int, most: int | None) -> dict:
+    """The length filter and --max_responses_per_prompt on a tokenized row. `status`: "bad" (a
+    problem), "prompt" (over max_prompt tokens: dropped), "comparison" (dropped: none left once the
+    responses over max_response tokens are), "" (kept). `too_long`/`cut` count the responses removed."""
+    if row["problem"]:
+        return {**row, "status": "bad", "too_long": 0, "cut": 0}
+    if len(row["prompt"]) > max_prompt:
+        return {**row, "status": "prompt", "too_long": 0, "cut": 0}
+    fit = [i for i, ids in enumerate(row["responses"]) if len(ids) <= max_response]
+    too_long = len(row["responses"]) - len(fit)
+    if len({row["scores"][i] for i in fit}) < 2:
+        return {**row, "status": "comparison", "too_long": too_long, "cut": 0}
+    keep = spread(fit, row["scores"], most) if most is not None and len(fit) > most else fit
+    return {
+        **row,
+        "responses": [row["responses"][i] for i in keep],
+        "scores": [row["scores"][i] for i in keep],
+        "status": "",
+        "too_long": too_long,
+        "cut": len(fit) - len(keep),
+    }
+
+
 def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, args) -> tuple[datasets.Dataset, str]:
-    """Every row of one dataset tokenized and checked: ids, `problem` ("" if good), `fits`, `row`."""
+    """Every row of one dataset tokenized, checked and length-filtered (`fit_row`): the row's ids,
+    scores and margin, its `row` number, `problem` ("" if good), `status`, `too_long` and `cut`."""
     raw, unit = read_raw(name, split)
     if "row" not in raw.column_names:
         raw = raw.add_column("row", list(range(len(raw))))
-    keys = {"chosen": args.chosen_key, "rejected": args.rejected_key, "prompt": args.prompt_key}
+    keys = column_keys(args)
     sample = [r for r in (json_or_none(x) for x in raw.select(range(min(len(raw), 100)))) if r]
     fmt = formats.detect_format(sample[0] if sample else {}, keys)
     check_columns(name, sample, keys, fmt, tokenizer)
-    limits = (args.max_prompt_token_length, args.max_token_length)
+    limits = (args.max_prompt_token_length, args.max_token_length, getattr(args, "max_responses_per_prompt", None))
 
     def tokenize(row):
-        out = formats.tokenize_row(row, fmt, keys, tokenizer)
-        out["fits"] = len(out["prompt"]) <= limits[0] and max(len(out["chosen"]), len(out["rejected"])) <= limits[1]
-        return out
+        return fit_row(formats.tokenize_row(row, fmt, keys, tokenizer), *limits)
 
     ids = datasets.List(datasets.Value("int32"))  # half the disk of Arrow's default int64
+    number = datasets.Value("float64")
     features = datasets.Features(
-        {"row": raw.features["row"], "prompt": ids, "chosen": ids, "rejected": ids}
-        | {"problem": datasets.Value("string"), "fits": datasets.Value("bool")}
+        {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "scores": datasets.List(number)}
+        | {"margin": number, "problem": datasets.Value("string"), "status": datasets.Value("string")}
+        | {"too_long": datasets.Value("int32"), "cut": datasets.Value("int32")}
     )
     # A pool costs a second or two to start: worth it only for thousands of rows. The map writes
     # its output beside its input (a local file's, in local_files' scratch folder): on disk.
@@ -148,10 +198,11 @@ def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, 
 
 
 def check_columns(name: str, sample: list[dict], keys: dict, fmt: str, tokenizer) -> None:
-    """Refuse a dataset whose first rows lack a response column, or that needs a chat template
-    the tokenizer does not have, before any row is tokenized."""
+    """Refuse a dataset whose first rows lack a response column (`chosen` and `rejected`, or
+    `scores` beside `responses`), or that needs a chat template the tokenizer does not have,
+    before any row is tokenized."""
     columns = set().union(*sample) - {"row"}
-    for side in ("chosen", "rejected"):
+    for side in ("scores",) if keys["responses"] in columns else ("chosen", "rejected"):
         if sample and keys[side] not in columns:
             raise SystemExit(
                 f"minrm: error: {name}: no column {keys[side]!r} (--{side}_key) in its first {len(sample)} rows; "
@@ -189,15 +240,25 @@ def report_bad_rows(bad: list[tuple[str, str, int, str]], skip: bool) -> list[st
     return [f"data: {name}: skipped {n} bad rows: {why}" for (name, why), n in sorted(reasons.items())]
 
 
+def _where(ds: datasets.Dataset, column: str, value: str) -> np.ndarray:
+    """Positions of the rows whose `column` is `value`, compared in Arrow (no Python object a row)."""
+    return np.flatnonzero(pc.equal(ds.data.column(column), value).to_numpy(zero_copy_only=False))
+
+
+def _total(ds: datasets.Dataset, column: str) -> int:
+    return pc.sum(ds.data.column(column)).as_py() or 0
+
+
 def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, holdout: float = 0.0):
     """Mix, check, tokenize and length-filter one side (train or eval).
 
-    Returns (pairs, held-out pairs or None, log lines). Amounts apply to the rows that pass the
+    Returns (rows, held-out rows or None, log lines). Amounts apply to the rows that pass the
     checks and the length filter; `holdout` carves that fraction of each dataset's rows out before
     its amount is taken, so no row (or upsampled copy of it) is on both sides.
     """
     names, amounts = mixer[::2], mixer[1::2]
     splits = splits * len(names) if len(splits) == 1 else splits
+    most = getattr(args, "max_responses_per_prompt", None)
     parts, held, bad, log = [], [], [], []
     for name, amount, split in zip(names, amounts, splits):
         if "." not in amount and int(amount) <= 10:
@@ -205,45 +266,53 @@ def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, 
                 f"data: warning: amount {amount!r} for {name} is a row COUNT ({amount} rows); write 1.0 for all rows."
             )
         ds, unit = tokenize_dataset(name, split, tokenizer, args)
-        problems, fits, rows = ds["problem"], ds["fits"], ds["row"]
-        bad += [(name, unit, rows[i], why) for i, why in enumerate(problems) if why]
-        good = [i for i, why in enumerate(problems) if not why]
-        kept = [i for i in good if fits[i]]
+        bad_rows = ds.select(_where(ds, "status", "bad"))
+        bad += [(name, unit, row, why) for row, why in zip(bad_rows["row"], bad_rows["problem"])]
+        long_prompt, no_comparison = len(_where(ds, "status", "prompt")), len(_where(ds, "status", "comparison"))
+        kept = _where(ds, "status", "")
+        responses = pc.list_value_length(ds.data.column("responses")).to_numpy()[kept].sum()
         log.append(
-            f"data: {what}: {name} [{split}]: {len(ds)} rows, {len(ds) - len(good)} bad, {len(good) - len(kept)} "
-            f"dropped by the length filter (prompt > {args.max_prompt_token_length} or chosen/rejected > "
-            f"{args.max_token_length} tokens), {len(kept)} kept"
+            f"data: {what}: {name} [{split}]: {len(ds)} rows, {len(bad_rows)} bad, {long_prompt + no_comparison} "
+            f"dropped by the length filter ({long_prompt} with a prompt > {args.max_prompt_token_length} tokens, "
+            f"{no_comparison} left without a comparison), {len(kept)} kept"
+        )
+        cut = f", {_total(ds, 'cut')} cut by --max_responses_per_prompt {most}" if most else ""
+        log.append(
+            f"data: {what}: {name}: {responses} responses in the kept rows; "
+            f"{_total(ds, 'too_long')} responses > {args.max_token_length} tokens dropped{cut}"
         )
         if holdout > 0:
             order = np.random.default_rng(args.seed).permutation(len(kept))
             n_held = int(round(holdout * len(kept)))
-            held.append(ds.select(sorted(kept[i] for i in order[:n_held])))
-            kept = sorted(kept[i] for i in order[n_held:])
-            log.append(f"data: {name}: {n_held} pairs held out for eval (--eval_fraction {holdout})")
-        chosen = [kept[i] for i in take_indices(len(kept), amount, args.seed)]
-        parts.append(ds.select(chosen).select_columns(["prompt", "chosen", "rejected"]))
-        log.append(f"data: {what}: {name}: amount {amount} -> {len(chosen)} pairs")
+            held.append(ds.select(np.sort(kept[order[:n_held]])))
+            kept = np.sort(kept[order[n_held:]])
+            log.append(f"data: {name}: {n_held} rows held out for eval (--eval_fraction {holdout})")
+        chosen = kept[take_indices(len(kept), amount, args.seed)]
+        parts.append(ds.select(chosen).select_columns(ROW_COLUMNS))
+        log.append(f"data: {what}: {name}: amount {amount} -> {len(chosen)} rows")
     log += report_bad_rows(bad, args.skip_bad_rows)
-    pairs = datasets.concatenate_datasets(parts)
-    log.append(f"data: {what}: {len(pairs)} pairs")
-    if len(pairs) == 0:
-        raise SystemExit(f"minrm: error: no {what} pair is left after the checks and the length filter; see above.")
-    held_out = datasets.concatenate_datasets(held).select_columns(["prompt", "chosen", "rejected"]) if held else None
-    return pairs, held_out, log
+    rows = datasets.concatenate_datasets(parts)
+    log.append(f"data: {what}: {len(rows)} rows")
+    if len(rows) == 0:
+        raise SystemExit(f"minrm: error: no {what} row is left after the checks and the length filter; see above.")
+    held_out = datasets.concatenate_datasets(held).select_columns(ROW_COLUMNS) if held else None
+    return rows, held_out, log
 
 
-def show_pair(pair: dict, tokenizer: PreTrainedTokenizerBase) -> str:
-    """One pair's tokens with ANSI colours: prompt tokens blue/cyan, chosen response green/yellow,
-    rejected response red/magenta (alternating, so token boundaries show)."""
+def show_pair(row: dict, tokenizer: PreTrainedTokenizerBase) -> str:
+    """One row's tokens with ANSI colours: the prompt once (blue/cyan), then each response after the
+    prompt with its score, the best-scored green/yellow and the others red/magenta (alternating
+    per token, so token boundaries show)."""
 
     def paint(ids: list[int], colours: tuple[int, int]) -> str:
         return "".join(f"\033[{colours[i % 2]}m{tokenizer.decode([t])}\033[0m" for i, t in enumerate(ids))
 
-    n = len(pair["prompt"])
-    return (
-        f"chosen:   {paint(pair['chosen'][:n], (34, 36))}{paint(pair['chosen'][n:], (32, 33))}\n"
-        f"rejected: {paint(pair['rejected'][:n], (34, 36))}{paint(pair['rejected'][n:], (31, 35))}"
-    )
+    prompt, best = row["prompt"], max(row["scores"])
+    lines = [f"prompt: {paint(prompt, (34, 36))}"]
+    for ids, score in zip(row["responses"], row["scores"]):
+        tail = ids[len(prompt) :] if ids[: len(prompt)] == prompt else ids  # a template may not repeat the prompt
+        lines.append(f"{score:g}: {paint(tail, (32, 33) if score == best else (31, 35))}")
+    return "\n".join(lines)
 
 
 def pairs_at(ds: datasets.Dataset, indices: list[int]) -> list[dict]:

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from minrm import formats
 from minrm.batching import batch_to_device, collate_responses, token_batches
 from minrm.config import BATCHINGS, PACKED_ATTENTIONS, Args
-from minrm.data import json_or_none, load_tokenizer, read_raw, report_bad_rows
+from minrm.data import column_keys, json_or_none, load_tokenizer, read_raw, report_bad_rows
 from minrm.distributed import Dist, gather_objects, init_distributed, print0
 from minrm.model import reward_forward
 from minrm.packed_attention import packing_problem, use_packed_attention
@@ -137,19 +137,20 @@ def load_reward_model(args, device: torch.device) -> PreTrainedModel:
 
 
 def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
-    """This rank's rows (every world_size-th of the file) as {"row", "subset", "prompt",
-    "responses"}, and log lines. Bad rows are gathered from every rank first, so all stop together
-    with the same list, or skip and count them (--skip_bad_rows)."""
+    """This rank's rows (every world_size-th of the file) as {"row", "subset", "prompt", "responses",
+    "scores", "margin"} (the chosen responses are those of the top score), and log lines. Bad rows
+    are gathered from every rank first, so all stop together with the same list, or skip and count
+    them (--skip_bad_rows)."""
     raw, unit = read_raw(args.data, args.split)
     if "row" not in raw.column_names:
         raw = raw.add_column("row", list(range(len(raw))))
-    keys = {"chosen": args.chosen_key, "rejected": args.rejected_key, "prompt": args.prompt_key}
+    keys = column_keys(args)
     first = next((r for r in (json_or_none(x) for x in raw.select(range(min(len(raw), 100)))) if r), {})
     fmt = formats.detect_format(first, keys)
 
     def tokenize(row):
         subset = (json_or_none(row) or {}).get(args.subset_key)
-        out = formats.tokenize_responses(row, fmt, keys, tokenizer)
+        out = formats.tokenize_row(row, fmt, keys, tokenizer)
         return {**out, "subset": None if subset is None else str(subset)}
 
     mine = raw.select(range(d.rank, len(raw), d.world_size))
