@@ -101,7 +101,7 @@ def _jsonl(path: str) -> datasets.Dataset:
 
 class _Text:
     """A .json file's text, decoded CHUNK characters at a time: `buf` holds the part not yet consumed,
-    from character `start` of the file, so that an error's line and column are the whole file's."""
+    and `line`, `column` where it starts in the file, so that an error's line and column are the file's."""
 
     def __init__(self, path: str):
         self.file = open(path, "rb")
@@ -109,10 +109,11 @@ class _Text:
         self.buf, self.eof = "", False
         self.line, self.column = 1, 0  # of buf[0] in the file (column counted from 0)
 
-    def more(self, at_least: int = CHUNK) -> bool:
-        """Append at least `at_least` more characters (fewer at the end); False at the end of the file."""
+    def more(self, at_least: int | None = None) -> bool:
+        """Append at least `at_least` (CHUNK) more characters (fewer at the end); False at the end of the file."""
         if self.eof:
             return False
+        at_least = at_least or CHUNK
         while at_least > 0 and not self.eof:
             data = self.file.read(at_least)
             self.eof = not data
@@ -151,7 +152,8 @@ class _Text:
                 if cut and self.more(max(CHUNK, len(self.buf))):
                     continue
                 raise
-            if end < len(self.buf) or not self.more():  # a number at the very end may go on
+            # A number may go on past what was read ("12." then "5"): the regex looks 3 characters ahead.
+            if end < len(self.buf) - 3 or not self.more():
                 return obj, end
 
     def fail(self, path: str, e: json.JSONDecodeError):

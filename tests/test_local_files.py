@@ -66,18 +66,24 @@ def test_parquet_rows_are_memory_mapped(tmp_path, rows):
 def json_outcome(text: str) -> tuple:
     """What json.loads makes of a whole .json array file: its rows, or the error minrm must report."""
     try:
-        return ("rows", json.loads(text))
+        rows = json.loads(text)
     except json.JSONDecodeError as e:
         return ("error", f"line {e.lineno} column {e.colno}: invalid JSON ({e.msg})")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            return ("error", f"row {i} is a JSON {type(row).__name__}, not an object: {local_files.ROWS_OF_OBJECTS}")
+    return ("rows", rows)
 
 
-def test_json_arrays_read_in_chunks_as_json_loads_reads_them_whole(tmp_path, monkeypatch):
-    """Chunks of 3 characters: every cut of a value, string or escape meets a chunk boundary."""
-    monkeypatch.setattr(local_files, "CHUNK", 3)
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_json_arrays_read_in_chunks_as_json_loads_reads_them_whole(tmp_path, monkeypatch, chunk):
+    """Chunks of a few characters: values, strings, escapes and numbers are cut at every place."""
+    monkeypatch.setattr(local_files, "CHUNK", chunk)
     objects = [{"a": "x\\u00e9y", "b": [1, -2.5e3, None, True]}, {"c": {"d": "\u2028é"}}, {}]
     texts = [json.dumps(objects), json.dumps(objects, indent=2, ensure_ascii=False), "[{} ]  \n"]
     texts += [t[:cut] for t in texts[:2] for cut in range(1, len(t), 5)]  # cut anywhere: invalid
     texts += ['[{}, {"a": 1},]', "[{}]\n[{}]", '[{"a": tru}]', '[{"a": 1} {"b": 2}]', "[\n{},\n\n{", "[ "]
+    texts += ["[{}, 12.5e-3]", "[-1e+10, {}, 3]", "[{}, 1.]"]  # numbers cut where a chunk ends
     path = tmp_path / "rows.json"
     for text in texts:
         path.write_text(text, encoding="utf-8")
