@@ -1,9 +1,11 @@
-"""From a dataset mixer list to tokenized preference pairs, and the training stream's order.
+"""From a dataset mixer list to tokenized preference rows, and the training stream's order.
 
 Each dataset of the mixer is read, its rows checked and tokenized (`formats.py`: conversational,
-explicit-prompt or plain-text rows), bad and over-long rows counted, then its amount taken.
-Tokenized, a pair is three id lists: `prompt`, `chosen` and `rejected` (whole sequences). The
-collator that turns pairs into model input is in `batching.py`, the cache in `dataset_cache.py`.
+explicit-prompt or plain-text rows; pairs, best-of-N or scored lists), bad and over-long rows and
+responses counted, then its amount taken. Tokenized, a row is a prompt with K responses and the
+comparisons among them: `prompt` (ids), `responses` (whole sequences), `scores` (i is preferred to
+j when its score is higher) and `margin`; a pair is [chosen, rejected] with scores [1.0, 0.0]. The
+collator that turns rows into model input is in `batching.py`, the cache in `dataset_cache.py`.
 """
 
 import collections
@@ -13,11 +15,13 @@ import re
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from minrm import formats, toy
 from minrm.distributed import print0
-from minrm.inputs import load_or_exit, read_local_file
+from minrm.inputs import load_or_exit
+from minrm.local_files import read_local_file
 
 
 def load_tokenizer(args) -> PreTrainedTokenizerBase:
@@ -78,9 +82,9 @@ def load_tokenizer(args) -> PreTrainedTokenizerBase:
 def read_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
     """One dataset of the mixer list and the word for its row numbers ("line" for JSON lines).
 
-    Local files are read by `inputs.read_local_file`, which refuses empty, non-UTF-8 and
-    mis-shaped files with their line; JSON rows stay unparsed text until tokenization, so that
-    invalid JSON and rows of mixed types are reported with their line instead of failing in Arrow.
+    Local files are streamed into a memory-mapped Arrow file by `local_files.read_local_file`, which
+    refuses empty, non-UTF-8 and mis-shaped files with their line; JSON rows stay unparsed text until
+    tokenization, so that invalid JSON and rows of mixed types are reported with their line.
     """
     if name == toy.TOY:
         return toy.toy_dataset(split), "row"
@@ -114,35 +118,89 @@ def take(ds: datasets.Dataset, amount: str, seed: int) -> datasets.Dataset:
     return ds.select(take_indices(len(ds), amount, seed))
 
 
+ROW_COLUMNS = ["prompt", "responses", "scores", "margin"]  # a tokenized row, as the cache holds it
+
+
+def column_keys(args) -> dict:
+    """The column of each part of a row, from the --*_key flags (defaults where a parser lacks one)."""
+    return {
+        "chosen": args.chosen_key,
+        "rejected": args.rejected_key,
+        "prompt": args.prompt_key,
+        "responses": args.responses_key,
+        "scores": args.scores_key,
+        "margin": args.margin_key,
+    }
+
+
+def spread(indices: list[int], scores: list[float], most: int) -> list[int]:
+    """`most` of the responses `indices` (most >= 2), at evenly spaced ranks by score from the best to
+    the worst (equal scores ranked in row order), in row order. The best and the worst are always
+    kept, so a row with a comparison keeps one; the ranks between keep the spread of its scores."""
+    ranked = sorted(indices, key=lambda i: -scores[i])
+    return sorted(ranked[k * (len(ranked) - 1) // (most - 1)] for k in range(most))
+
+
+def fit_row(row: dict, max_prompt: int, max_response: int, most: int | None) -> dict:
+    """The length filter and --max_responses_per_prompt on a tokenized row. `status`: "bad" (a
+    problem), "prompt" (over max_prompt tokens: dropped), "comparison" (dropped: none left once the
+    responses over max_response tokens are), "" (kept). `too_long`/`cut` count the responses removed."""
+    if row["problem"]:
+        return {**row, "status": "bad", "too_long": 0, "cut": 0}
+    if len(row["prompt"]) > max_prompt:
+        return {**row, "status": "prompt", "too_long": 0, "cut": 0}
+    fit = [i for i, ids in enumerate(row["responses"]) if len(ids) <= max_response]
+    too_long = len(row["responses"]) - len(fit)
+    if len({row["scores"][i] for i in fit}) < 2:
+        return {**row, "status": "comparison", "too_long": too_long, "cut": 0}
+    keep = spread(fit, row["scores"], most) if most is not None and len(fit) > most else fit
+    return {
+        **row,
+        "responses": [row["responses"][i] for i in keep],
+        "scores": [row["scores"][i] for i in keep],
+        "status": "",
+        "too_long": too_long,
+        "cut": len(fit) - len(keep),
+    }
+
+
 def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, args) -> tuple[datasets.Dataset, str]:
-    """Every row of one dataset tokenized and checked: ids, `problem` ("" if good), `fits`, `row`."""
+    """Every row of one dataset tokenized, checked and length-filtered (`fit_row`): the row's ids,
+    scores and margin, its `row` number, `problem` ("" if good), `status`, `too_long` and `cut`."""
     raw, unit = read_raw(name, split)
     if "row" not in raw.column_names:
         raw = raw.add_column("row", list(range(len(raw))))
-    keys = {"chosen": args.chosen_key, "rejected": args.rejected_key, "prompt": args.prompt_key}
+    keys = column_keys(args)
     sample = [r for r in (json_or_none(x) for x in raw.select(range(min(len(raw), 100)))) if r]
     fmt = formats.detect_format(sample[0] if sample else {}, keys)
     check_columns(name, sample, keys, fmt, tokenizer)
-    limits = (args.max_prompt_token_length, args.max_token_length)
+    limits = (args.max_prompt_token_length, args.max_token_length, args.max_responses_per_prompt)
 
     def tokenize(row):
-        out = formats.tokenize_row(row, fmt, keys, tokenizer)
-        out["fits"] = len(out["prompt"]) <= limits[0] and max(map(len, out["responses"]), default=0) <= limits[1]
-        return out
+        return fit_row(formats.tokenize_row(row, fmt, keys, tokenizer), *limits)
 
-    # A pool costs a second or two to start: worth it only for thousands of rows.
+    ids = datasets.List(datasets.Value("int32"))  # half the disk of Arrow's default int64
+    number = datasets.Value("float64")
+    features = datasets.Features(
+        {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "scores": datasets.List(number)}
+        | {"margin": number, "problem": datasets.Value("string"), "status": datasets.Value("string")}
+        | {"too_long": datasets.Value("int32"), "cut": datasets.Value("int32")}
+    )
+    # A pool costs a second or two to start: worth it only for thousands of rows. The map writes
+    # its output beside its input (a local file's, in local_files' scratch folder): on disk.
     num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 5000))
-    keep = ["row"]
-    ds = raw.map(tokenize, remove_columns=[c for c in raw.column_names if c not in keep], num_proc=num_proc)
+    remove = [c for c in raw.column_names if c != "row"]
+    ds = raw.map(tokenize, remove_columns=remove, features=features, num_proc=num_proc)
     print0(f"data: {name} [{split}]: {len(ds)} rows, format {fmt!r}, tokenized with {num_proc} processes")
     return ds, unit
 
 
 def check_columns(name: str, sample: list[dict], keys: dict, fmt: str, tokenizer) -> None:
-    """Refuse a dataset whose first rows lack a response column, or that needs a chat template
-    the tokenizer does not have, before any row is tokenized."""
+    """Refuse a dataset whose first rows lack a response column (`chosen` and `rejected`, or
+    `scores` beside `responses`), or that needs a chat template the tokenizer does not have,
+    before any row is tokenized."""
     columns = set().union(*sample) - {"row"}
-    for side in ("chosen", "rejected"):
+    for side in ("scores",) if keys["responses"] in columns else ("chosen", "rejected"):
         if sample and keys[side] not in columns:
             raise SystemExit(
                 f"minrm: error: {name}: no column {keys[side]!r} (--{side}_key) in its first {len(sample)} rows; "
@@ -180,15 +238,25 @@ def report_bad_rows(bad: list[tuple[str, str, int, str]], skip: bool) -> list[st
     return [f"data: {name}: skipped {n} bad rows: {why}" for (name, why), n in sorted(reasons.items())]
 
 
+def _where(ds: datasets.Dataset, column: str, value: str) -> np.ndarray:
+    """Positions of the rows whose `column` is `value`, compared in Arrow (no Python object a row)."""
+    return np.flatnonzero(pc.equal(ds.data.column(column), value).to_numpy(zero_copy_only=False))
+
+
+def _total(ds: datasets.Dataset, column: str) -> int:
+    return pc.sum(ds.data.column(column)).as_py() or 0
+
+
 def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, holdout: float = 0.0):
     """Mix, check, tokenize and length-filter one side (train or eval).
 
-    Returns (pairs, held-out pairs or None, log lines). Amounts apply to the rows that pass the
+    Returns (rows, held-out rows or None, log lines). Amounts apply to the rows that pass the
     checks and the length filter; `holdout` carves that fraction of each dataset's rows out before
     its amount is taken, so no row (or upsampled copy of it) is on both sides.
     """
     names, amounts = mixer[::2], mixer[1::2]
     splits = splits * len(names) if len(splits) == 1 else splits
+    most = args.max_responses_per_prompt
     parts, held, bad, log = [], [], [], []
     for name, amount, split in zip(names, amounts, splits):
         if "." not in amount and int(amount) <= 10:
@@ -196,42 +264,50 @@ def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, 
                 f"data: warning: amount {amount!r} for {name} is a row COUNT ({amount} rows); write 1.0 for all rows."
             )
         ds, unit = tokenize_dataset(name, split, tokenizer, args)
-        problems, fits, rows = ds["problem"], ds["fits"], ds["row"]
-        bad += [(name, unit, rows[i], why) for i, why in enumerate(problems) if why]
-        good = [i for i, why in enumerate(problems) if not why]
-        kept = [i for i in good if fits[i]]
+        bad_rows = ds.select(_where(ds, "status", "bad"))
+        bad += [(name, unit, row, why) for row, why in zip(bad_rows["row"], bad_rows["problem"])]
+        long_prompt, no_comparison = len(_where(ds, "status", "prompt")), len(_where(ds, "status", "comparison"))
+        kept = _where(ds, "status", "")
+        responses = pc.list_value_length(ds.data.column("responses")).to_numpy()[kept].sum()
         log.append(
-            f"data: {what}: {name} [{split}]: {len(ds)} rows, {len(ds) - len(good)} bad, {len(good) - len(kept)} "
-            f"dropped by the length filter (prompt > {args.max_prompt_token_length} or chosen/rejected > "
-            f"{args.max_token_length} tokens), {len(kept)} kept"
+            f"data: {what}: {name} [{split}]: {len(ds)} rows, {len(bad_rows)} bad, {long_prompt + no_comparison} "
+            f"dropped by the length filter ({long_prompt} with a prompt > {args.max_prompt_token_length} tokens, "
+            f"{no_comparison} left without a comparison), {len(kept)} kept"
+        )
+        cut = f", {_total(ds, 'cut')} cut by --max_responses_per_prompt {most}" if most else ""
+        log.append(
+            f"data: {what}: {name}: {responses} responses in the kept rows; "
+            f"{_total(ds, 'too_long')} responses > {args.max_token_length} tokens dropped{cut}"
         )
         if holdout > 0:
             order = np.random.default_rng(args.seed).permutation(len(kept))
             n_held = int(round(holdout * len(kept)))
-            held.append(ds.select(sorted(kept[i] for i in order[:n_held])))
-            kept = sorted(kept[i] for i in order[n_held:])
-            log.append(f"data: {name}: {n_held} pairs held out for eval (--eval_fraction {holdout})")
-        chosen = [kept[i] for i in take_indices(len(kept), amount, args.seed)]
-        parts.append(ds.select(chosen).select_columns(["prompt", "responses", "scores", "margin"]))
-        log.append(f"data: {what}: {name}: amount {amount} -> {len(chosen)} pairs")
+            held.append(ds.select(np.sort(kept[order[:n_held]])))
+            kept = np.sort(kept[order[n_held:]])
+            log.append(f"data: {name}: {n_held} rows held out for eval (--eval_fraction {holdout})")
+        chosen = kept[take_indices(len(kept), amount, args.seed)]
+        parts.append(ds.select(chosen).select_columns(ROW_COLUMNS))
+        log.append(f"data: {what}: {name}: amount {amount} -> {len(chosen)} rows")
     log += report_bad_rows(bad, args.skip_bad_rows)
-    pairs = datasets.concatenate_datasets(parts)
-    log.append(f"data: {what}: {len(pairs)} pairs")
-    if len(pairs) == 0:
-        raise SystemExit(f"minrm: error: no {what} pair is left after the checks and the length filter; see above.")
-    held_out = datasets.concatenate_datasets(held).select_columns(["prompt", "responses", "scores", "margin"]) if held else None
-    return pairs, held_out, log
+    rows = datasets.concatenate_datasets(parts)
+    log.append(f"data: {what}: {len(rows)} rows")
+    if len(rows) == 0:
+        raise SystemExit(f"minrm: error: no {what} row is left after the checks and the length filter; see above.")
+    held_out = datasets.concatenate_datasets(held).select_columns(ROW_COLUMNS) if held else None
+    return rows, held_out, log
 
 
 def show_pair(row: dict, tokenizer: PreTrainedTokenizerBase) -> str:
-    """One row's tokens with ANSI colours: the prompt blue/cyan, then each response's own tokens,
-    the first green/yellow, the others red/magenta (alternating, so token boundaries show)."""
+    """One row's tokens with ANSI colours: the prompt once (blue/cyan), then each response after the
+    prompt with its score, the best-scored green/yellow and the others red/magenta (alternating
+    per token, so token boundaries show)."""
 
     def paint(ids: list[int], colours: tuple[int, int]) -> str:
         return "".join(f"\033[{colours[i % 2]}m{tokenizer.decode([t])}\033[0m" for i, t in enumerate(ids))
 
-    n = len(row["prompt"])
-    lines = [f"prompt:   {paint(row['responses'][0][:n], (34, 36))}"]
-    for k, (seq, score) in enumerate(zip(row["responses"], row["scores"])):
-        lines.append(f"{score:+.3g}:".ljust(10) + paint(seq[n:], (32, 33) if k == 0 else (31, 35)))
+    prompt, best = row["prompt"], max(row["scores"])
+    lines = [f"prompt: {paint(prompt, (34, 36))}"]
+    for ids, score in zip(row["responses"], row["scores"]):
+        tail = ids[len(prompt) :] if ids[: len(prompt)] == prompt else ids  # a template may not repeat the prompt
+        lines.append(f"{score:g}: {paint(tail, (32, 33) if score == best else (31, 35))}")
     return "\n".join(lines)

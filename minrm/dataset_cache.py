@@ -9,6 +9,7 @@ same inputs loads it in a fraction of a second.
 import hashlib
 import json
 import os
+import resource
 import secrets
 import shutil
 import socket
@@ -18,7 +19,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from minrm import toy
-from minrm.data import build_side, read_raw
+from minrm.data import build_side, column_keys, read_raw
 from minrm.distributed import Dist, post, print0, wait_for_post
 
 # Bump when a change to the code above changes what a cached dataset holds.
@@ -42,7 +43,8 @@ def _source_hash(name: str, split: str) -> str:
 
 def cache_key(args, tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of everything that shapes the datasets: sources, mixers, splits, tokenizer (vocabulary,
-    merges, special tokens, chat template), length limits, column keys, checks and seed."""
+    merges, special tokens, chat template), length limits, responses kept a row, column keys, checks
+    and seed."""
     sources = {}
     for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
         mixer, splits = getattr(args, flag), getattr(args, flag + "_splits")
@@ -53,12 +55,14 @@ def cache_key(args, tokenizer: PreTrainedTokenizerBase) -> str:
     vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     fields = (
         "dataset_mixer_list dataset_mixer_list_splits dataset_mixer_eval_list dataset_mixer_eval_list_splits "
-        "max_token_length max_prompt_token_length chosen_key rejected_key prompt_key skip_bad_rows eval_fraction seed"
+        "max_token_length max_prompt_token_length skip_bad_rows eval_fraction seed"
     ).split()
     ingredients = {
         "version": TRANSFORM_VERSION,
         "sources": sources,
         "args": {f: getattr(args, f) for f in fields},
+        "columns": column_keys(args),
+        "max_responses_per_prompt": args.max_responses_per_prompt,
         "tokenizer": [
             hashlib.sha256(vocab.encode()).hexdigest(),
             tokenizer.chat_template,
@@ -70,7 +74,7 @@ def cache_key(args, tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def build_datasets(args, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.DatasetDict, list[str]]:
-    """Train (and eval) pairs in memory, and the log lines that count what was dropped."""
+    """Train (and eval) rows, and the log lines that count what was dropped."""
     train, held, log = build_side(
         args.dataset_mixer_list, args.dataset_mixer_list_splits, tokenizer, args, "train", args.eval_fraction
     )
@@ -114,9 +118,16 @@ def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase, key: str | Non
         shutil.rmtree(tmp)
         print(f"data: another process built the cache {path} first; using it", flush=True)
         return path
-    # Not print0: on a cluster each node's builder says that it built, so the log shows every build.
-    print(f"data: built the cache {path} in {time.perf_counter() - start:.1f}s", flush=True)
+    # Not print0: every process that builds says so (on node-local disks, one a node).
+    print(f"data: built the cache {path} in {time.perf_counter() - start:.1f}s, {_peak_memory()}", flush=True)
     return path
+
+
+def _peak_memory() -> str:
+    """The peak resident memory of this process and of its largest finished child (a tokenizing
+    worker): the OS's count (ru_maxrss), which includes the pages of memory-mapped files read."""
+    gb = [resource.getrusage(who).ru_maxrss * 1024 / 1e9 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return f"peak memory {gb[0]:.2f} GB" + (f" (a tokenizing worker: {gb[1]:.2f} GB)" if gb[1] else "")
 
 
 def _find_or_build_and_post(args, tokenizer: PreTrainedTokenizerBase, key: str | None, rank: int) -> str:
@@ -141,7 +152,7 @@ def _wait_for_key(rank: int, say: bool) -> str:
 def load_datasets(
     args, tokenizer: PreTrainedTokenizerBase, d: Dist
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Train and eval pairs, through the cache (docs/data.md, "Cache"):
+    """Train and eval rows, through the cache (docs/data.md, "Cache"):
 
     1. global rank 0 hashes the inputs, then finds or builds the cache, and posts its key;
     2. each other node's first process (local rank 0) then looks for that key's folder in its own

@@ -1,26 +1,31 @@
-"""Preference row formats: detect one per dataset, check every row, tokenize to one triple.
+"""Preference row formats: detect one per dataset, check every row, tokenize it to one row shape.
 
-Three formats are accepted (column names changeable with --chosen_key/--rejected_key/--prompt_key):
+Three formats are accepted, each in three layouts (column names changeable with --chosen_key,
+--rejected_key, --prompt_key, --responses_key, --scores_key, --margin_key):
 
-- `conversational`: `{"chosen": [messages], "rejected": [messages]}`; the prompt is the messages
-  both share before the last, which must be the assistant's (Tulu).
-- `prompt`: `{"prompt": [messages] | str, "chosen": [messages] | str, "rejected": ...}`. A string
-  prompt is one user message, a string response one assistant message. A response list may hold
-  the whole conversation (it starts with the prompt) or only what follows the prompt.
-- `plain`: `{"chosen": str, "rejected": str}`, full texts with no chat template. Each text is
-  `tokenizer(text)` (so bos where the tokenizer adds it by default) plus eos when the tokenizer did
-  not put one last; the prompt is the longest run of token ids both sequences start with.
+- `conversational`: each response a whole conversation (a list of messages); the prompt is the
+  messages they share before the last, which must be the assistant's (Tulu).
+- `prompt`: `{"prompt": [messages] | str, ...}`. A string prompt is one user message, a string
+  response one assistant message; a response's message list may hold the whole conversation (it
+  starts with the prompt) or only what follows the prompt.
+- `plain`: full texts with no chat template. Each text is `tokenizer(text)` (so bos where the
+  tokenizer adds it by default) plus eos when the tokenizer did not put one last; the prompt is
+  the longest run of token ids all the sequences start with.
 
-Every format ends as `{"prompt", "chosen", "rejected"}` id lists, with `chosen` and `rejected`
-the whole sequences, so the rest of the trainer never sees the difference. A row that breaks a
-rule is not tokenized: `problem` says what is wrong, in words.
+The layouts: a pair (`chosen`, `rejected`: one response each); best-of-N (`chosen` and/or
+`rejected` a LIST of responses, as RewardBench 2 has them: every chosen response is preferred to
+every rejected one); scored (`responses`, a list, and `scores`, numbers of the same length: i is
+preferred to j when its score is higher; equal scores make no comparison). An optional `margin`
+number is carried with the row (Llama 2's margin loss, for each comparison of the row).
 
-For scoring (`minrm.score`), `rejected` may hold a LIST of responses (best-of-N rows: strings,
-message lists, or plain texts) and `chosen` a list of one; such a row tokenizes to
-`{"prompt", "responses"}`, the chosen sequence first. Training takes one rejected response per row.
+Every row ends as `{"prompt", "responses", "scores", "margin"}`: the prompt's ids, each response's
+whole sequence (prompt included), its score (1.0 chosen, 0.0 rejected for pairs and best-of-N),
+and the margin (0.0 when none). A row that breaks a rule, or has no comparison, is not tokenized:
+`problem` says what is wrong, in words.
 """
 
 import json
+import math
 
 from transformers import PreTrainedTokenizerBase
 
@@ -53,11 +58,56 @@ CHAT_TEMPLATES = {
 }
 
 
+def _listed(value) -> bool:
+    """A list of responses (strings or message lists), not one response's list of messages."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, (str, list)) for v in value)
+
+
 def detect_format(row: dict, keys: dict) -> str:
-    """The format of a dataset, from its first row (`keys` maps chosen/rejected/prompt to columns)."""
+    """The format of a dataset, from its first row (`keys` maps each role to its column)."""
     if keys["prompt"] in row:
         return "prompt"
-    return "plain" if isinstance(row.get(keys["chosen"]), str) else "conversational"
+    first = row.get(keys["responses"]) or row.get(keys["chosen"])
+    if _listed(first):  # a list of responses: the format is the first one's
+        first = first[0]
+    return "plain" if isinstance(first, str) else "conversational"
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{what}` must be a finite number, got {str(value)[:40]!r}")
+    return float(value)
+
+
+def _responses(row: dict, keys: dict) -> tuple[list[str], list[str], list, list[float]]:
+    """Each response's name (its column, `rejected[2]`), label (its role, for messages that compare
+    two), value and score, in the row's order (chosen first in a pair or best-of-N)."""
+    if row.get(keys["responses"]) is not None:
+        values, scores = row[keys["responses"]], row.get(keys["scores"])
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"`{keys['responses']}` must be a non-empty list of responses")
+        if scores is None:
+            raise ValueError(f"missing `{keys['scores']}`")
+        if not isinstance(scores, list):
+            raise ValueError(f"`{keys['scores']}` must be a list of numbers, got {type(scores).__name__}")
+        if len(scores) != len(values):
+            raise ValueError(f"`{keys['scores']}` has {len(scores)} numbers for {len(values)} responses")
+        scores = [_number(s, f"{keys['scores']}[{i}]") for i, s in enumerate(scores)]
+        names = [f"{keys['responses']}[{i}]" for i in range(len(values))]
+        return names, [f"responses[{i}]" for i in range(len(values))], values, scores
+    for k in ("chosen", "rejected"):
+        if row.get(keys[k]) is None:
+            raise ValueError(f"missing `{keys[k]}`")
+    names, labels, values, scores = [], [], [], []
+    for side, score in (("chosen", 1.0), ("rejected", 0.0)):
+        value = row[keys[side]]
+        many = _listed(value)
+        for i, v in enumerate(value if many else [value]):
+            names.append(f"{keys[side]}[{i}]" if many else keys[side])
+            labels.append(f"{side}[{i}]" if many else side)
+            values.append(v)
+            scores.append(score)
+    return names, labels, values, scores
 
 
 def _messages(value, what: str, default_role: str | None) -> list[dict]:
@@ -80,31 +130,11 @@ def _messages(value, what: str, default_role: str | None) -> list[dict]:
     return out
 
 
-def _response_values(row: dict, keys: dict, many: bool) -> list[tuple[str, object]]:
-    """(name, value) of each response, chosen first. With `many`, `rejected` may hold a list of
-    responses (strings or message lists) and `chosen` a list of one (RewardBench 2's form)."""
-
-    def listed(value) -> bool:  # a list of responses, not one response's list of messages
-        return many and isinstance(value, list) and bool(value) and all(isinstance(v, (str, list)) for v in value)
-
-    chosen, rejected = row[keys["chosen"]], row[keys["rejected"]]
-    if listed(chosen):
-        if len(chosen) != 1:
-            raise ValueError(f"`{keys['chosen']}` holds {len(chosen)} responses; a row has one chosen response")
-        chosen = chosen[0]
-    out = [(keys["chosen"], chosen)]
-    if listed(rejected):
-        return out + [(f"{keys['rejected']}[{i}]", value) for i, value in enumerate(rejected)]
-    return out + [(keys["rejected"], rejected)]
-
-
-def _conversations(row: dict, fmt: str, keys: dict, many: bool = False) -> tuple[list, list[list]]:
-    """(prompt, [chosen, *rejected]) messages, each response a whole conversation; raises ValueError."""
-    for k in ("chosen", "rejected") + (("prompt",) if fmt == "prompt" else ()):
-        if row.get(keys[k]) is None:
-            raise ValueError(f"missing `{keys[k]}`")
+def _conversations(row: dict, fmt: str, keys: dict, names: list, labels: list, values: list) -> tuple[list, list]:
+    """(prompt, responses) as messages, each response a whole conversation; raises ValueError."""
     role = "assistant" if fmt == "prompt" else None  # strings are responses only beside a prompt
-    names, values = zip(*_response_values(row, keys, many))
+    if fmt == "prompt" and row.get(keys["prompt"]) is None:
+        raise ValueError(f"missing `{keys['prompt']}`")
     responses = [_messages(value, name, role) for name, value in zip(names, values)]
     if fmt == "prompt":
         prompt = _messages(row[keys["prompt"]], keys["prompt"], "user")
@@ -112,85 +142,73 @@ def _conversations(row: dict, fmt: str, keys: dict, many: bool = False) -> tuple
         responses = [conv if conv[: len(prompt)] == prompt else prompt + conv for conv in responses]
     else:
         prompt = responses[0][:-1]
-        for name, conv in zip(names[1:], responses[1:]):
+        for label, conv in zip(labels[1:], responses[1:]):
             if conv[:-1] != prompt:
-                raise ValueError(
-                    f"chosen and {_label(name, keys)} have different prompts (messages before the last differ)"
-                )
+                raise ValueError(f"{labels[0]} and {label} have different prompts (messages before the last differ)")
     for name, conv in zip(names, responses):
         if len(conv) == len(prompt):
             raise ValueError(f"`{name}` has no response after the prompt")
         if conv[-1]["role"] != "assistant":
             raise ValueError(f"the last message of `{name}` is the {conv[-1]['role']!r}'s, not the assistant's")
-    _check_distinct(responses, names, keys)
     return prompt, responses
 
 
-def _label(name: str, keys: dict) -> str:
-    """`rejected`, or `rejected[i]` in a list: what the messages call a rejected response."""
-    return "rejected" + name[len(keys["rejected"]) :]
-
-
-def _check_distinct(responses: list, names: tuple, keys: dict) -> None:
-    for name, response in zip(names[1:], responses[1:]):
-        if response == responses[0]:
-            raise ValueError(f"chosen and {_label(name, keys)} are identical")
-
-
-def _plain_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids = tokenizer(text)["input_ids"]
-    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
-
-
-def _plain(row: dict, keys: dict, tokenizer: PreTrainedTokenizerBase, many: bool = False) -> dict:
-    for k in ("chosen", "rejected"):
-        if row.get(keys[k]) is None:
-            raise ValueError(f"missing `{keys[k]}`")
-    names, texts = zip(*_response_values(row, keys, many))
-    for name, value in zip(names, texts):
+def _texts(names: list, values: list) -> list[str]:
+    for name, value in zip(names, values):
         if not isinstance(value, str):
             raise ValueError(f"`{name}` must be a string in a plain-text dataset, got {type(value).__name__}")
         if not value.strip():
             raise ValueError(f"`{name}` is empty")
-    _check_distinct(texts, names, keys)
-    responses = [_plain_ids(text, tokenizer) for text in texts]
+    return values
+
+
+def _check_comparisons(labels: list, responses: list, scores: list[float]) -> None:
+    """A row compares at least two responses; two identical responses are never ranked apart."""
+    if len(set(scores)) < 2:
+        if len(scores) == 1:
+            raise ValueError("no comparison: one response (a row needs two with different scores)")
+        raise ValueError(f"no comparison: all {len(scores)} responses have the same score ({scores[0]:g})")
+    for i in range(len(responses)):
+        for j in range(i + 1, len(responses)):
+            if scores[i] != scores[j] and responses[i] == responses[j]:
+                raise ValueError(f"{labels[i]} and {labels[j]} are identical")
+
+
+def _plain_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[list[int]]]:
+    eos = tokenizer.eos_token_id
+    responses = [ids if ids and ids[-1] == eos else ids + [eos] for ids in tokenizer(texts)["input_ids"]]
     shared = 0
     while shared < min(map(len, responses)) and len({r[shared] for r in responses}) == 1:
         shared += 1
-    return {"prompt": responses[0][:shared], "responses": responses}
+    return responses[0][:shared], responses
 
 
-def tokenize_responses(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase, many: bool = True) -> dict:
-    """One row to `{"prompt", "responses", "problem"}`: `responses` the chosen sequence, then each
-    rejected one (a list of them where `rejected` holds a list and `many` allows it: best-of-N rows
-    for minrm.score), all whole sequences. A bad row gets empty ids and a problem.
+def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """One row to `{"prompt", "responses", "scores", "margin", "problem"}` (module docstring); a bad
+    row gets empty ids and a problem. Training and the scorer read rows through this one function.
 
     A row read from a .jsonl file arrives unparsed as `{"json": line}`, so that rows of mixed types
     (which Arrow cannot hold in one column) and invalid JSON are reported rather than fatal.
     """
     try:
-        if "json" in row and len(row) <= 2:  # {"json", "row"} from read_jsonl
+        if "json" in row and len(row) <= 2:  # {"json", "row"} from local_files
             try:
                 row = json.loads(row["json"])
             except json.JSONDecodeError as e:
                 raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"a line must hold a JSON object, got {type(row).__name__}")
+        names, labels, values, scores = _responses(row, keys)
+        margin = 0.0 if row.get(keys["margin"]) is None else _number(row[keys["margin"]], keys["margin"])
         if fmt == "plain":
-            out = _plain(row, keys, tokenizer, many)
-            return {**out, "scores": [1.0] + [0.0] * (len(out["responses"]) - 1), "problem": ""}
-        prompt, responses = _conversations(row, fmt, keys, many)
-
-        def ids(messages, generation_prompt=False):
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, return_dict=False)
-
-        responses = [ids(r) for r in responses]
-        scores = [1.0] + [0.0] * (len(responses) - 1)
-        return {"prompt": ids(prompt, generation_prompt=True), "responses": responses, "scores": scores, "problem": ""}
+            texts = _texts(names, values)
+            _check_comparisons(labels, texts, scores)
+            prompt, responses = _plain_ids(texts, tokenizer)
+        else:
+            prompt_messages, conversations = _conversations(row, fmt, keys, names, labels, values)
+            _check_comparisons(labels, conversations, scores)
+            prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, return_dict=False)
+            responses = tokenizer.apply_chat_template(conversations, return_dict=False)  # all in one call
+        return {"prompt": prompt, "responses": responses, "scores": scores, "margin": margin, "problem": ""}
     except ValueError as e:
-        return {"prompt": [], "responses": [], "scores": [], "problem": str(e)}
-
-
-def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """One row to a training pair `{"prompt", "responses", "scores", "margin", "problem"}`: one rejected response."""
-    return {**tokenize_responses(row, fmt, keys, tokenizer, many=False), "margin": 0.0}
+        return {"prompt": [], "responses": [], "scores": [], "margin": 0.0, "problem": str(e)}

@@ -6,18 +6,15 @@
   id; the output and cache folders can be created; a checkpoint to resume from exists.
 - `load_or_exit`: a `from_pretrained` whose failure (not found, offline, bad revision...) becomes
   one line naming the flag. `check_model(args)`, first in train.py, fetches the model's config
-  with it and checks that a model folder holds weights, before the data is built.
-- `read_local_file(path)`: the rows of a local .jsonl / .json / .parquet, refusing an empty file,
-  bytes that are not UTF-8 (with their line), invalid JSON and a .json that is not rows of objects.
+  with it and checks that a model folder holds weights and can run the chosen batching, before the
+  data is built.
 
 docs/errors.md lists every check and its message.
 """
 
-import json
 import os
 import tempfile
 
-import datasets
 import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -115,94 +112,3 @@ def check_model(args, flag: str = "model_name_or_path"):
     if args.batching != "padded":
         check_flex(config, args.packed_attention, torch.cuda.is_available())
     return config
-
-
-# ----------------------------------------------------------------------------------------------
-# Local data files
-
-
-def _empty(path: str):
-    raise SystemExit(f"minrm: error: {path} is empty: it has no rows")
-
-
-def _jsonl(path: str) -> datasets.Dataset:
-    """Non-blank lines as `{"row": line number, "json": text}`, parsed later while tokenizing, so
-    that invalid JSON and rows of mixed types are reported by line instead of failing in Arrow."""
-    rows, texts = [], []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise SystemExit(
-                    f"minrm: error: {path} line {i}: bytes that are not UTF-8 ({raw[e.start : e.start + 4]!r} at "
-                    f"byte {e.start + 1} of the line); save the file as UTF-8"
-                ) from None
-            if line.strip():
-                rows.append(i)
-                texts.append(line)
-    if not rows:
-        _empty(path)
-    return datasets.Dataset.from_dict({"row": rows, "json": texts})
-
-
-ROWS_OF_OBJECTS = "a .json file holds a list of objects, or one object per line"
-
-
-def _json(path: str) -> tuple[datasets.Dataset, str]:
-    """A .json file: a list of objects (rows numbered from 0), or JSON lines (numbered from 1)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise SystemExit(
-            f"minrm: error: {path} line {line}: bytes that are not UTF-8; save the file as UTF-8"
-        ) from None
-    if not text.strip():
-        _empty(path)
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as e:
-        if text.lstrip().startswith("["):
-            raise SystemExit(f"minrm: error: {path} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
-        return _jsonl(path), "line"  # "Extra data" after the first object: one object per line
-    if isinstance(whole, dict) and "\n" not in text.strip():
-        return _jsonl(path), "line"  # one line holding one object: one row
-    if not isinstance(whole, list):
-        kind = "object" if isinstance(whole, dict) else type(whole).__name__
-        raise SystemExit(f"minrm: error: {path} holds one JSON {kind}, not rows: {ROWS_OF_OBJECTS}")
-    if not whole:
-        _empty(path)
-    for i, row in enumerate(whole):
-        if not isinstance(row, dict):
-            raise SystemExit(
-                f"minrm: error: {path} row {i} is a JSON {type(row).__name__}, not an object: {ROWS_OF_OBJECTS}"
-            )
-    return datasets.Dataset.from_dict({"row": list(range(len(whole))), "json": [json.dumps(r) for r in whole]}), "row"
-
-
-def _parquet(path: str) -> datasets.Dataset:
-    size = os.path.getsize(path)
-    if size == 0:
-        _empty(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(max(0, size - 4))
-        tail = f.read(4)
-    if size < 12 or head != b"PAR1" or tail != b"PAR1":
-        raise SystemExit(f"minrm: error: {path} is not a Parquet file (it lacks the PAR1 marks at its start and end)")
-    ds = datasets.load_dataset("parquet", data_files=path, split="train")  # a data file has one split, "train"
-    if len(ds) == 0:
-        _empty(path)
-    return ds
-
-
-def read_local_file(path: str) -> tuple[datasets.Dataset, str]:
-    """A local data file's rows and the word for its row numbers ("line", from 1, or "row", from 0)."""
-    if path.endswith(".parquet"):
-        return _parquet(path), "row"
-    if path.endswith(".json"):
-        return _json(path)
-    return _jsonl(path), "line"

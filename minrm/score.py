@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from minrm import formats, rewardbench
 from minrm.batching import BATCHINGS, collate, micro_batches, to_device
 from minrm.config import PACKED_ATTENTIONS, Args
-from minrm.data import json_or_none, load_tokenizer, read_raw, report_bad_rows
+from minrm.data import column_keys, json_or_none, load_tokenizer, read_raw, report_bad_rows
 from minrm.distributed import Dist, gather_objects, init_distributed, print0
 from minrm.inputs import check_model as check_loadable
 from minrm.loss import STATS, row_statistics
@@ -56,12 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--packed_attention", choices=PACKED_ATTENTIONS, default="auto", help="as minrm.train's")
     p.add_argument("--max_tokens_per_batch", type=int, help="computed tokens per forward (default 16384 GPU, 4096 CPU)")
     p.add_argument("--skip_bad_rows", action="store_true", help="leave bad rows out, counted by reason")
-    for key, what in (
-        ("chosen", "the chosen response"),
-        ("rejected", "the rejected response(s)"),
-        ("prompt", "the prompt"),
-    ):
-        p.add_argument(f"--{key}_key", default=key, help=f"column of {what}")
+    for key in ("chosen", "rejected", "prompt", "responses", "scores", "margin"):
+        p.add_argument(f"--{key}_key", default=key, help=f"column of the {key}, as minrm.train's --{key}_key")
     p.add_argument("--tokenizer_name_or_path", help="tokenizer (default: the model's)")
     p.add_argument(
         "--chat_template_name", default=argparse.SUPPRESS, help="chat template, as minrm.train's (and its default)"
@@ -137,20 +133,22 @@ def load_reward_model(args, tokenizer, device: torch.device) -> PreTrainedModel:
 
 
 def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
-    """This rank's rows (every world_size-th of the file) as {"row", "subset", "prompt",
-    "responses"}, and log lines. Bad rows are gathered from every rank first, so all stop together
-    with the same list, or skip and count them (--skip_bad_rows)."""
+    """This rank's rows (every world_size-th of the file) as {"row", "subset", "prompt", "responses",
+    "scores", "margin"} (the chosen responses are those of the top score), and log lines. Bad rows
+    are gathered from every rank first, so all stop together with the same list, or skip and count
+    them (--skip_bad_rows)."""
     raw, unit = read_raw(args.data, args.split)
     if "row" not in raw.column_names:
         raw = raw.add_column("row", list(range(len(raw))))
-    keys = {"chosen": args.chosen_key, "rejected": args.rejected_key, "prompt": args.prompt_key}
+    keys = column_keys(args)
     first = next((r for r in (json_or_none(x) for x in raw.select(range(min(len(raw), 100)))) if r), {})
     fmt = formats.detect_format(first, keys)
 
     def tokenize(row):
-        subset = (json_or_none(row) or {}).get(args.subset_key)
-        out = formats.tokenize_responses(row, fmt, keys, tokenizer)
-        return {**out, "subset": None if subset is None else str(subset)}
+        parsed = json_or_none(row) or {}
+        subset, row_id = parsed.get(args.subset_key), parsed.get("id")  # RewardBench pairs Ties rows by id
+        out = formats.tokenize_row(row, fmt, keys, tokenizer)
+        return {**out, "subset": None if subset is None else str(subset), "id": None if row_id is None else str(row_id)}
 
     mine = raw.select(range(d.rank, len(raw), d.world_size))
     num_proc = max(1, min(os.cpu_count() or 1, len(mine) // 5000))  # a pool pays off for thousands of rows
@@ -165,14 +163,6 @@ def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
     if len(bad) == len(raw):
         raise SystemExit(f"minrm: error: {args.data} has no row to score")
     return [r for r in rows if not r["problem"]], log
-
-
-def read_ids(args) -> dict[int, object]:
-    """Every row's `id` column by row number, for --benchmark: RewardBench 2's Ties subset pairs its
-    rows by it, and --out gives it."""
-    raw, _ = read_raw(args.data, args.split)
-    numbers = raw["row"] if "row" in raw.column_names else range(len(raw))
-    return {n: (json_or_none(x) or {}).get("id") for n, x in zip(numbers, raw)}
 
 
 @torch.inference_mode()
@@ -292,19 +282,18 @@ def main(argv: list[str] | None = None) -> dict:
     print0(f"score: rank 0 scored {len(rows)} rows in {seconds:.1f} s ({len(rows) / seconds:.1f} rows/s)")
 
     # Every rank's rows back in file order (row numbers increase through the file).
-    mine = [(r["row"], r["subset"], r["scores"], rw, st) for r, rw, st in zip(rows, rewards, stats)]
+    mine = [(r["row"], r["subset"], r["id"], r["scores"], rw, st) for r, rw, st in zip(rows, rewards, stats)]
     parts = gather_objects(mine, "score/scored", "score its rows")
     scored = sorted((x for part in parts for x in part), key=lambda x: x[0])
     categories = any(subset is not None for _, subset, *_ in scored)
-    ids = read_ids(args) if args.benchmark else {}
     records = []
-    for row, subset, scores, row_rewards, row_stats in scored:
+    for row, subset, row_id, scores, row_rewards, row_stats in scored:
         top = max(scores)  # the chosen responses: the best-scored
         record = {"row": row, "subset": subset} if categories else {"row": row}
         record["chosen_rewards"] = [r for r, s in zip(row_rewards, scores) if s == top]
         record["rejected_rewards"] = [r for r, s in zip(row_rewards, scores) if s != top]
         if args.benchmark:
-            record = {**record, "id": ids[row], "credit": None}
+            record = {**record, "id": row_id, "credit": None}
             record["credit"] = rewardbench.credit(args.benchmark, record)
         else:
             record["correct"] = row_stats["best_of_n_accuracy"] == 1.0
@@ -312,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.benchmark:
         summary = rewardbench.summarize(args.benchmark, records)
     else:
-        summary = summarize([x[4] for x in scored], [x[1] for x in scored], args.sections)
+        summary = summarize([x[5] for x in scored], [x[1] for x in scored], args.sections)
     if d.is_main:
         print((rewardbench.report if args.benchmark else report)(summary), flush=True)
         if args.out:

@@ -57,7 +57,8 @@ def main() -> None:
         start = time.perf_counter()
         cached = datasets.load_from_disk(build_or_load_cache(args, tokenizer))["train"]
         loaded = time.perf_counter() - start
-        tokens = sum(len(c) + len(r) for c, r in zip(cached[:1000]["chosen"], cached[:1000]["rejected"])) / 2000
+        sequences = [ids for responses in cached[:1000]["responses"] for ids in responses]
+        tokens = sum(map(len, sequences)) / len(sequences)
     print(f"cpus: {os.cpu_count()}  pairs: {n}  mean tokens per sequence: {tokens:.0f}")
     print(f"build (read, check, tokenize, filter, save): {built:.1f}s = {n / built:.0f} pairs/s")
     print(f"cache load: {loaded:.2f}s = {built / loaded:.0f}x faster than building")

@@ -46,10 +46,12 @@ def test_tokenization_applies_the_chat_template(tmp_path):
     ds.to_json(path := str(tmp_path / "pair.jsonl"))
     args.dataset_mixer_list = [path, "1.0"]
     pair = build_dataset(args.dataset_mixer_list, ["train"], tok, args, "train")[0]
+    chosen, rejected = pair["responses"]
     assert tok.decode(pair["prompt"]) == "<|user|>\ncopy: red cat\n<|assistant|>\n"
-    assert tok.decode(pair["chosen"]) == "<|user|>\ncopy: red cat\n<|assistant|>\nred cat</s>"
-    assert tok.decode(pair["rejected"]) == "<|user|>\ncopy: red cat\n<|assistant|>\nred dog</s>"
-    assert pair["chosen"][: len(pair["prompt"])] == pair["prompt"]
+    assert tok.decode(chosen) == "<|user|>\ncopy: red cat\n<|assistant|>\nred cat</s>"
+    assert tok.decode(rejected) == "<|user|>\ncopy: red cat\n<|assistant|>\nred dog</s>"
+    assert chosen[: len(pair["prompt"])] == pair["prompt"]
+    assert pair["scores"] == [1.0, 0.0] and pair["margin"] == 0.0
     assert "tulu" in CHAT_TEMPLATES
 
 
@@ -132,7 +134,8 @@ def template_ids(tok, row, template=None):
     def ids(messages, gen=False):
         return tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=gen, return_dict=False)
 
-    return {"prompt": ids(row["chosen"][:-1], True), "chosen": ids(row["chosen"]), "rejected": ids(row["rejected"])}
+    responses = [ids(row["chosen"]), ids(row["rejected"])]
+    return {"prompt": ids(row["chosen"][:-1], True), "responses": responses, "scores": [1.0, 0.0], "margin": 0.0}
 
 
 def build_with(tiny_model_dir, path, *flags):
@@ -147,7 +150,7 @@ def test_the_tokenizers_own_template_is_the_default(tmp_path, tiny_model_dir, ei
     pairs = build_with(tiny_model_dir, path, "--tokenizer_name_or_path", own)
     for pair, row in zip(pairs, rows, strict=True):
         assert pair == template_ids(reference, row)
-        assert pair["chosen"] != template_ids(reference, row, CHAT_TEMPLATES["tulu"])["chosen"]
+        assert pair["responses"] != template_ids(reference, row, CHAT_TEMPLATES["tulu"])["responses"]
     # Borrowed by name: the model's tokenizer (tulu) with the template of the tokenizer at `own`.
     assert build_with(tiny_model_dir, path, "--chat_template_name", own)[:] == pairs[:]
 
@@ -159,7 +162,8 @@ def test_a_named_template_replaces_the_tokenizers_own(tmp_path, tiny_model_dir, 
     tok = AutoTokenizer.from_pretrained(own)
     for pair, row in zip(pairs, rows, strict=True):
         # The zephyr format written out by hand: every message `<|role|>\ncontent</s>\n`.
-        assert tok.decode(pair["chosen"]) == "".join(f"<|{m['role']}|>\n{m['content']}</s>\n" for m in row["chosen"])
+        chosen = pair["responses"][0]
+        assert tok.decode(chosen) == "".join(f"<|{m['role']}|>\n{m['content']}</s>\n" for m in row["chosen"])
         assert pair == template_ids(tok, row, CHAT_TEMPLATES["zephyr"])
 
 
@@ -182,7 +186,7 @@ def test_add_bos(tmp_path, tiny_model_dir, eight_pairs):
     path, rows = eight_pairs
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs = build_with(tiny_model_dir, path, "--add_bos")
-    assert pairs[0]["chosen"] == [tok.bos_token_id] + template_ids(tok, rows[0])["chosen"]
+    assert pairs[0]["responses"][0] == [tok.bos_token_id] + template_ids(tok, rows[0])["responses"][0]
     with_bos = tokenizer_dir(tmp_path / "bos", "{{ bos_token }}" + OWN_TEMPLATE)
     with pytest.raises(SystemExit, match="--add_bos: the chat template already begins with the bos token"):
         build_with(tiny_model_dir, path, "--tokenizer_name_or_path", with_bos, "--add_bos")

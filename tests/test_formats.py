@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from minrm.config import parse_args
-from minrm.data import load_tokenizer, take_indices
+from minrm.data import load_tokenizer, show_pair, take_indices
 from minrm.dataset_cache import build_datasets, cache_key
 from tests.conftest import build_dataset, run_minrm
 
@@ -57,8 +58,8 @@ def test_plain_text_rows_tokenize_as_the_tokenizer_does(tmp_path, capsys):
     pair = build(path)[0]
     tok = load_tokenizer(parse_args([]))
     chosen = tok("copy: red cat red cat")["input_ids"]
-    assert pair["chosen"] == chosen + [tok.eos_token_id]  # the toy tokenizer adds no eos itself
-    assert pair["rejected"] == tok("copy: red cat red dog")["input_ids"] + [tok.eos_token_id]
+    assert pair["responses"][0] == chosen + [tok.eos_token_id]  # the toy tokenizer adds no eos itself
+    assert pair["responses"][1] == tok("copy: red cat red dog")["input_ids"] + [tok.eos_token_id]
     assert pair["prompt"] == chosen[:-1]  # the longest shared run of ids
     assert "format 'plain'" in capsys.readouterr().out
 
@@ -104,6 +105,147 @@ def test_skip_bad_rows_counts_per_reason(tmp_path, capsys):
     assert "4 rows, 3 bad, 0 dropped by the length filter" in out and "1 kept" in out
 
 
+# ----------------------------------------------------------------------------------------------
+# Rows of K responses: best-of-N lists, scored lists, margins, and what makes a comparison
+
+SYSTEM = {"role": "system", "content": "be exact"}
+ANSWERS = ["red cat", "red dog", "cat red", "dog"]
+
+
+def build_rows(path: str, **settings):
+    """`build` with attributes set on the parsed flags (flags another part of minrm declares)."""
+    args = parse_args(["--dataset_mixer_list", path, "1.0"])
+    for name, value in settings.items():
+        setattr(args, name, value)
+    return build_dataset(args.dataset_mixer_list, ["train"], load_tokenizer(args), args, "train")
+
+
+def expected_row(tok, prompt: list, answers: list[str], scores: list[float], margin: float = 0.0) -> dict:
+    """The ids of each full conversation and of the prompt, by the chat template itself."""
+    conversations = [prompt + [bot(a)] for a in answers]
+    return {
+        "prompt": tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False),
+        "responses": [tok.apply_chat_template(c, return_dict=False) for c in conversations],
+        "scores": scores,
+        "margin": margin,
+    }
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_every_spelling_of_k_responses_tokenizes_as_each_conversation(tmp_path, system):
+    prompt = ([SYSTEM] if system else []) + [user("copy: red cat")]
+    whole = [prompt + [bot(a)] for a in ANSWERS]
+    text = prompt if system else "copy: red cat"  # a string prompt is one user message
+    rows = [
+        # conversational best-of-N: one chosen conversation, a list of rejected ones
+        ({"chosen": whole[0], "rejected": whole[1:]}, ANSWERS, [1.0, 0.0, 0.0, 0.0]),
+        # conversational, scored (equal scores make no comparison between those two)
+        ({"responses": whole, "scores": [2, 5, 2, -1.5], "margin": 0.5}, ANSWERS, [2.0, 5.0, 2.0, -1.5], 0.5),
+        # explicit prompt, strings: two chosen (RewardBench 2's Ties layout), two rejected
+        ({"prompt": text, "chosen": ANSWERS[:2], "rejected": ANSWERS[2:]}, ANSWERS, [1.0, 1.0, 0.0, 0.0]),
+        # explicit prompt, assistant message lists, scored; a list of one chosen
+        ({"prompt": text, "responses": [[bot(a)] for a in ANSWERS[:3]], "scores": [0.1, 0.3, 0.2]}, ANSWERS[:3],
+         [0.1, 0.3, 0.2]),
+        ({"prompt": text, "chosen": [ANSWERS[3]], "rejected": [whole[0], whole[2]]}, [ANSWERS[i] for i in (3, 0, 2)],
+         [1.0, 0.0, 0.0]),
+    ]  # fmt: skip
+    tok = load_tokenizer(parse_args([]))
+    for i, (row, answers, scores, *margin) in enumerate(rows):
+        got = build(write_jsonl(tmp_path / f"row{i}.jsonl", [row]))[0]
+        assert got == expected_row(tok, prompt, answers, scores, *margin), row
+
+
+def test_plain_best_of_n_and_scored_rows(tmp_path):
+    texts = [f"copy: red cat {a}" for a in ANSWERS]
+    tok = load_tokenizer(parse_args([]))
+    ids = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+    prompt = os.path.commonprefix(ids)  # the run of ids every sequence starts with
+    for i, (row, scores) in enumerate(
+        [
+            ({"chosen": texts[0], "rejected": texts[1:]}, [1.0, 0.0, 0.0, 0.0]),
+            ({"responses": texts, "scores": [4, 3, 2, 1]}, [4.0, 3.0, 2.0, 1.0]),
+        ]
+    ):
+        got = build(write_jsonl(tmp_path / f"plain{i}.jsonl", [row]))[0]
+        assert got == {"prompt": prompt, "responses": ids, "scores": scores, "margin": 0.0}
+
+
+def test_rows_without_a_comparison_are_bad_rows(tmp_path):
+    rows = [
+        {"prompt": "q", "responses": ["a", "b"], "scores": [1, 1]},
+        {"prompt": "q", "responses": [[bot("a")]], "scores": [3]},
+        {"prompt": "q", "responses": ["a", "b", "a"], "scores": [1, 0, 0]},
+        {"prompt": "q", "chosen": ["a", "b"], "rejected": ["c", "b"]},
+        {"prompt": "q", "responses": ["a", "b"], "scores": [1]},
+        {"prompt": "q", "responses": ["a", "b"], "scores": [1, "high"]},
+        {"prompt": "q", "responses": ["a", "b"], "scores": [1, 0], "margin": "big"},
+        {"prompt": "q", "responses": ["a", "a", "b"], "scores": [2, 2, 0]},  # good: equal twins, no comparison
+    ]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(SystemExit) as e:
+        build(path)
+    assert str(e.value).splitlines()[1:8] == [
+        f"  {path} line 1: no comparison: all 2 responses have the same score (1)",
+        f"  {path} line 2: no comparison: one response (a row needs two with different scores)",
+        f"  {path} line 3: responses[0] and responses[2] are identical",
+        f"  {path} line 4: chosen[1] and rejected[1] are identical",
+        f"  {path} line 5: `scores` has 1 numbers for 2 responses",
+        f"  {path} line 6: `scores[1]` must be a finite number, got 'high'",
+        f"  {path} line 7: `margin` must be a finite number, got 'big'",
+    ]
+    (kept,) = build(path, "--skip_bad_rows")
+    assert kept["scores"] == [2.0, 2.0, 0.0] and len(kept["responses"]) == 3
+
+
+def test_max_responses_per_prompt_keeps_evenly_spaced_ranks(tmp_path, capsys):
+    """Scores 3 1 4 1 5 ranked best first: rows 4, 2, 0, 1, 3 (ties in row order). Three kept: ranks
+    0, 2 and 4 (the best, the middle, the worst) = responses 4, 0, 3, returned in row order."""
+    answers = ["red", "dog", "cat", "sun", "one"]
+    row = {"prompt": "copy: red", "responses": answers, "scores": [3, 1, 4, 1, 5]}
+    pair = {"prompt": "copy: red", "chosen": "red", "rejected": "dog"}
+    path = write_jsonl(tmp_path / "ranked.jsonl", [row, pair])
+    (got, kept_pair) = build_rows(path, max_responses_per_prompt=3)
+    tok = load_tokenizer(parse_args([]))
+    assert got == expected_row(tok, [user("copy: red")], [answers[i] for i in (0, 3, 4)], [3.0, 1.0, 5.0])
+    assert kept_pair["scores"] == [1.0, 0.0]
+    out = capsys.readouterr().out
+    assert "5 responses in the kept rows; 0 responses >" in out and "2 cut by --max_responses_per_prompt 3" in out
+    assert build_rows(path, max_responses_per_prompt=None)[0]["scores"] == [3.0, 1.0, 4.0, 1.0, 5.0]
+
+
+def test_length_filter_drops_responses_then_rows_left_without_a_comparison(tmp_path, capsys):
+    tok = load_tokenizer(parse_args([]))
+    long, longer = " ".join(["red"] * 40), " ".join(["dog"] * 41)  # 79 and 81 tokens
+    rows = [
+        {"prompt": "copy: red", "responses": ["red", long, "dog", longer], "scores": [2, 3, 1, 0]},  # keeps 2
+        {"prompt": "copy: red", "chosen": long, "rejected": "dog"},  # a pair with one side too long: dropped
+        {"prompt": "copy: red", "responses": ["red", "dog", long], "scores": [1, 1, 0]},  # only a tie left
+        {"prompt": "copy: " + long, "chosen": "red", "rejected": "dog"},  # the prompt is too long
+        {"prompt": "copy: red", "chosen": "red", "rejected": "dog"},
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    lengths = [len(r) for r in expected_row(tok, [user("copy: red")], ["red", long], [1.0, 0.0])["responses"]]
+    assert lengths[0] <= 60 < lengths[1]
+    kept = build(path, "--max_token_length", "60", "--max_prompt_token_length", "40")
+    assert [r["scores"] for r in kept] == [[2.0, 1.0], [1.0, 0.0]]
+    assert kept[0] == expected_row(tok, [user("copy: red")], ["red", "dog"], [2.0, 1.0])
+    out = capsys.readouterr().out
+    assert (
+        "5 rows, 0 bad, 3 dropped by the length filter (1 with a prompt > 40 tokens, 2 left without a comparison)"
+        in out
+    )
+    assert "4 responses in the kept rows; 4 responses > 60 tokens dropped" in out
+
+
+def test_show_pair_prints_the_prompt_once_and_each_response(tmp_path):
+    tok = load_tokenizer(parse_args([]))
+    row = expected_row(tok, [user("copy: red cat")], ANSWERS[:3], [0.5, 2.0, 1.0])
+    shown = re.sub(r"\033\[\d+m", "", show_pair(row, tok))
+    tails = [tok.decode(ids[len(row["prompt"]) :]) for ids in row["responses"]]
+    assert shown == f"prompt: {tok.decode(row['prompt'])}\n0.5: {tails[0]}\n2: {tails[1]}\n1: {tails[2]}"
+    assert "\n2: \033[32m" in show_pair(row, tok)  # the best in green
+
+
 def test_mixer_amounts_after_checks(tmp_path, capsys):
     good = [
         {"chosen": [user(f"copy: {w}"), bot(w)], "rejected": [user(f"copy: {w}"), bot("cat")]}
@@ -125,7 +267,7 @@ def test_eval_fraction_holds_out_rows_without_overlap(tmp_path, pairs_file):
     args = parse_args(["--dataset_mixer_list", pairs_file, "2.0", "--eval_fraction", "0.25"])
     dd, _ = build_datasets(args, load_tokenizer(args))
     assert len(dd["eval"]) == 12 and len(dd["train"]) == 2 * 36
-    assert not {tuple(r) for r in dd["eval"]["chosen"]} & {tuple(r) for r in dd["train"]["chosen"]}
+    assert not {tuple(r[0]) for r in dd["eval"]["responses"]} & {tuple(r[0]) for r in dd["train"]["responses"]}
 
 
 def test_cache_key_changes_with_each_ingredient(tmp_path, pairs_file):

@@ -51,8 +51,9 @@ def tulu_tokenizer():
 
 def test_best_of_n_rows_tokenize_as_their_pairs():
     """A row with a list of rejected responses tokenizes as its pairs (chosen, rejected i) do, in
-    every format; training still takes one rejected response."""
+    every format, the chosen response first with the top score."""
     tokenizer = tulu_tokenizer()
+    keys = {**KEYS, "responses": "responses", "scores": "scores", "margin": "margin"}
     prompt = [user("copy: red cat")]
     answers = ["red cat", "red dog", "cat red", "red dog"]  # two rejected may be equal
     rows = {
@@ -61,19 +62,18 @@ def test_best_of_n_rows_tokenize_as_their_pairs():
         "plain": {"chosen": "copy: red cat red cat", "rejected": [f"copy: red cat {a}" for a in answers[1:]]},
     }
     for fmt, row in rows.items():
-        out = formats.tokenize_responses(row, fmt, KEYS, tokenizer)
-        assert out["problem"] == "" and len(out["responses"]) == 4, fmt
+        out = formats.tokenize_row(row, fmt, keys, tokenizer)
+        assert out["problem"] == "" and len(out["responses"]) == 4 and out["scores"] == [1.0, 0.0, 0.0, 0.0], fmt
         chosen = row["chosen"][0] if fmt == "prompt" else row["chosen"]
         for i, rejected in enumerate(row["rejected"], start=1):
-            pair = formats.tokenize_row({**row, "chosen": chosen, "rejected": rejected}, fmt, KEYS, tokenizer)
-            assert out["responses"][0] == pair["chosen"] and out["responses"][i] == pair["rejected"], fmt
+            pair = formats.tokenize_row({**row, "chosen": chosen, "rejected": rejected}, fmt, keys, tokenizer)
+            assert out["responses"][0] == pair["responses"][0] and out["responses"][i] == pair["responses"][1], fmt
             if fmt != "plain":  # plain: the prompt is the run of ids all responses share
                 assert out["prompt"] == pair["prompt"], fmt
-        assert formats.tokenize_row(row, fmt, KEYS, tokenizer)["problem"], fmt  # training: one rejected
-    bad = formats.tokenize_responses({"prompt": "a", "chosen": "b", "rejected": ["c", "b"]}, "prompt", KEYS, tokenizer)
+    bad = formats.tokenize_row({"prompt": "a", "chosen": "b", "rejected": ["c", "b"]}, "prompt", keys, tokenizer)
     assert bad["problem"] == "chosen and rejected[1] are identical"
-    two = formats.tokenize_responses({"prompt": "a", "chosen": ["b", "c"], "rejected": "d"}, "prompt", KEYS, tokenizer)
-    assert "holds 2 responses" in two["problem"]
+    two = formats.tokenize_row({"prompt": "a", "chosen": ["b", "c"], "rejected": "d"}, "prompt", keys, tokenizer)
+    assert two["scores"] == [1.0, 1.0, 0.0]  # two chosen (RewardBench 2's Ties)
 
 
 def varied_rows() -> list[dict]:
