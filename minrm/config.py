@@ -32,7 +32,7 @@ MIXED_PRECISIONS = ("bf16", "no")
 LOSSES = ("bradley_terry", "plackett_luce")
 DATA_FILES = (".jsonl", ".json", ".parquet")
 
-# --model_name_or_path and a dataset mixer's NAME for minrm's offline toy model and data (`minrm.toy`).
+# --model_name_or_path and a dataset mixer's NAME for minrm's offline toy model and data (`minrm.data.toy`).
 TOY = "minrm:toy"
 # The toy data's splits and their rows. One epoch of train is 1536 steps at the recipe's batch of 16;
 # 1024 steps reached only ~0.975 eval accuracy, 1536 reach >= 0.99 on every seed tried.
@@ -340,3 +340,18 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args = Args(**vars(parser.parse_args(argv)))
     validate(args)
     return args
+
+
+def label(flag: str) -> str:
+    """How a message names an argument: `--flag`, or a positional argument's name as it is (MODEL)."""
+    return flag if flag.isupper() else f"--{flag}"
+
+
+def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **kwargs):
+    """`load(name, **kwargs)` (a `from_pretrained`); its failure to find, fetch or read `name` is
+    one line naming the flag, instead of a traceback from deep inside transformers."""
+    try:
+        return load(name, **kwargs)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"minrm: error: {label(flag)} {name}: {what} ({reason})") from None

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from minrm.tracking import ELAPSED
+from minrm.training.tracking import ELAPSED
 
 PANELS = ("loss", "accuracy", "chosen_rewards", "rejected_rewards", "reward_margin", "lr")
 X_LABELS = {"episode": "episode (training pairs)", "time": f"wall-clock hours ({ELAPSED} / 3600)"}

@@ -29,14 +29,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from minrm import formats, rewardbench
-from minrm.batching import BATCHINGS, collate, micro_batches, to_device
+from minrm import rewardbench
+from minrm.checks import check_model as check_loadable
 from minrm.config import PACKED_ATTENTIONS, Args
-from minrm.data import column_keys, json_or_none, load_tokenizer, read_raw, report_bad_rows
+from minrm.data import formats
+from minrm.data.mixer import column_keys, json_or_none, read_raw, report_bad_rows
+from minrm.data.tokenizer import load_tokenizer
 from minrm.distributed import Dist, gather_objects, init_distributed, print0
-from minrm.inputs import check_model as check_loadable
-from minrm.loss import STATS, row_statistics
-from minrm.model import prepare, read_model
+from minrm.model.reward import prepare, read_model
+from minrm.training.batching import BATCHINGS, collate, micro_batches, to_device
+from minrm.training.loss import STATS, row_statistics
 
 # Flags passed on to minrm.train's loading of the tokenizer and the model (the chat template: train's default when not given).
 TRAIN_FLAGS = ("tokenizer_name_or_path", "chat_template_name", "add_bos", "trust_remote_code", "model_revision")

@@ -26,8 +26,25 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minrm import checkpoint
-from minrm.batching import (
+from minrm.checks import check_model, check_paths
+from minrm.config import Args, parse_args
+from minrm.data.cache import load_datasets
+from minrm.data.mixer import show_pair
+from minrm.data.tokenizer import load_tokenizer
+from minrm.distributed import (
+    Dist,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    print0,
+    rank0_alone,
+)
+from minrm.model.hf_folder import model_card, push_folder, resolve_hub_repo, save_hf_folder
+from minrm.model.liger import apply_liger_kernel
+from minrm.model.reward import read_model, skeleton, transformer_blocks
+from minrm.training import checkpoint
+from minrm.training.batching import (
     check_token_budget,
     collate,
     micro_batches,
@@ -38,29 +55,19 @@ from minrm.batching import (
     step_responses,
     to_device,
 )
-from minrm.config import Args, parse_args
-from minrm.data import load_tokenizer, show_pair
-from minrm.dataset_cache import load_datasets
-from minrm.distributed import (
-    Dist,
-    all_reduce_max,
-    all_reduce_sum,
-    broadcast_object,
-    fill_from_rank0,
-    init_distributed,
-    print0,
-    rank0_alone,
-    shard_model,
+from minrm.training.evaluate import evaluate
+from minrm.training.failsafe import (
+    NonFinite,
+    StopSignal,
+    exit_after_signal,
+    exit_nonfinite,
+    nonfinite,
+    nonfinite_weights,
 )
-from minrm.evaluate import evaluate
-from minrm.export import model_card, push_folder, resolve_hub_repo, save_hf_folder
-from minrm.failsafe import NonFinite, StopSignal, exit_after_signal, exit_nonfinite, nonfinite, nonfinite_weights
-from minrm.inputs import check_model, check_paths
-from minrm.liger import apply_liger_kernel
-from minrm.loss import LOSS, STATS, row_statistics
-from minrm.model import read_model, skeleton, transformer_blocks
-from minrm.optim import build_optimizer, clip_grads_, grad_square_sum, lr_multiplier, set_lr
-from minrm.tracking import Tracker, summary_line
+from minrm.training.loss import LOSS, STATS, row_statistics
+from minrm.training.optim import build_optimizer, clip_grads_, grad_square_sum, lr_multiplier, set_lr
+from minrm.training.sharding import fill_from_rank0, shard_model
+from minrm.training.tracking import Tracker, summary_line
 
 
 def forward_backward(model, batch, args: Args, row_scale: float, response_scale: float) -> torch.Tensor:

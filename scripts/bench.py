@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from minrm.batching import BATCHINGS, collate, shared_prefix, to_device
 from minrm.config import PACKED_ATTENTIONS
-from minrm.model import reward_forward
-from minrm.optim import build_optimizer
-from minrm.packed_attention import use_packed_attention
+from minrm.model.attention import use_packed_attention
+from minrm.model.reward import reward_forward
+from minrm.training.batching import BATCHINGS, collate, shared_prefix, to_device
+from minrm.training.optim import build_optimizer
 from scripts.bench_inputs import SIZES, file_pairs, model_config, synthetic_pairs
 from scripts.bench_ranked import run_ranked
 

@@ -17,10 +17,10 @@ import time
 
 import datasets
 
-from minrm import toy
 from minrm.config import parse_args
-from minrm.data import load_tokenizer
-from minrm.dataset_cache import build_or_load_cache
+from minrm.data import toy
+from minrm.data.cache import build_or_load_cache
+from minrm.data.tokenizer import load_tokenizer
 
 
 def write_pairs(path: str, n: int) -> None:

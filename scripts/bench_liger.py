@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from minrm.liger import apply_liger_kernel
+from minrm.model.liger import apply_liger_kernel
 
 # (GPU, CPU) defaults: a Llama-3.2-1B-shaped model (1.2B parameters) and a tiny one
 PRESETS = {

@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from minrm.batching import collate, to_device
-from minrm.loss import LOSS, row_statistics
+from minrm.training.batching import collate, to_device
+from minrm.training.loss import LOSS, row_statistics
 
 WAYS = ("rows", "pairs", "pairs_padded")
 

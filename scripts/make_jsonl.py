@@ -15,7 +15,7 @@ import json
 import math
 import random
 
-from minrm import toy
+from minrm.data import toy
 
 
 def _words(rng: random.Random, median: int, sigma: float, most: int) -> str:

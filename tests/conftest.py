@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from minrm import toy
-from minrm.data import build_side
-from minrm.tracking import ELAPSED
+from minrm.data import toy
+from minrm.data.mixer import build_side
+from minrm.training.tracking import ELAPSED
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()  # read before any test hides it

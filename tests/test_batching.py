@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, Gemma2Config, GptOssConfig, MistralConfig, Qwen2Config
 
-from minrm.batching import check_token_budget, collate, micro_batches, shared_prefix, split_to, to_device
+from minrm.checks import check_model
 from minrm.config import parse_args
-from minrm.inputs import check_model
-from minrm.loss import LOSS, row_statistics
-from minrm.model import reward_forward
-from minrm.packed_attention import SEGMENTS, packing_problem, use_packed_attention
+from minrm.model.attention import SEGMENTS, packing_problem, use_packed_attention
+from minrm.model.reward import reward_forward
+from minrm.training.batching import check_token_budget, collate, micro_batches, shared_prefix, split_to, to_device
+from minrm.training.loss import LOSS, row_statistics
 from tests.conftest import read_metrics, run_minrm, tiny_llama_config
 
 PAD, VOCAB = 0, 100

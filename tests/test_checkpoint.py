@@ -39,16 +39,10 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from minrm import export
-from minrm.checkpoint import (
-    CheckpointWriter,
-    TrainerState,
-    checkpoint_interval,
-    find_latest,
-    load_checkpoint,
-)
 from minrm.config import parse_args
 from minrm.distributed import Dist
-from minrm.tracking import ELAPSED
+from minrm.training.checkpoint import CheckpointWriter, TrainerState, checkpoint_interval, find_latest, load_checkpoint
+from minrm.training.tracking import ELAPSED
 from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
 
 # 48 pairs, 2 per optimizer step, 2 epochs: 48 steps, enough for a kill to land mid-run.

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from minrm import train
+from minrm.checks import check_paths
 from minrm.config import TOY_RECIPE, Args, build_parser, parse_args
-from minrm.inputs import check_paths
 from tests.conftest import ROOT
 
 # The Tulu 3 8B RM command line of the reference (minus the launcher), with --push_to_hub False.

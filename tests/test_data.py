@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from minrm import toy
-from minrm.batching import collate, stream_indices
 from minrm.config import parse_args
-from minrm.data import load_tokenizer, take
-from minrm.formats import CHAT_TEMPLATES
+from minrm.data import toy
+from minrm.data.formats import CHAT_TEMPLATES, load_tokenizer
+from minrm.data.mixer import take
+from minrm.training.batching import collate, stream_indices
 from tests.conftest import build_dataset, write_pairs
 
 

@@ -22,11 +22,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoModelForSequenceClassification
 
-from minrm import toy
 from minrm.config import parse_args
-from minrm.data import load_tokenizer
-from minrm.distributed import Dist, fill_from_rank0, shard_model
-from minrm.model import read_model, skeleton, transformer_blocks
+from minrm.data import toy
+from minrm.data.tokenizer import load_tokenizer
+from minrm.distributed import Dist
+from minrm.model.reward import read_model, skeleton, transformer_blocks
+from minrm.training.sharding import fill_from_rank0, shard_model
 from tests.conftest import ROOT, tiny_llama_config, write_pairs
 from tests.train_probe import save_loaded
 

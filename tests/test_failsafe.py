@@ -1,4 +1,4 @@
-"""Stopping safely (minrm/failsafe.py):
+"""Stopping safely (minrm/training/failsafe.py):
 
 - a learning rate that blows up stops the run at the first step whose gradient norm is not finite,
   with exit status 1, the step and the last checkpoint in the message, and no exported model; the
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.fsdp import fully_shard
 
-from minrm import failsafe
+from minrm.training import failsafe
 from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
 
 
@@ -108,7 +108,7 @@ def test_stop_signal_sets_a_request_once():
 def test_a_later_second_signal_exits_at_once():
     code = (
         "import os, signal, time\n"
-        "from minrm.failsafe import SAME_REQUEST_S, StopSignal\n"
+        "from minrm.training.failsafe import SAME_REQUEST_S, StopSignal\n"
         "stop = StopSignal()\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "time.sleep(SAME_REQUEST_S + 0.2)\n"

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from minrm.config import parse_args
-from minrm.data import load_tokenizer, show_pair, take_indices
-from minrm.dataset_cache import build_datasets, cache_key
+from minrm.data.cache import build_datasets, cache_key
+from minrm.data.mixer import show_pair, take_indices
+from minrm.data.tokenizer import load_tokenizer
 from tests.conftest import build_dataset, run_minrm
 
 

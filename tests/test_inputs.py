@@ -11,9 +11,9 @@ import huggingface_hub.constants
 import pytest
 
 from minrm import train
+from minrm.checks import check_model, check_paths
 from minrm.config import parse_args
-from minrm.data import load_tokenizer
-from minrm.inputs import check_model, check_paths
+from minrm.data.tokenizer import load_tokenizer
 from tests.conftest import ROOT, build_dataset
 
 CONVERSATION = {

@@ -1,4 +1,4 @@
-"""Tests of `minrm.liger`: Liger's kernels swapped into tiny reward models.
+"""Tests of `minrm.model.liger`: Liger's kernels swapped into tiny reward models.
 
 - Structure (CPU, in this process), for every architecture Liger covers that has a
   `*ForSequenceClassification` class: after the swap the norms and MLPs run Liger's `forward` and the
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.activations import ACT2FN
 
-from minrm.liger import apply_liger_kernel, liger_kernels_in, swap_liger_kernels
+from minrm.model.liger import apply_liger_kernel, liger_kernels_in, swap_liger_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 

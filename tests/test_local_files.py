@@ -100,7 +100,7 @@ def test_json_arrays_read_in_chunks_as_json_loads_reads_them_whole(tmp_path, mon
 def test_the_scratch_folder_is_gone_when_the_process_exits(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"chosen": "a b", "rejected": "a c"}) + "\n")
-    code = f"from minrm.local_files import read_local_file; print(read_local_file({str(path)!r})[0].cache_files)"
+    code = f"from minrm.data.files import read_local_file; print(read_local_file({str(path)!r})[0].cache_files)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     arrow = ast.literal_eval(out)[0]["filename"]
     assert os.path.basename(os.path.dirname(arrow)).startswith("minrm-data-") and not os.path.exists(arrow)

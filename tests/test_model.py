@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, Qwen2Config
 
-from minrm import toy
-from minrm.batching import collate, pad_right
 from minrm.config import parse_args
-from minrm.data import load_tokenizer
-from minrm.model import prepare, read_model, reward_forward
+from minrm.data import toy
+from minrm.data.tokenizer import load_tokenizer
+from minrm.model.reward import prepare, read_model, reward_forward
+from minrm.training.batching import collate, pad_right
 from tests.conftest import tiny_llama_config
 
 PAD = 0

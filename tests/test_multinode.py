@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForSequenceClassification
 
-from minrm import dataset_cache
 from minrm.config import parse_args
-from minrm.data import load_tokenizer
-from minrm.dataset_cache import build_datasets, build_or_load_cache, cache_key, load_datasets
-from minrm.distributed import Dist, init_distributed, print0, shard_model
-from minrm.failsafe import nonfinite_weights
-from minrm.model import transformer_blocks
+from minrm.data import cache as dataset_cache
+from minrm.data.cache import build_datasets, build_or_load_cache, cache_key, load_datasets
+from minrm.data.tokenizer import load_tokenizer
+from minrm.distributed import Dist, init_distributed, print0
+from minrm.model.reward import transformer_blocks
+from minrm.training.failsafe import nonfinite_weights
+from minrm.training.sharding import shard_model
 from tests.conftest import ROOT, read_metrics, run_minrm, tiny_llama_config, write_pairs
 
 # 48 pairs, 8 per optimizer step (2x2 run: 1 pair x 4 processes x GA 2; 1 process: 4 x GA 2): 6 steps.

@@ -14,9 +14,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from transformers import AutoModelForSequenceClassification
 
-from minrm.batching import collate
-from minrm.model import reward_forward
-from minrm.packed_attention import (
+from minrm.model.attention import (
     BLOCK,
     PackedLayout,
     Segment,
@@ -25,6 +23,8 @@ from minrm.packed_attention import (
     segment_attention,
     use_packed_attention,
 )
+from minrm.model.reward import reward_forward
+from minrm.training.batching import collate
 from tests.conftest import ROOT, tiny_llama_config
 
 WINDOWS = [None, 8, 300]
@@ -149,8 +149,8 @@ MEMORY_PROBE = """
 import json, torch
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import AutoModelForSequenceClassification
-from minrm.batching import collate
-from minrm.packed_attention import packed_attention_mask
+from minrm.training.batching import collate
+from minrm.model.attention import packed_attention_mask
 from tests.conftest import tiny_llama_config
 model = AutoModelForSequenceClassification.from_config(tiny_llama_config(8))
 model.set_attn_implementation("flex_attention")

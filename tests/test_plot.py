@@ -9,7 +9,7 @@ import matplotlib.image
 import pytest
 
 from minrm.plot import load_run, load_runs, main, plot_runs
-from minrm.tracking import ELAPSED
+from minrm.training.tracking import ELAPSED
 
 TITLES = [
     "train/rm/loss, eval/rm/loss",

@@ -15,14 +15,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from minrm import formats, toy
-from minrm.batching import collate, micro_batches, row_tokens, shared_prefix
-from minrm.distributed import Dist, shard_model
-from minrm.formats import CHAT_TEMPLATES
-from minrm.loss import STATS
-from minrm.model import prepare, read_model, reward_forward, transformer_blocks
-from minrm.packed_attention import use_packed_attention
+from minrm.data import formats, toy
+from minrm.data.formats import CHAT_TEMPLATES
+from minrm.distributed import Dist
+from minrm.model.attention import use_packed_attention
+from minrm.model.reward import prepare, read_model, reward_forward, transformer_blocks
 from minrm.score import check_model, parse_args, score_rows, summarize, train_args
+from minrm.training.batching import collate, micro_batches, row_tokens, shared_prefix
+from minrm.training.loss import STATS
+from minrm.training.sharding import shard_model
 from tests.conftest import ROOT, minrm_command, run_minrm, tiny_llama_config
 
 VOCAB = 100

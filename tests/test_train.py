@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
-from minrm import toy
 from minrm.config import TOY_RECIPE
-from minrm.formats import CHAT_TEMPLATES
+from minrm.data import toy
+from minrm.data.formats import CHAT_TEMPLATES
 from minrm.plot import load_run, plot_runs, save_run_plot
-from minrm.tracking import ELAPSED
+from minrm.training.tracking import ELAPSED
 from tests.conftest import read_metrics, run_minrm
 
 STEPS, PDBS, GA, LR, CLIP, SEED = 3, 4, 3, 1e-3, 0.05, 7

@@ -16,64 +16,11 @@ import re
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from minrm import formats, toy
+from minrm.data import formats, toy
+from minrm.data.files import read_local_file
 from minrm.distributed import print0
-from minrm.inputs import load_or_exit
-from minrm.local_files import read_local_file
-
-
-def load_tokenizer(args) -> PreTrainedTokenizerBase:
-    """The tokenizer with its chat template and a pad token distinct from eos.
-
-    The template is the tokenizer's own (the reference's default) unless --chat_template_name
-    names one of CHAT_TEMPLATES or a tokenizer to borrow it from. A tokenizer with none is refused
-    where a dataset needs one (`tokenize_dataset`): plain-text rows do not.
-    """
-    if args.model_name_or_path == toy.TOY and args.tokenizer_name_or_path in (None, toy.TOY):
-        tokenizer = toy.toy_tokenizer()
-    else:
-        flag = "tokenizer_name_or_path" if args.tokenizer_name_or_path else "model_name_or_path"
-        tokenizer = load_or_exit(
-            AutoTokenizer.from_pretrained,
-            flag,
-            args.tokenizer_name_or_path or args.model_name_or_path,
-            "has no tokenizer that loads",
-            revision=args.tokenizer_revision or args.model_revision,
-            trust_remote_code=args.trust_remote_code,
-            use_fast=not args.use_slow_tokenizer,
-        )
-    name = args.chat_template_name
-    if name in formats.CHAT_TEMPLATES:
-        tokenizer.chat_template = formats.CHAT_TEMPLATES[name]
-    elif name is not None:  # the name of a tokenizer whose own template we borrow
-        known = ", ".join(formats.CHAT_TEMPLATES)
-        lender = load_or_exit(
-            AutoTokenizer.from_pretrained,
-            "chat_template_name",
-            name,
-            f"is neither a template minrm knows ({known}) nor a tokenizer that loads",
-        )
-        if lender.chat_template is None:
-            raise SystemExit(
-                f"minrm: error: --chat_template_name {name}: that tokenizer has no chat template to borrow"
-            )
-        tokenizer.chat_template = lender.chat_template
-    if args.add_bos:
-        template = tokenizer.chat_template or ""
-        if re.match(r"\{\{-?\s*bos_token", template) or (
-            tokenizer.bos_token and template.startswith(tokenizer.bos_token)
-        ):
-            raise SystemExit(
-                "minrm: error: --add_bos: the chat template already begins with the bos token; leave --add_bos out"
-            )
-        tokenizer.chat_template = "{{ bos_token }}" + template
-    # Padding with eos would make a real eos look like padding, and vice versa.
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    return tokenizer
-
 
 # ----------------------------------------------------------------------------------------------
 # Mixer list: read, check and tokenize each dataset, then take its amount

@@ -16,8 +16,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from minrm.config import TOY
-from minrm.packed_attention import SEGMENTS, PackedLayout, packed_attention_mask, use_packed_attention
-from minrm.toy import toy_model_config, toy_tokenizer
+from minrm.data.toy import toy_model_config, toy_tokenizer
+from minrm.model.attention import SEGMENTS, PackedLayout, packed_attention_mask, use_packed_attention
 
 
 def model_config(args):

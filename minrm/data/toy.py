@@ -19,7 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from minrm.config import SPLIT_SIZES, TOY
-from minrm.formats import CHAT_TEMPLATES
+from minrm.data.formats import CHAT_TEMPLATES
 
 # Closed vocabulary: every string the generator can emit is one token, so the
 # model never sees <unk> (any other word maps to it) and word identity is a

@@ -20,18 +20,13 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 
-from minrm.config import DATA_FILES, TOY
-from minrm.formats import CHAT_TEMPLATES
-from minrm.packed_attention import check_flex, packing_problem
-
-
-def _label(flag: str) -> str:
-    """How a message names the argument: `--flag`, or a positional argument's name as it is (MODEL)."""
-    return flag if flag.isupper() else f"--{flag}"
+from minrm.config import DATA_FILES, TOY, label, load_or_exit
+from minrm.data.formats import CHAT_TEMPLATES
+from minrm.model.attention import check_flex, packing_problem
 
 
 def _fail(flag: str, why: str):
-    raise SystemExit(f"minrm: error: {_label(flag)}: {why}")
+    raise SystemExit(f"minrm: error: {label(flag)}: {why}")
 
 
 def _check_source(flag: str, name: str, model: bool, neither: str = "an existing folder nor a valid Hub id") -> None:
@@ -83,16 +78,6 @@ def check_paths(args) -> None:
     resume = args.resume_from_checkpoint
     if resume not in (None, "auto") and not os.path.isdir(resume):
         _fail("resume_from_checkpoint", f"the checkpoint folder {resume} does not exist")
-
-
-def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **kwargs):
-    """`load(name, **kwargs)` (a `from_pretrained`); its failure to find, fetch or read `name` is
-    one line naming the flag, instead of a traceback from deep inside transformers."""
-    try:
-        return load(name, **kwargs)
-    except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"minrm: error: {_label(flag)} {name}: {what} ({reason})") from None
 
 
 def check_model(args, flag: str = "model_name_or_path"):

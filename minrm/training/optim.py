@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from minrm.distributed import counted_shards
+from minrm.training.sharding import counted_shards
 
 POLYNOMIAL_END_LR = 1e-7  # transformers' default lr_end for the polynomial schedule
 

@@ -11,9 +11,9 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from minrm.batching import collate, micro_batches, rows_at, split_to, to_device
 from minrm.distributed import Dist, all_reduce_max, all_reduce_sum
-from minrm.loss import STATS, row_statistics
+from minrm.training.batching import collate, micro_batches, rows_at, split_to, to_device
+from minrm.training.loss import STATS, row_statistics
 
 
 @torch.no_grad()

@@ -28,8 +28,9 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from minrm.checkpoint import CheckpointWriter, find_latest
-from minrm.distributed import Dist, all_reduce_sum, counted_shards, print0
+from minrm.distributed import Dist, all_reduce_sum, print0
+from minrm.training.checkpoint import CheckpointWriter, find_latest
+from minrm.training.sharding import counted_shards
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SAME_REQUEST_S = 1.0

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from minrm.loss import Preferences
-from minrm.packed_attention import PackedLayout, Segment
+from minrm.model.attention import PackedLayout, Segment
+from minrm.training.loss import Preferences
 
 BATCHINGS = ("padded", "packed", "shared_prefix")
 

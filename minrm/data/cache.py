@@ -18,8 +18,8 @@ import time
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from minrm import toy
-from minrm.data import build_side, column_keys, read_raw
+from minrm.data import toy
+from minrm.data.mixer import build_side, column_keys, read_raw
 from minrm.distributed import Dist, post, print0, wait_for_post
 
 # Bump when a change to the code above changes what a cached dataset holds.

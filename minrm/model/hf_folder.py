@@ -1,0 +1,121 @@
+"""The trained model as a Hugging Face folder, and its upload to the Hub.
+
+The folder loads with `AutoModelForSequenceClassification.from_pretrained(folder)`: safetensors
+weights (sharded above `max_shard_size`, with their index), `config.json` naming the original
+architecture, the tokenizer with its chat template, and a model card (README.md). The end of
+training writes it from the live sharded model; `python -m minrm.export` from a checkpoint.
+"""
+
+import os
+
+from huggingface_hub import HfApi, save_torch_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from minrm.distributed import Dist, barrier
+
+
+def save_hf_folder(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    architecture: str,
+    out_dir: str,
+    d: Dist,
+    max_shard_size: str = "5GB",
+    card: str | None = None,
+) -> None:
+    """Gather the full state dict onto rank 0's CPU (one full copy, nowhere else) and write it there.
+
+    `architecture` is the class name before FSDP2 wrapped it (`FSDPLlama...` is not loadable).
+    `card`, when given, is written as the folder's README.md.
+    """
+    # Memory: every rank takes part in the all-gathers, which go one parameter at a time; with
+    # cpu_offload each gathered tensor moves to rank 0's CPU and the device copy is dropped, and the
+    # other ranks keep nothing. So rank 0 peaks at one full CPU copy of the weights (plus one
+    # parameter on the device); safetensors then writes the shards from that copy, one file at a time.
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.is_main:
+        for key, tensor in state.items():
+            # A gathered tensor can be a view into FSDP's padded buffer (e.g. the (1, H) score head
+            # split over ranks along dim 0); safetensors refuses to save such partial storages.
+            if tensor.untyped_storage().nbytes() != tensor.nbytes:
+                state[key] = tensor.clone()
+        os.makedirs(out_dir, exist_ok=True)
+        save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
+        model.config.architectures = [architecture]
+        model.config.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        if card is not None:
+            with open(os.path.join(out_dir, "README.md"), "w") as f:
+                f.write(card)
+    del state
+    barrier()
+
+
+def push_folder(folder: str, repo_id: str, revision: str) -> str:
+    """Upload `folder` to branch `revision` of the model repo `repo_id` (created if needed); returns its URL."""
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.create_branch(repo_id, branch=revision, exist_ok=True)
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        revision=revision,
+        commit_message=f"minrm: {revision}",
+        ignore_patterns=["checkpoints/*"],  # the run folder also holds the resumable checkpoints
+    )
+    return f"https://huggingface.co/{repo_id}/tree/{revision}"
+
+
+def resolve_hub_repo(args) -> tuple[str, str]:
+    """The reference's naming: ENTITY/REPO_ID (default open_instruct_dev, the logged-in user), branch = run name."""
+    entity = args.hf_entity or HfApi().whoami()["name"]
+    return f"{entity}/{args.hf_repo_id or 'open_instruct_dev'}", args.hf_repo_revision or args.run_name
+
+
+def model_card(args, metrics: dict) -> str:
+    """README.md of the exported folder: base model, data, key hyperparameters, final metrics."""
+    hyper = {
+        k: getattr(args, k)
+        for k in (
+            "learning_rate",
+            "lr_scheduler_type",
+            "warm_up_steps",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "num_train_epochs",
+            "total_episodes",
+            "max_token_length",
+            "max_prompt_token_length",
+            "max_grad_norm",
+            "weight_decay",
+            "eps",
+            "seed",
+        )
+    }
+    lines = [
+        "---",
+        f"base_model: {args.model_name_or_path}",
+        "library_name: transformers",
+        "tags: [reward-model, minrm]",
+        "---",
+        "",
+        f"# {args.run_name}",
+        "",
+        "A pairwise (Bradley-Terry) reward model trained with minrm. Load it with "
+        "`AutoModelForSequenceClassification.from_pretrained`; the reward is the single logit.",
+        "",
+        f"- Base model: `{args.model_name_or_path}`",
+        f"- Training data (mixer list): `{' '.join(args.dataset_mixer_list)}`",
+        f"- Eval data (mixer list): `{' '.join(args.dataset_mixer_eval_list) or 'none'}`",
+        "",
+        "## Hyperparameters",
+        "",
+        *[f"- {k}: {v}" for k, v in hyper.items()],
+        "",
+        "## Final metrics",
+        "",
+        *[f"- {k}: {v:.6g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()],
+        "",
+    ]
+    return "\n".join(lines)
