@@ -38,9 +38,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from minrm import export
 from minrm.config import parse_args
 from minrm.distributed import Dist
+from minrm.model import hf_folder
 from minrm.training.checkpoint import CheckpointWriter, TrainerState, checkpoint_interval, find_latest, load_checkpoint
 from minrm.training.tracking import ELAPSED
 from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
@@ -382,8 +382,8 @@ def test_push_to_hub_uploads_the_folder(uninterrupted, monkeypatch):
     # upload_folder posts README.md's front matter to the Hub for validation: keep what it would send.
     monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **k: calls.setdefault("card", content))
     args = SimpleNamespace(hf_entity=None, hf_repo_id=None, hf_repo_revision=None, run_name="full")
-    repo_id, revision = export.resolve_hub_repo(args)
-    url = export.push_folder(str(uninterrupted), repo_id, revision)
+    repo_id, revision = hf_folder.resolve_hub_repo(args)
+    url = hf_folder.push_folder(str(uninterrupted), repo_id, revision)
     assert url == "https://huggingface.co/alice/open_instruct_dev/tree/full"
     assert calls["repo"] == "alice/open_instruct_dev" and calls["branch"] == "full"
     repo, branch, files = calls["commit"]

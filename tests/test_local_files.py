@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minrm import local_files
+from minrm.data import files as local_files
 from scripts.make_jsonl import conversation_pair
 from tests.conftest import ROOT
 
