@@ -7,13 +7,12 @@
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 \\
         --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 -m minrm.train ...
 
-Phases: setup -> data -> model -> shard -> loop (step, log, eval, save) -> export -> plot; a stop signal or
-a non-finite value ends the loop early (failsafe.py). A row is a prompt with K responses and the
-comparisons among them (a pair: K = 2). One optimizer step consumes `batch_size` =
-per_device_train_batch_size x world_size x gradient_accumulation_steps rows, in micro-batches of
-per_device_train_batch_size rows per process (or cut by a token budget, --max_tokens_per_batch).
-A micro-batch's responses go through the model in one forward pass, and the loss is the mean over
-the step's rows of each row's loss (loss.py).
+Phases: setup -> data -> model -> shard -> loop (step, log, eval, save) -> export -> plot; a stop
+signal or a non-finite value ends the loop early (training/failsafe.py). A row is a prompt with K
+responses and the comparisons among them (a pair: K = 2). One optimizer step (`train_step`) takes
+batch_size = per_device_train_batch_size x world_size x gradient_accumulation_steps rows, in
+micro-batches of per_device_train_batch_size rows per process (or cut by --max_tokens_per_batch);
+its loss is the mean over the step's rows of each row's loss (training/loss.py).
 """
 
 import dataclasses
@@ -26,48 +25,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minrm.checks import check_model, check_paths
+from minrm import checks, distributed
 from minrm.config import Args, parse_args
-from minrm.data.cache import load_datasets
-from minrm.data.mixer import show_pair
+from minrm.data import cache, mixer
 from minrm.data.tokenizer import load_tokenizer
-from minrm.distributed import (
-    Dist,
-    all_reduce_max,
-    all_reduce_sum,
-    broadcast_object,
-    init_distributed,
-    print0,
-    rank0_alone,
-)
-from minrm.model.hf_folder import model_card, push_folder, resolve_hub_repo, save_hf_folder
-from minrm.model.liger import apply_liger_kernel
-from minrm.model.reward import read_model, skeleton, transformer_blocks
-from minrm.training import checkpoint
-from minrm.training.batching import (
-    check_token_budget,
-    collate,
-    micro_batches,
-    responses_per_row,
-    rows_at,
-    split_to,
-    step_indices,
-    step_responses,
-    to_device,
-)
+from minrm.distributed import print0
+from minrm.model import hf_folder, liger, reward
+from minrm.training import batching, checkpoint, failsafe, optim, sharding
 from minrm.training.evaluate import evaluate
-from minrm.training.failsafe import (
-    NonFinite,
-    StopSignal,
-    exit_after_signal,
-    exit_nonfinite,
-    nonfinite,
-    nonfinite_weights,
-)
 from minrm.training.loss import LOSS, STATS, row_statistics
-from minrm.training.optim import build_optimizer, clip_grads_, grad_square_sum, lr_multiplier, set_lr
-from minrm.training.sharding import fill_from_rank0, shard_model
 from minrm.training.tracking import Tracker, summary_line
+
+
+class NonFinite(Exception):
+    """A step's loss or gradient norm is NaN or infinite; raised before its update is applied."""
 
 
 def forward_backward(model, batch, args: Args, row_scale: float, response_scale: float) -> torch.Tensor:
@@ -88,7 +59,7 @@ def forward_backward(model, batch, args: Args, row_scale: float, response_scale:
     return stats.detach().sum(0)
 
 
-def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float, float], stop, saver, d: Dist):
+def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float, float], stop, saver, d):
     """One optimizer step over this rank's micro-batches. Returns the step's metrics (means over
     every rank's rows), whether any rank got a stop signal, and the global gradient norm; raises
     NonFinite, before the update, when the loss or the gradient norm is NaN or infinite."""
@@ -98,18 +69,19 @@ def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float,
         # (skipping it would keep a whole unsharded fp32 gradient on every rank until the last
         # one). With HSDP only the all-reduce across nodes waits for the last micro-batch.
         model.set_requires_all_reduce(k == len(batches) - 1)
-        sums += forward_backward(model, to_device(batch, d.device), args, *scales)
-    # One reduction for the step, before the update: the metrics' sums, whether a rank got a stop
-    # signal (so that every rank stops after the same step), and the squared gradient norm.
-    stop_flag = sums.new_tensor([stop.requested], dtype=torch.float64)
-    reduced = torch.cat([sums.double(), stop_flag, grad_square_sum(model)[None]])
-    *totals, stop_votes, square = all_reduce_sum(reduced).tolist()
+        sums += forward_backward(model, batching.to_device(batch, d.device), args, *scales)
+    # The step's one collective (every rank calls it), before the update: the metrics' sums, whether
+    # a rank got a stop signal (so that every rank stops after the same step), the squared grad norm.
+    reduced = torch.cat([sums.double(), sums.new_tensor([stop.requested, 0.0], dtype=torch.float64)])
+    reduced[-1] = optim.grad_square_sum(model)
+    dist.all_reduce(reduced)
+    *totals, stop_votes, square = reduced.tolist()
     rows = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
     metrics = {name: total / rows for name, total in zip(STATS, totals)}
     norm = math.sqrt(square)  # the global gradient norm, before clipping
-    if bad := nonfinite(loss=metrics["loss"], grad_norm=norm):
-        raise NonFinite(f"{bad}; its update was not applied")
-    clip_grads_(model, norm, args.max_grad_norm)
+    if bad := [f"{k} = {v}" for k, v in {"loss": metrics["loss"], "grad_norm": norm}.items() if not math.isfinite(v)]:
+        raise NonFinite(f"{', '.join(bad)}; its update was not applied")
+    optim.clip_grads_(model, norm, args.max_grad_norm)
     saver.wait_staged()  # a save in flight must have copied the state before this update changes it
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -119,33 +91,31 @@ def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float,
 def main(args: Args) -> dict:
     # ------------------------------------------------------------------------------------------
     # Setup
-    check_paths(args)  # what the flags name, on the file system: right after parsing, before any fetch
-    check_model(args)  # the model's config loads (folder or Hub), before any other fetch
-    d = init_distributed(args.timeout_minutes)
+    checks.check_paths(args)  # what the flags name, on the file system, before any fetch
+    checks.check_model(args)  # the model's config loads (folder or Hub), before any other fetch
+    d = distributed.init_distributed(args.timeout_minutes)
     # Every rank must agree on the run name (it names the output folder): rank 0's clock decides.
-    args.run_name = broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    args.run_name = distributed.broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = os.path.join(args.output_dir, args.run_name)
     if d.is_main:
         try:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as e:
-            raise SystemExit(
-                f"minrm: error: --output_dir: cannot create the run folder {run_dir} ({e.strerror})"
-            ) from None
+            raise SystemExit(f"minrm: error: --output_dir: cannot create {run_dir} ({e.strerror})") from None
     torch.manual_seed(args.seed)
 
     # ------------------------------------------------------------------------------------------
     # Data: mixed, checked, tokenized and length-filtered once per node, then read from the cache.
     tokenizer = load_tokenizer(args)
-    train_set, eval_set = load_datasets(args, tokenizer, d)
+    train_set, eval_set = cache.load_datasets(args, tokenizer, d)
     if args.cache_dataset_only:
         print0("data: the dataset cache is built (--cache_dataset_only); exiting without training")
         dist.destroy_process_group()
         return {}
-    check_token_budget(train_set, args.max_tokens_per_batch, args.batching, "training")
-    check_token_budget(eval_set, args.max_tokens_per_batch, args.batching, "eval")
+    batching.check_token_budget(train_set, args.max_tokens_per_batch, args.batching, "training")
+    batching.check_token_budget(eval_set, args.max_tokens_per_batch, args.batching, "eval")
     if d.is_main and not args.no_visualize:
-        print0(show_pair(train_set[0], tokenizer))
+        print0(mixer.show_pair(train_set[0], tokenizer))
 
     # Derived values, computed once. Every optimizer step is a full batch of rows; the rows that
     # cannot fill the last one are left out (and counted).
@@ -171,23 +141,23 @@ def main(args: Args) -> dict:
     if eval_set is not None and args.num_evals > 0:
         eval_steps = {max(1, round(k * num_training_steps / args.num_evals)) for k in range(1, args.num_evals + 1)}
     print0(json.dumps({"args": dataclasses.asdict(args), "derived": derived}, indent=1))
-    print0(f"train: {num_training_steps} optimizer steps of {batch_size} rows; {total_episodes % batch_size} rows unused")
+    print0(f"train: {num_training_steps} steps of {batch_size} rows; {derived['unused_episodes']} rows unused")
     # Responses per row: the reward centering's mean is over the step's responses, on every rank.
-    num_responses = responses_per_row(train_set)
+    num_responses = batching.responses_per_row(train_set)
 
     # ------------------------------------------------------------------------------------------
     # Model, kernels, sharding, optimizer
     # Every rank builds the model on the meta device (no memory) and shards it; rank 0 alone reads
     # the weights, one full fp32 copy in host memory (the others wait outside any collective: a Hub
     # download has no time bound), and broadcasts them into everyone's shards.
-    model = skeleton(args, tokenizer, cuda=d.device.type == "cuda")
+    model = reward.skeleton(args, tokenizer, cuda=d.device.type == "cuda")
     architecture = type(model).__name__  # before FSDP2 renames the class
-    print0(apply_liger_kernel(model, args.use_liger_kernel, args.strict_kernels, d.device))
-    print0(shard_model(model, transformer_blocks(model), d, args.mixed_precision))
-    full = rank0_alone(lambda: read_model(args, tokenizer), "model", "rank 0 to read the model")
-    fill_from_rank0(model, full, d)
+    print0(liger.apply_liger_kernel(model, args.use_liger_kernel, args.strict_kernels, d.device))
+    print0(sharding.shard_model(model, reward.transformer_blocks(model), d, args.mixed_precision))
+    full = distributed.rank0_alone(lambda: reward.read_model(args, tokenizer), "model", "rank 0 to read the model")
+    sharding.fill_from_rank0(model, full, d)
     del full
-    optimizer = build_optimizer(model, args)
+    optimizer = optim.build_optimizer(model, args)
 
     # ------------------------------------------------------------------------------------------
     # Resume (checkpoint.py). The step number is the data position and the LR schedule state.
@@ -205,7 +175,7 @@ def main(args: Args) -> dict:
     started = time.monotonic() - trainer.elapsed_s
     tracker = Tracker(run_dir, args, derived, started) if d.is_main else None
     saver = checkpoint.CheckpointWriter(run_dir, args.keep_last_n_checkpoints, d)
-    stop = StopSignal()  # from here on SIGTERM/SIGINT stop the run after a step, with a checkpoint (failsafe.py)
+    stop = failsafe.StopSignal()  # from here SIGTERM/SIGINT stop the run after a step, with a checkpoint
 
     # ------------------------------------------------------------------------------------------
     # Loop
@@ -216,27 +186,28 @@ def main(args: Args) -> dict:
     metrics = trainer.metrics
     forwards = 0  # micro-batches run on this rank
     for step in bar:
-        lr = args.learning_rate * lr_multiplier(
+        lr = args.learning_rate * optim.lr_multiplier(
             args.lr_scheduler_type, step, args.warm_up_steps, num_training_steps, args.learning_rate
         )
-        set_lr(optimizer, lr)
+        optim.set_lr(optimizer, lr)
         # This rank's rows of the step, cut into micro-batches and laid out for the model.
-        mine = step_indices(step, d.rank, d.world_size, per_device, accumulation, len(train_set), args.seed)
-        rows = rows_at(train_set, mine)
+        mine = batching.step_indices(step, d.rank, d.world_size, per_device, accumulation, len(train_set), args.seed)
+        rows = batching.rows_at(train_set, mine)
         budget = args.max_tokens_per_batch
-        chunks = micro_batches(rows, args.batching, max_rows=None if budget else per_device, max_tokens=budget)
+        chunks = batching.micro_batches(rows, args.batching, max_rows=None if budget else per_device, max_tokens=budget)
         if budget and d.world_size > 1:  # every rank runs as many forwards
-            chunks = split_to(chunks, all_reduce_max(len(chunks), d.device))
-        batches = [collate([rows[i] for i in chunk], tokenizer.pad_token_id, args.batching) for chunk in chunks]
+            chunks = batching.split_to(chunks, distributed.all_reduce_max(len(chunks), d.device))
+        batches = [batching.collate([rows[i] for i in c], tokenizer.pad_token_id, args.batching) for c in chunks]
         forwards += len(batches)
-        scales = (d.world_size / batch_size, d.world_size / step_responses(num_responses, step, batch_size, args.seed))
+        responses = batching.step_responses(num_responses, step, batch_size, args.seed)
         try:
+            scales = (d.world_size / batch_size, d.world_size / responses)
             step_metrics, stop_votes, norm = train_step(model, optimizer, batches, args, scales, stop, saver, d)
         except NonFinite as e:
-            exit_nonfinite(str(e), step + 1, lr, saver, run_dir, d)
+            failsafe.exit_nonfinite(str(e), step + 1, lr, saver, run_dir, d)
         episode += batch_size
         metrics = {"episode": episode, "epoch": episode / len(train_set)}
-        metrics.update({f"train/rm/{name}": step_metrics[name] for name in STATS[:5]})
+        metrics.update({f"train/rm/{name}": step_metrics[name] for name in STATS[:5]})  # the reference's five
         metrics["train/rm/lr"] = lr  # the rate this step used (the reference logs the next step's)
         if d.is_main:
             tracker.log(metrics)
@@ -250,22 +221,21 @@ def main(args: Args) -> dict:
                 tracker.log(eval_metrics)
                 tracker.log_samples(step + 1, samples)
                 bar.write(f"eval {step + 1}/{num_training_steps} {summary_line(eval_metrics)}")
-                for row in samples[:3]:
-                    bar.write(
-                        f"  {'ok ' if row['correct'] else 'bad'} {row['chosen_reward']:+.3f} vs "
-                        f"{row['rejected_reward']:+.3f}: {row['chosen_response'][:60]!r} / {row['rejected_response'][:60]!r}"
-                    )
+                for s in samples[:3]:
+                    rewards = f"{s['chosen_reward']:+.3f} vs {s['rejected_reward']:+.3f}"
+                    texts = f"{s['chosen_response'][:60]!r} / {s['rejected_response'][:60]!r}"
+                    bar.write(f"  {'ok ' if s['correct'] else 'bad'} {rewards}: {texts}")
 
         # Save a checkpoint every `checkpoint_every` steps and on a stop signal: all ranks write their
         # shards, in the background (checkpoint.py), and never non-finite weights.
         if stop_votes or (checkpoint_every and (step + 1) % checkpoint_every == 0):
-            if bad := nonfinite_weights(model, d.device):
-                exit_nonfinite(bad, step + 1, lr, saver, run_dir, d)
+            if bad := failsafe.nonfinite_weights(model, d.device):
+                failsafe.exit_nonfinite(bad, step + 1, lr, saver, run_dir, d)
             state = checkpoint.TrainerState(step + 1, episode, metrics, time.monotonic() - started)
             saver.save(state, model, optimizer, meta)
         saver.poll()
         if stop_votes:
-            exit_after_signal(stop, step + 1, num_training_steps, saver, args.run_name)
+            failsafe.exit_after_signal(stop, step + 1, num_training_steps, saver, args.run_name)
 
     print0(f"train: {forwards} micro-batches on rank 0 over {len(steps)} steps")
 
@@ -274,9 +244,9 @@ def main(args: Args) -> dict:
     # gather; rank 0 writes while the others wait in a barrier: bounded by the write, within
     # --timeout_minutes.
     saver.wait()
-    if bad := nonfinite_weights(model, d.device):
-        exit_nonfinite(bad, num_training_steps, metrics["train/rm/lr"], saver, run_dir, d)
-    save_hf_folder(model, tokenizer, architecture, run_dir, d, card=model_card(args, metrics))
+    if bad := failsafe.nonfinite_weights(model, d.device):
+        failsafe.exit_nonfinite(bad, num_training_steps, metrics["train/rm/lr"], saver, run_dir, d)
+    hf_folder.save_hf_folder(model, tokenizer, architecture, run_dir, d, card=hf_folder.model_card(args, metrics))
     print0(f"saved the model to {run_dir}")
     stop.restore()
     dist.destroy_process_group()
@@ -292,8 +262,8 @@ def main(args: Args) -> dict:
             except Exception as e:
                 print(f"plot: metrics.png not written ({type(e).__name__}: {e})", flush=True)
         if args.push_to_hub:
-            repo_id, revision = resolve_hub_repo(args)
-            print(f"pushed to {push_folder(run_dir, repo_id, revision)}", flush=True)
+            repo_id, revision = hf_folder.resolve_hub_repo(args)
+            print(f"pushed to {hf_folder.push_folder(run_dir, repo_id, revision)}", flush=True)
     return metrics
 
 

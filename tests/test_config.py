@@ -217,8 +217,9 @@ def test_checkpointing_steps_fails_before_any_model_or_data_work(monkeypatch, tm
     def never(*args, **kwargs):
         raise AssertionError("model or data work began before the flag was checked")
 
-    for name in ("check_model", "init_distributed", "load_tokenizer", "load_datasets", "skeleton", "read_model"):
-        monkeypatch.setattr(train, name, never)
+    for module, name in [(train.checks, "check_model"), (train.distributed, "init_distributed"), (train, "load_tokenizer"),
+                         (train.cache, "load_datasets"), (train.reward, "skeleton"), (train.reward, "read_model")]:  # fmt: skip
+        monkeypatch.setattr(module, name, never)
     with pytest.raises(SystemExit) as exc:
         train.main(train.parse_args(["--checkpointing_steps", "bad", "--output_dir", str(tmp_path)]))
     assert exc.value.code == "minrm: error: --checkpointing_steps: expected a positive integer or `epoch`, got 'bad'"

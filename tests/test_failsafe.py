@@ -88,8 +88,6 @@ def test_nonfinite_weights_are_counted_over_shards():
         assert failsafe.nonfinite_weights(model, device) == "2 weights are NaN or infinite after the update"
     finally:
         dist.destroy_process_group()
-    assert failsafe.nonfinite(loss=0.5, grad_norm=float("inf")) == "grad_norm = inf"
-    assert failsafe.nonfinite(loss=0.5, grad_norm=1.0) == ""
 
 
 def test_stop_signal_sets_a_request_once():

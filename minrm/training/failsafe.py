@@ -17,7 +17,6 @@ an error naming the step, the value and the last checkpoint, and exit status 1: 
 the last good step is applied, saved or exported.
 """
 
-import math
 import os
 import shlex
 import signal
@@ -114,15 +113,6 @@ def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # Non-finite values
-
-
-class NonFinite(Exception):
-    """A step's loss or gradient norm is NaN or infinite; raised before its update is applied."""
-
-
-def nonfinite(**values: float) -> str:
-    """'loss = nan, grad_norm = inf': the values that are NaN or infinite; '' when all are finite."""
-    return ", ".join(f"{name} = {value}" for name, value in values.items() if not math.isfinite(value))
 
 
 def nonfinite_weights(model: torch.nn.Module, device: torch.device) -> str:
