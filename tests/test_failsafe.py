@@ -1,6 +1,6 @@
 """Stopping safely (minrm/training/failsafe.py):
 
-- a learning rate that blows up stops the run at the first step whose gradient norm is not finite,
+- a row whose margin overflows float32 makes its step's loss infinite: the run stops at that step,
   with exit status 1, the step and the last checkpoint in the message, and no exported model; the
   checkpoint's weights are those of a clean run of the same flags that stops before that step;
 - the weight check counts NaN and infinite values in FSDP2-sharded parameters;
@@ -10,6 +10,7 @@
 (The SIGTERM-and-resume runs are in test_checkpoint.py, next to the uninterrupted runs they match.)
 """
 
+import json
 import os
 import re
 import shlex
@@ -24,19 +25,16 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.fsdp import fully_shard
 
 from minrm.training import failsafe
+from minrm.training.batching import stream_indices
 from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
 
 
-def blowup_flags(model_dir: str, pairs_file: str, out, name: str, steps: int) -> list[str]:
-    # A constant learning rate of 30 without clipping: on the tiny model the gradient norm reaches
-    # 8e4 at step 2 and is NaN at step 3 (fp32 CPU, deterministic). The schedule does not depend on
-    # the number of steps, so a run of 2 steps is the same run stopped earlier.
+def flags(model_dir: str, data: str, out, name: str, steps: int) -> list[str]:
+    # A constant learning rate: a run of 2 steps is the same run as a longer one, stopped earlier.
     return [
         "--model_name_or_path", model_dir,
-        "--dataset_mixer_list", pairs_file, "1.0",
-        "--learning_rate", "30",
+        "--dataset_mixer_list", data, "1.0",
         "--lr_scheduler_type", "constant",
-        "--max_grad_norm", "0",
         "--seed", "3",
         "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "1",
@@ -51,21 +49,29 @@ def train_rows(run_dir) -> list[dict]:
     return [{k: v for k, v in row.items() if k.startswith("train/") or k == "episode"} for row in read_metrics(run_dir)]
 
 
-def test_nonfinite_gradient_stops_the_run(tiny_model_dir, pairs_file, tmp_path):
-    cmd = minrm_command(blowup_flags(tiny_model_dir, pairs_file, tmp_path, "blowup", steps=12))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def test_nonfinite_loss_stops_the_run(tiny_model_dir, pairs_file, tmp_path):
+    """A margin of 1e39 (a float64, inf once the collator makes it float32) on the row the stream
+    puts in step 3 makes that step's loss -logsigmoid(d - inf) = inf on any CPU: the first
+    non-finite step is 3 by construction, not by where rounding makes a trajectory blow up."""
+    rows = [json.loads(line) for line in open(pairs_file)]
+    bad = stream_indices(2 * 2, 1, len(rows), 3)[0]  # step 3 trains stream positions 4 and 5
+    rows[bad]["margin"] = 1e39
+    data = tmp_path / "margins.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = minrm_command(flags(tiny_model_dir, str(data), tmp_path, "stopped", steps=12))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
-    run_dir = tmp_path / "blowup"
-    error = re.search(r"minrm: error: step (\d+): (.*) \(learning rate 30\)\. .*", result.stderr).group(0)
-    assert "step 3: grad_norm = nan; its update was not applied" in error
+    run_dir = tmp_path / "stopped"
+    error = re.search(r"minrm: error: step (\d+): (.*) \(learning rate .*\)\. .*", result.stderr).group(0)
+    assert "step 3: loss = inf; its update was not applied" in error
     assert f"the last checkpoint is {run_dir}/checkpoints/step_2." in error
     assert not (run_dir / "model.safetensors").exists()
     assert len(train_rows(run_dir)) == 2  # the stopped step is not logged
 
-    # The clean run: the same flags, 2 steps. Its steps are finite (it exports), so step 3 is the
-    # first non-finite one; its metrics and final weights equal the stopped run's, bitwise.
-    run_minrm(blowup_flags(tiny_model_dir, pairs_file, tmp_path, "clean", steps=2))
+    # The clean run: the same flags and data, 2 steps (the bad row is not reached). Its metrics and
+    # final weights equal the stopped run's and its checkpoint's, bitwise.
+    run_minrm(flags(tiny_model_dir, str(data), tmp_path, "clean", steps=2))
     assert train_rows(tmp_path / "clean") == train_rows(run_dir)
     clean = load_file(tmp_path / "clean" / "model.safetensors")
     dcp_to_torch_save(run_dir / "checkpoints" / "step_2", tmp_path / "step_2.pt")

@@ -112,3 +112,13 @@ def test_centering_adds_its_coefficient_times_the_mean_square_reward():
     row_statistics(plain, prefs)[:, STATS.index("loss")].mean().backward()
     # d/dr of C x mean(r^2) is 2 C r / R, on top of the ranking loss's gradient.
     torch.testing.assert_close(model.r.grad, plain.grad + 2 * 0.3 * rewards / len(rewards), rtol=0, atol=1e-7)
+
+
+def test_an_infinite_margin_gives_an_infinite_loss_not_nan():
+    """The non-finite guard names what went wrong: a margin that overflows float32 (1e39) is an
+    infinite loss for its row, and the other rows' statistics are untouched."""
+    rows = [dict(ROWS[0], margin=1e39), *ROWS[1:]]
+    rewards, prefs = batch(rows)
+    got = row_statistics(rewards, prefs)
+    assert got[0, STATS.index("loss")].item() == math.inf
+    torch.testing.assert_close(got[1:], row_statistics(*batch())[1:], rtol=0, atol=0)
