@@ -1,13 +1,7 @@
-"""Attention over packed rows (docs/batching.md): who attends to whom, and three ways to run it.
-
-A packed row (`batching.collate`) lays sequences end to end with no padding. Its `PackedLayout` is
-a list of `Segment`s: the queries of a segment see, causally, the keys of their own segment and all
-the keys of a shared prompt laid out earlier in the row, as if the two were one sequence. So a
-response computed after its prompt's first response sees the prompt, not the responses between.
-The attention that runs it is chosen once, at load (`use_packed_attention`):
-- GPU: FlexAttention with a block mask built from the segments (never L x L);
-- elsewhere: `segment_attention`, SDPA on each segment's own keys (varlen attention);
-- a model that cannot swap its attention function: a dense L x L mask through its own attention.
+"""Attention over packed rows (docs/batching.md): who attends to whom (`PackedLayout`), and the
+attention that runs it, chosen once at load (`use_packed_attention`): FlexAttention with a block mask
+from the segments on GPU, `segment_attention` (SDPA per segment) elsewhere, or a dense L x L mask
+through the model's own attention for a model that cannot swap its attention function.
 """
 
 from typing import NamedTuple
@@ -56,11 +50,8 @@ class PackedLayout:
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over a packed row, one segment at a time: query, key, value (1, heads, L, head_dim),
-    the row's `packed_layout` in the kwargs. Each segment's queries attend to the shared prompt's keys
-    and their own, laid end to end, causally with the last query aligned to the last key; the
-    outputs concatenate back into the row. Work is sum(l^2) over segments instead of L^2, and there
-    is no L x L mask."""
+    """Attention over a packed row (1, heads, L, head_dim), one segment at a time: its queries attend
+    causally to the shared prompt's keys and their own, laid end to end. sum(l^2) work, not L^2."""
     layout = kwargs.get("packed_layout")
     if layout is None:
         raise ValueError(f"attention {SEGMENTS!r} needs the `packed_layout` of a packed batch (batching.collate)")
@@ -97,10 +88,8 @@ AttentionInterface.register(SEGMENTS, segment_attention)
 
 
 def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: bool = False, log: bool = True) -> None:
-    """Switch the backbone to the attention that runs packed rows (--packed_attention): `auto` takes
-    FlexAttention on GPU where its kernel runs the model (`check_flex`) and `segment_attention`
-    elsewhere, falling back to `mask` (a dense L x L mask through the model's own attention) for a
-    model that cannot swap its attention function. `log`: say which (on rank 0)."""
+    """Switch the backbone to the attention that runs packed rows (--packed_attention; `auto`: flex on
+    GPU where its kernel runs the model, else segments, else the model's own with a dense mask)."""
     say = print0 if log else lambda message: None
     config = model.config.get_text_config()
     if problem := packing_problem(config):
@@ -130,11 +119,8 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
 
 
 def check_flex(config, choice: str, cuda: bool) -> str | None:
-    """Why FlexAttention cannot run this model here (None when it can), and a `flex_attention`
-    choice (--packed_attention) that cannot run refused. Inductor's CUDA lowering
-    (`torch/_inductor/kernel/flex/flex_attention.py`) refuses query/key or value heads of fewer
-    than 16 dims (`tl.dot`); it pads other sizes up to a power of two and runs fp32, bf16 and fp16
-    alike. Its CPU lowering runs any size."""
+    """Why FlexAttention cannot run this model here (None when it can); an explicit choice of it is
+    refused. Inductor's CUDA kernel refuses heads of fewer than 16 dims (`tl.dot`); its CPU one runs any."""
     config = config.get_text_config()
     qk = getattr(config, "qk_head_dim", None)  # multi-head latent attention: its own query/key size
     qk = qk or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -168,12 +154,9 @@ def mask_window(config) -> int | str | None:
 
 
 def packed_attention_mask(model: PreTrainedModel, layout: PackedLayout, device: torch.device):
-    """The mask of a packed row on `device`, for the attentions that take one: query q sees key k
-    when k is not after q and k is in q's segment or its shared prompt; with a sliding window, only
-    keys fewer than `sliding_window` positions back (a mask given whole replaces the model's own
-    window). FlexAttention gets a BlockMask whose block lists come from the segments (`block_lists`),
-    never an L x L mask; SDPA a dense (1, 1, L, L) bool mask, eager an additive float one.
-    Transformers passes a 4-D mask to the attention functions as it is."""
+    """A packed row's mask on `device` (`mask_rule`, the window included): a BlockMask from the
+    segments' tiles for FlexAttention, never L x L; a dense (1, 1, L, L) bool mask for SDPA, additive
+    for eager. Transformers passes a 4-D mask to the attention functions as it is."""
     window = mask_window(model.config.get_text_config())
     allowed = mask_rule(layout.key_ranges().to(device, non_blocking=True), window)
     L = layout.length

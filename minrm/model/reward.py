@@ -1,11 +1,7 @@
 """The reward model: a Hugging Face `*ForSequenceClassification` with one output, dropout off, a
-re-drawn score head, and a forward that pools at the last real token of each sequence.
-
-Two jobs, two functions. `skeleton` builds the model that trains: its modules and config on the meta
-device (no memory), set up by `prepare` (attention, checkpointing, forward). `read_model` reads (or,
-for the toy, draws) a model with its weights, and nothing else: training's rank 0 reads it only to
-broadcast its weights into every rank's shards (`distributed.fill_from_rank0`); the scorer prepares
-it and scores with it.
+re-drawn score head, and a forward that pools at each sequence's last real token. `skeleton` builds
+the model that trains (on the meta device, set up by `prepare`); `read_model` reads its weights: rank
+0 broadcasts them into every rank's shards (training/sharding.py), the scorer prepares and runs it.
 """
 
 import math
