@@ -23,6 +23,8 @@ the model is bf16 and the step plain SGD (bare's too), so that `--size 8b` fits 
 """
 
 import argparse
+import contextlib
+import copy
 import json
 import resource
 import subprocess
@@ -31,14 +33,17 @@ import time
 import types
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from minrm.config import PACKED_ATTENTIONS
-from minrm.model.attention import use_packed_attention
-from minrm.model.reward import reward_forward
+from minrm.distributed import init_distributed
+from minrm.model.reward import prepare, transformer_blocks
+from minrm.train import forward_backward
 from minrm.training.batching import BATCHINGS, collate, shared_prefix, to_device
 from minrm.training.optim import build_optimizer
+from minrm.training.sharding import shard_model
 from scripts.bench_inputs import SIZES, file_pairs, model_config, synthetic_pairs
 from scripts.bench_ranked import run_ranked
 
@@ -68,27 +73,44 @@ def attended_pairs(pairs: list[dict], batching: str) -> int:
     return total
 
 
-def build(device: torch.device, size: str, packed_attention: str = "auto"):
-    """One model for every mode (the modes switch its attention, `attention` says to which), and
-    each mode's optimizer. fp32 on CPU: minrm's AdamW, and for bare torch's AdamW as the reference
-    builds it. On a GPU bf16 weights and a stateless SGD step for every mode, so that `--size 8b`
-    fits one 80 GB GPU (16 GB of weights, 16 of gradients, no Adam state)."""
+@contextlib.contextmanager
+def one_process():
+    """A process group of one (the trainer's: minrm.distributed), for the FSDP2 model; gone after."""
+    d = init_distributed()
+    try:
+        yield d
+    finally:
+        dist.destroy_process_group()
+
+
+def build(d, size: str, packed_attention: str = "auto", modes=MODES):
+    """Each mode's model, optimizer and attention, from one set of weights. The minrm modes share the
+    trainer's model: `reward_forward` and the packed attention (model/reward.py's `prepare`), FSDP2
+    sharding (one process) and minrm's AdamW; bare gets a plain Hugging Face copy and torch's AdamW
+    as the reference builds it. On a GPU bf16 weights and a stateless SGD step for every mode, so
+    that `--size 8b --modes padded packed shared_prefix` fits one 80 GB GPU (16 GB of weights, 16 of
+    gradients, no Adam state)."""
     torch.manual_seed(0)
-    cuda = device.type == "cuda"
-    with device:
-        model = AutoModelForSequenceClassification.from_config(
+    cuda = d.device.type == "cuda"
+    with d.device:
+        plain = AutoModelForSequenceClassification.from_config(
             model_config(size), dtype=torch.bfloat16 if cuda else torch.float32
         )
-    model.forward = types.MethodType(reward_forward, model)
-    default = model.config._attn_implementation
-    use_packed_attention(model, packed_attention, cuda)  # as minrm.model.skeleton does for the packed modes
-    attention = {m: default if m in ("bare", "padded") else model.config._attn_implementation for m in MODES}
-    if cuda:
-        return model, dict.fromkeys(MODES, torch.optim.SGD(model.parameters(), lr=1e-4)), attention
-    minrm = build_optimizer(model, types.SimpleNamespace(learning_rate=1e-4, eps=1e-5, weight_decay=0.01))
-    optimizers = dict.fromkeys(BATCHINGS, minrm)
-    optimizers["bare"] = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-5)  # its state is its own
-    return model, optimizers, attention
+    models, optimizers, attention = {}, {}, {"bare": plain.config._attn_implementation}
+    if any(m != "bare" for m in modes):
+        flags = types.SimpleNamespace(gradient_checkpointing=False, batching="packed", packed_attention=packed_attention)
+        minrm = prepare(plain if "bare" not in modes else copy.deepcopy(plain), flags, cuda)
+        shard_model(minrm, transformer_blocks(minrm), d, "no")  # FSDP2 in the weights' own dtype
+        adamw = types.SimpleNamespace(learning_rate=1e-4, eps=1e-5, weight_decay=0.01)
+        step = torch.optim.SGD(minrm.parameters(), lr=1e-4) if cuda else build_optimizer(minrm, adamw)
+        for m in BATCHINGS:
+            models[m], optimizers[m] = minrm, step
+            attention[m] = attention["bare"] if m == "padded" else minrm.config._attn_implementation
+    if "bare" in modes:
+        models["bare"] = plain
+        params = plain.parameters()
+        optimizers["bare"] = torch.optim.SGD(params, lr=1e-4) if cuda else torch.optim.AdamW(params, lr=1e-4, eps=1e-5)
+    return models, optimizers, attention
 
 
 def bare_rewards(model, pairs: list[dict], device: torch.device) -> tuple[torch.Tensor, int]:
@@ -100,12 +122,13 @@ def bare_rewards(model, pairs: list[dict], device: torch.device) -> tuple[torch.
     width = max(len(s) for s in seqs)
     input_ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)  # (2B, T)
     attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-    logits = type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask).logits  # (2B, 1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (2B, 1)
     return logits.squeeze(-1).float(), input_ids.numel()
 
 
-def rewards_of(model, attention: dict, pairs: list[dict], mode: str, device: torch.device) -> tuple[torch.Tensor, int]:
+def rewards_of(models: dict, attention: dict, pairs: list[dict], mode: str, device) -> tuple[torch.Tensor, int]:
     """A mode's rewards (2B,), chosen then rejected, and its computed tokens."""
+    model = models[mode]
     if model.config._attn_implementation != attention[mode]:
         model.set_attn_implementation(attention[mode])
     if mode == "bare":
@@ -115,14 +138,26 @@ def rewards_of(model, attention: dict, pairs: list[dict], mode: str, device: tor
     return torch.cat([rewards[:, 0], rewards[:, 1]]), inputs["input_ids"].numel()
 
 
-def train_step(model, optimizers: dict, attention: dict, pairs: list[dict], mode: str, device: torch.device):
+LOSS_FLAGS = types.SimpleNamespace(loss="bradley_terry", center_rewards_coefficient=None)
+
+
+def train_step(models: dict, optimizers: dict, attention: dict, pairs: list[dict], mode: str, device):
     """One optimizer step on one micro-batch: its computed tokens, the seconds of forward and
-    backward, and the seconds of the optimizer step (a cost per step, whatever the tokens)."""
+    backward, and the seconds of the optimizer step (a cost per step, whatever the tokens). The
+    minrm modes run the trainer's own micro-batch (train.forward_backward), bare the reference's."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    model = models[mode]
+    if model.config._attn_implementation != attention[mode]:
+        model.set_attn_implementation(attention[mode])
     start = time.perf_counter()
-    rewards, computed = rewards_of(model, attention, pairs, mode, device)
-    chosen, rejected = rewards.chunk(2)
-    (-F.logsigmoid(chosen - rejected).mean()).backward()
+    if mode == "bare":
+        rewards, computed = bare_rewards(model, pairs, device)
+        chosen, rejected = rewards.chunk(2)
+        (-F.logsigmoid(chosen - rejected).mean()).backward()
+    else:
+        batch = to_device(collate(as_rows(pairs), 0, mode), device)
+        forward_backward(model, batch, LOSS_FLAGS, row_scale=1 / len(pairs), response_scale=0.0)
+        computed = batch[0]["input_ids"].numel()
     sync()
     middle = time.perf_counter()
     optimizers[mode].step()
@@ -131,13 +166,13 @@ def train_step(model, optimizers: dict, attention: dict, pairs: list[dict], mode
     return computed, middle - start, time.perf_counter() - middle
 
 
-def parity(model, attention: dict, pairs: list[dict], modes: list[str], device: torch.device) -> dict:
+def parity(models: dict, attention: dict, pairs: list[dict], modes: list[str], device: torch.device) -> dict:
     """Each mode's largest reward difference and its loss difference against bare's (else the first
     mode's) on one batch, on the same weights. Run with autograd on, as a step runs, so that a
     compiled attention compiles here the graphs the steps reuse."""
     out = {}
     for m in modes:
-        rewards = rewards_of(model, attention, pairs, m, device)[0].detach().double()
+        rewards = rewards_of(models, attention, pairs, m, device)[0].detach().double()
         chosen, rejected = rewards.chunk(2)
         out[m] = rewards, -F.logsigmoid(chosen - rejected).mean()
     ref_rewards, ref_loss = out["bare" if "bare" in out else modes[0]]
@@ -164,15 +199,20 @@ def time_modes(
     each step runs that many times per mode and the fastest counts: a step slowed by another
     process is dropped rather than averaged in. On GPU each mode's peak memory too (max allocated
     over its steps: the weights are shared, its gradients and activations are its own)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = build(device, size, packed_attention)
-    model, _, attention = run
+    with one_process() as d:
+        return timed(d, modes, pairs, per_batch, steps, size, repeats, packed_attention)
+
+
+def timed(d, modes, pairs, per_batch, steps, size, repeats, packed_attention) -> list[dict]:
+    device = d.device
+    run = build(d, size, packed_attention, modes)
+    models, _, attention = run
     cfg = model_config(size)
-    params = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size
+    params = sum(p.numel() for p in models[modes[0]].parameters()) - cfg.vocab_size * cfg.hidden_size
     totals = {
         m: dict(seconds=0.0, forward_backward=0.0, pairs=0, real=0, unique=0, computed=0, flops=0.0) for m in modes
     }
-    checks = parity(model, attention, pairs[:per_batch], modes, device)
+    checks = parity(models, attention, pairs[:per_batch], modes, device)
     peaks = dict.fromkeys(modes, 0.0)
     turn = 0
     for i in range(steps + 1):
@@ -224,12 +264,12 @@ def time_modes(
 def peak_memory(mode: str, pairs: list[dict], per_batch: int, steps: int, size: str, packed_attention: str) -> dict:
     """Peak memory of one mode's training steps on CPU, in a process of its own: peak RSS, and its
     rise over the RSS after the model and optimizer are built."""
-    device = torch.device("cpu")
-    run = build(device, size, packed_attention)
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    for i in range(steps + 1):
-        train_step(*run, pairs[i * per_batch : (i + 1) * per_batch], mode, device)
+    with one_process() as d:
+        run = build(d, size, packed_attention, [mode])
+        with open("/proc/self/statm") as f:
+            base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        for i in range(steps + 1):
+            train_step(*run, pairs[i * per_batch : (i + 1) * per_batch], mode, d.device)
     # VmHWM, not ru_maxrss: the latter can carry the parent's high-water mark over fork and exec.
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB
@@ -303,7 +343,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.profile == "ranked":  # rows of 4 responses: scripts/bench_ranked.py
-        print(run_ranked(args, build), flush=True)
+        print(run_ranked(args, build, one_process), flush=True)
         return
     n = args.pairs * (args.steps + 1)
     if args.data:

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from minrm.training.batching import collate, to_device
+from minrm.training.batching import BATCHINGS, collate, to_device
 from minrm.training.loss import LOSS, row_statistics
 
 WAYS = ("rows", "pairs", "pairs_padded")
@@ -109,17 +109,18 @@ def peak_memory_mib(device: torch.device) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
-def run_ranked(args, build) -> str:
+def run_ranked(args, build, one_process) -> str:
     """`python -m scripts.bench --profile ranked`: the table (markdown); rows as JSON in OUT.json.
-    `build` is scripts.bench's: one model, its optimizers and each mode's attention."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, optimizers, attention = build(device, args.size, args.packed_attention)
-    run = (model, optimizers["shared_prefix"], attention, device)
-    rows = ranked_rows(args.pairs * (args.steps + 1), 4, model.config.vocab_size, args.seed)
-    if args.one_mode:  # a fresh process for one way's peak memory
-        time_ways(run, rows, args.pairs, args.steps, ways=(args.one_mode,))
-        return json.dumps({"peak_memory_mib": peak_memory_mib(device)})
-    results = time_ways(run, rows, args.pairs, args.steps)
+    `build` and `one_process` are scripts.bench's: the trainer's model in a process group of one."""
+    with one_process() as d:
+        models, optimizers, attention = build(d, args.size, args.packed_attention, modes=BATCHINGS)
+        run = (models["shared_prefix"], optimizers["shared_prefix"], attention, d.device)
+        rows = ranked_rows(args.pairs * (args.steps + 1), 4, models["padded"].config.vocab_size, args.seed)
+        if args.one_mode:  # a fresh process for one way's peak memory
+            time_ways(run, rows, args.pairs, args.steps, ways=(args.one_mode,))
+            return json.dumps({"peak_memory_mib": peak_memory_mib(d.device)})
+        results = time_ways(run, rows, args.pairs, args.steps)
+    device = d.device
     for r in results:
         if device.type == "cuda":
             r["peak_memory_mib"] = peak_memory_mib(device)  # the run's, all ways together

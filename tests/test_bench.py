@@ -5,6 +5,7 @@ against minrm's padded step on the same weights."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from scripts import bench
 
@@ -42,24 +43,30 @@ def test_one_step_per_mode_counts_tokens(file_pairs):
         assert row["reward_difference"] < 1e-5 and row["loss_difference"] < 1e-6, mode
 
 
+def full_weights(model) -> dict:
+    return {k: v.clone() for k, v in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
+
+
 def test_bare_step_is_a_padded_minrm_step(file_pairs):
     """bare (Hugging Face's forward on right-padded pairs, torch's AdamW) and minrm's padded step
-    (collate, reward_forward, minrm's AdamW), each on its own copy of the same weights and batch:
-    the same loss, the computed tokens of 2 x pairs x the longest sequence, the same weights after."""
-    cpu = torch.device("cpu")
+    (the trainer's forward_backward on the FSDP2 model, minrm's AdamW), each from the same weights
+    and batch: the same loss, the computed tokens of 2 x pairs x the longest sequence, the same
+    weights after."""
     longest = max(len(p[k]) for p in file_pairs for k in ("chosen", "rejected"))
     losses, weights = {}, {}
     for mode in ("bare", "padded"):
-        model, optimizers, attention = bench.build(cpu, "9m")
-        rewards, computed = bench.rewards_of(model, attention, file_pairs, mode, cpu)
-        chosen, rejected = rewards.detach().chunk(2)
-        losses[mode] = -F.logsigmoid(chosen - rejected).mean()
-        before = model.score.weight.detach().clone()
-        assert bench.train_step(model, optimizers, attention, file_pairs, mode, cpu)[0] == computed
-        assert computed == 2 * len(file_pairs) * longest
-        assert (model.score.weight - before).abs().min() > 1e-5  # the step moved every weight by about lr
-        weights[mode] = dict(model.named_parameters())
+        with bench.one_process() as d:
+            models, optimizers, attention = bench.build(d, "9m", modes=[mode])
+            rewards, computed = bench.rewards_of(models, attention, file_pairs, mode, d.device)
+            chosen, rejected = rewards.detach().chunk(2)
+            losses[mode] = -F.logsigmoid(chosen - rejected).mean()
+            before = full_weights(models[mode])
+            assert bench.train_step(models, optimizers, attention, file_pairs, mode, d.device)[0] == computed
+            assert computed == 2 * len(file_pairs) * longest
+            weights[mode] = full_weights(models[mode])
+            assert (weights[mode]["score.weight"] - before["score.weight"]).abs().min() > 1e-5  # the step moved it
     torch.testing.assert_close(losses["bare"], losses["padded"], rtol=0, atol=1e-6)
+    assert weights["padded"].keys() == weights["bare"].keys()
     for name, value in weights["padded"].items():
         torch.testing.assert_close(weights["bare"][name], value, rtol=0, atol=1e-6, msg=name)
 
@@ -68,17 +75,17 @@ def test_ranked_profile_ways_train_the_same_loss_on_their_token_counts():
     """scripts/bench_ranked: rows of 4 responses, their 6 comparisons exploded into pairs (packed
     with the prompt once, or padded): the same loss on the same weights, and the computed tokens
     written out here from the lengths."""
-    import torch
 
-    from scripts.bench import build
+    from scripts.bench import BATCHINGS, build, one_process
     from scripts.bench_ranked import exploded, ranked_rows, step
 
-    model, optimizers, attention = build(torch.device("cpu"), "9m")
-    run = (model, optimizers["shared_prefix"], attention, torch.device("cpu"))
     rows = ranked_rows(2, 4, 8192, seed=0)
     pairs = exploded(rows)
     assert len(pairs) == 12 and all(p["responses"][0] != p["responses"][1] for p in pairs)
-    result = {w: step(run, rows, w, update=False) for w in ("rows", "pairs", "pairs_padded")}
+    with one_process() as d:
+        models, optimizers, attention = build(d, "9m", modes=BATCHINGS)
+        run = (models["shared_prefix"], optimizers["shared_prefix"], attention, d.device)
+        result = {w: step(run, rows, w, update=False) for w in ("rows", "pairs", "pairs_padded")}
     assert result["pairs"][0] == pytest.approx(result["rows"][0], abs=1e-5)
     assert result["pairs_padded"][0] == pytest.approx(result["rows"][0], abs=1e-5)
     tails = [[len(s) - len(r["prompt"]) for s in r["responses"]] for r in rows]
