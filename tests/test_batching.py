@@ -301,38 +301,28 @@ def padded_run(tiny_model_dir, pairs_file, eval_file, tmp_path_factory):
     return read_metrics(out / "padded")
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["1proc", "fsdp2proc"])
-@pytest.mark.parametrize("batching", MODES)
-def test_training_metrics_match_padded(padded_run, batching, nproc, tiny_model_dir, pairs_file, eval_file, tmp_path):
-    # 2 processes x 2 pairs = 1 process x 4 pairs: the same global batches.
+@pytest.mark.parametrize(
+    ("batching", "nproc", "budget"),
+    [("packed", 1, None), ("shared_prefix", 2, None), ("padded", 1, 150), ("packed", 2, 150), ("shared_prefix", 1, 150)],
+    ids=["packed", "shared_prefix-fsdp2proc", "padded-budget", "packed-budget-fsdp2proc", "shared_prefix-budget"],
+)
+def test_training_metrics_match_padded(
+    padded_run, batching, nproc, budget, tiny_model_dir, pairs_file, eval_file, tmp_path
+):
+    """Every layout, on 1 process and 2 (2 x 2 pairs = 1 x 4 pairs: the same global batches), with
+    and without a token budget: the metrics of padded_run. A 150-token budget cuts each step's 8
+    pairs into more micro-batches than the 2 of padded_run (the toy pairs need 36 to 88 tokens),
+    unevenly across ranks."""
     flags = run_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "run", batching, 4 // nproc)
-    log = run_minrm(flags, nproc=nproc).stdout
-    assert log.count("model: packed rows run attention minrm_segments") == 1, log  # said once, by rank 0
+    log = run_minrm(flags + (["--max_tokens_per_batch", str(budget)] if budget else []), nproc=nproc).stdout
+    if batching != "padded":
+        assert log.count("model: packed rows run attention minrm_segments") == 1, log  # said once, by rank 0
+    forwards = int(re.search(r"train: (\d+) micro-batches on rank 0 over 5 steps", log).group(1))
+    assert forwards > 5 * 2 if budget else forwards == 5 * 2
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == len(padded_run) == 6  # 5 steps and one eval
     for a, b in zip(padded_run, rows):
         assert a.keys() == b.keys()
-        for key in a:
-            assert b[key] == pytest.approx(a[key], abs=1e-5), key
-
-
-@pytest.mark.parametrize(
-    ("batching", "nproc"),
-    [("padded", 1), ("packed", 2), ("shared_prefix", 1)],
-    ids=["padded", "packed-fsdp2proc", "shared_prefix"],
-)
-def test_token_budget_training_matches_padded(
-    padded_run, batching, nproc, tiny_model_dir, pairs_file, eval_file, tmp_path
-):
-    """A 150-token budget cuts each step's 8 pairs into more micro-batches than the 2 of padded_run
-    (the toy pairs need 36 to 88 tokens), unevenly across ranks; the metrics must not change."""
-    flags = run_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "run", batching, 4 // nproc)
-    result = run_minrm(flags + ["--max_tokens_per_batch", "150"], nproc=nproc)
-    forwards = int(re.search(r"train: (\d+) micro-batches on rank 0 over 5 steps", result.stdout).group(1))
-    assert forwards > 5 * 2
-    rows = read_metrics(tmp_path / "run")
-    assert len(rows) == len(padded_run) == 6
-    for a, b in zip(padded_run, rows):
         for key in a:
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
 

@@ -181,12 +181,13 @@ def join_with_a_short_timeout(rank: int, port: int) -> None:
     dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=1))
 
 
-def _rank0_alone_worker(rank: int, port: int, results) -> None:
-    """One of two processes whose group times out after 1 s, while rank 0 works for 2 s, twice."""
+def _waits_worker(rank: int, port: int, results) -> None:
+    """One of two processes whose group times out after 1 s: rank 0 reads "the model" for 2 s (then
+    fails to, 2 s), and later rank 1 scores its share 2 s longer than rank 0 before a gather."""
     import functools
     import time
 
-    from minrm.distributed import rank0_alone
+    from minrm.distributed import gather_objects, rank0_alone
 
     join_with_a_short_timeout(rank, port)
 
@@ -201,43 +202,17 @@ def _rank0_alone_worker(rank: int, port: int, results) -> None:
             results[rank, fail] = rank0_alone(functools.partial(work, fail), f"model{fail}", "rank 0 to read the model")
         except BaseException as e:
             results[rank, fail] = f"{type(e).__name__}: {e}"
-    dist.destroy_process_group()
-
-
-def test_rank0_alone_outlasts_the_collective_timeout():
-    """Rank 0 reads the model for longer than the group's timeout while rank 1 waits outside any
-    collective: no timeout; rank 0's error reaches rank 1 as its message."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_rank0_alone_worker, args=(port, results), nprocs=2)
-    assert (results[0, False], results[1, False]) == ("weights", None)
-    assert results[0, True] == "OSError: the Hub said no"
-    assert results[1, True] == "SystemExit: minrm: error: rank 0 failed to read the model: OSError: the Hub said no"
-
-
-def _gather_worker(rank: int, port: int, results) -> None:
-    """One of two processes whose group times out after 1 s; rank 1 works 2 s before the gather."""
-    import time
-
-    from minrm.distributed import gather_objects
-
-    join_with_a_short_timeout(rank, port)
     if rank == 1:
         time.sleep(2)
     results[rank] = gather_objects({"rank": rank, "rows": [rank] * (rank + 1)}, "test", "score its rows")
     dist.destroy_process_group()
 
 
-def test_gather_outlasts_the_collective_timeout():
-    """minrm.score's ranks finish their shares at different times: the gather waits for the last
-    one outside any collective (a 1 s group timeout, a rank 2 s late), and gives every rank all
-    parts in rank order."""
+def test_waits_outside_collectives_outlast_the_collective_timeout():
+    """Rank 0 reads the model for longer than the group's timeout while rank 1 waits outside any
+    collective: no timeout, and rank 0's error reaches rank 1 as its message. minrm.score's ranks
+    finish their shares at different times: the gather waits for the last one outside any
+    collective, and gives every rank all parts in rank order."""
     import socket
 
     import torch.multiprocessing as mp
@@ -246,7 +221,10 @@ def test_gather_outlasts_the_collective_timeout():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(port, results), nprocs=2)
+    mp.spawn(_waits_worker, args=(port, results), nprocs=2)
+    assert (results[0, False], results[1, False]) == ("weights", None)
+    assert results[0, True] == "OSError: the Hub said no"
+    assert results[1, True] == "SystemExit: minrm: error: rank 0 failed to read the model: OSError: the Hub said no"
     expected = [{"rank": 0, "rows": [0]}, {"rank": 1, "rows": [1, 1]}]
     assert results[0] == results[1] == expected
 
