@@ -143,9 +143,10 @@ def test_sliding_window_model_matches_padded(batching, arch, attention):
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-5, msg=name)
 
 
-def test_one_mask_for_mixed_window_layers_refused():
+@pytest.mark.parametrize("choice", ["mask", "flex_attention"])
+def test_one_mask_for_mixed_window_layers_refused(choice):
     with pytest.raises(SystemExit, match="mixes sliding-window and full attention layers"):
-        use_packed_attention(tiny_model(config=windowed_config("qwen2_mixed", 8)), "mask")
+        use_packed_attention(tiny_model(config=windowed_config("qwen2_mixed", 8)), choice)
 
 
 @pytest.mark.parametrize("window", [None, 8])

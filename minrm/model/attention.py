@@ -95,6 +95,11 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
     if problem := packing_problem(config):
         raise SystemExit(f"minrm: error: {config.model_type} {problem}; use --batching padded")
     mixed = mask_window(config) == "mixed"  # per-layer windows: only segment_attention has them
+    if mixed and choice in ("flex_attention", "mask"):
+        raise SystemExit(
+            f"minrm: error: --packed_attention {choice}: {config.model_type} mixes sliding-window and full attention "
+            "layers, which one mask cannot express; use --packed_attention auto or --batching padded"
+        )
     no_flex = check_flex(config, choice, cuda)
     if choice == "auto":
         names = (["flex_attention"] if cuda and not mixed and not no_flex else []) + [SEGMENTS]
@@ -109,10 +114,9 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
             why = f" (not flex_attention: {no_flex})" if choice == "auto" and no_flex else ""
             say(f"model: packed rows run attention {name}{why}")
             return
-    if choice not in ("auto", "mask") or mixed:
-        why = "mixes sliding-window and full attention layers, which one mask cannot express" if mixed else ""
+    if choice != "auto" and choice != "mask":
         raise SystemExit(
-            f"minrm: error: --packed_attention {choice}: {config.model_type} {why or 'cannot run it'}; "
+            f"minrm: error: --packed_attention {choice}: {config.model_type} cannot run it; "
             "use --packed_attention auto or --batching padded"
         )
     say(f"model: packed rows use a dense L x L mask with attention {model.config._attn_implementation}")
