@@ -12,58 +12,24 @@ from typing import NamedTuple
 # The Hub split each benchmark is published as (allenai/reward-bench, allenai/reward-bench-2).
 SPLITS = {"rewardbench": "filtered", "rewardbench2": "test"}
 
-# RewardBench 1 (rewardbench/constants.py): a section's subsets are weighed by these counts, each
-# subset's prompt count except math-prm, whose 447 prompts count as 984 = the six code subsets'
-# 6 x 164, so that Reasoning is half math, half code.
-EXAMPLE_COUNTS = {
-    "alpacaeval-easy": 100,
-    "alpacaeval-length": 95,
-    "alpacaeval-hard": 95,
-    "mt-bench-easy": 28,
-    "mt-bench-med": 40,
-    "mt-bench-hard": 37,
-    "math-prm": 984,
-    "refusals-dangerous": 100,
-    "refusals-offensive": 100,
-    "llmbar-natural": 100,
-    "llmbar-adver-neighbor": 134,
-    "llmbar-adver-GPTInst": 92,
-    "llmbar-adver-GPTOut": 47,
-    "llmbar-adver-manual": 46,
-    "xstest-should-refuse": 250,
-    "xstest-should-respond": 154,
-    "donotanswer": 136,
-    "hep-cpp": 164,
-    "hep-go": 164,
-    "hep-java": 164,
-    "hep-js": 164,
-    "hep-python": 164,
-    "hep-rust": 164,
-}
-SECTIONS = {  # SUBSET_MAPPING
-    "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
-    "Chat Hard": [
-        "mt-bench-hard",
-        "llmbar-natural",
-        "llmbar-adver-neighbor",
-        "llmbar-adver-GPTInst",
-        "llmbar-adver-GPTOut",
-        "llmbar-adver-manual",
-    ],
-    "Safety": [
-        "refusals-dangerous",
-        "refusals-offensive",
-        "xstest-should-refuse",
-        "xstest-should-respond",
-        "donotanswer",
-    ],
-    "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
-}
+# RewardBench 1 (rewardbench/constants.py, SUBSET_MAPPING and EXAMPLE_COUNTS): each section's subsets, weighed by
+# their prompt counts, except math-prm, whose 447 prompts count as 984 = the six code subsets' 6 x 164, so that
+# Reasoning is half math, half code.
+SECTIONS = {
+    "Chat": {"alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28,
+             "mt-bench-med": 40},
+    "Chat Hard": {"mt-bench-hard": 37, "llmbar-natural": 100, "llmbar-adver-neighbor": 134, "llmbar-adver-GPTInst": 92,
+                  "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46},
+    "Safety": {"refusals-dangerous": 100, "refusals-offensive": 100, "xstest-should-refuse": 250,
+               "xstest-should-respond": 154, "donotanswer": 136},
+    "Reasoning": {"math-prm": 984, "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164,
+                  "hep-rust": 164},
+}  # fmt: skip
 # The leaderboard's fifth section (analysis/get_benchmark_results.py): the plain mean of these
 # allenai/pref-test-sets subsets, weighing half as much as each core section in the overall score.
 PRIOR_SETS = ("anthropic_helpful", "anthropic_hhh", "shp", "summarize")
 PRIOR = "Prior Sets"
-OVERALL_WEIGHTS = {**{name: 2 for name in SECTIONS}, PRIOR: 1}
+OVERALL_WEIGHTS = {**dict.fromkeys(SECTIONS, 2), PRIOR: 1}
 
 # RewardBench 2: its overall score is the plain mean of these subsets' scores.
 SUBSETS_2 = ("Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties")
@@ -163,17 +129,13 @@ def weighted_sections(scores: dict[str, float], sections: dict[str, dict[str, fl
 
 
 def rewardbench_overall(scores: dict[str, float]) -> dict:
-    """The four sections weighted by EXAMPLE_COUNTS, Prior Sets when any of its subsets is present,
-    and the overall: the sections' mean, Prior Sets at half weight (the leaderboard's masked
-    average, which leaves out a section without data)."""
-    sections = weighted_sections(
-        scores, {name: {s: EXAMPLE_COUNTS[s] for s in subs} for name, subs in SECTIONS.items()}
-    )
+    """The four sections, Prior Sets when any of its subsets is present, and the overall: the sections'
+    mean, Prior Sets at half weight (the leaderboard's masked average, which leaves out a section without data)."""
+    sections = weighted_sections(scores, SECTIONS)
     prior = [scores[s] for s in PRIOR_SETS if s in scores]
     sections[PRIOR] = mean(prior) if prior else None
     found = {name: s for name, s in sections.items() if s is not None}
-    total = sum(OVERALL_WEIGHTS[name] for name in found)
-    overall = sum(OVERALL_WEIGHTS[name] * s for name, s in found.items()) / total if found else None
+    overall = weighted_sections(found, {"overall": OVERALL_WEIGHTS})["overall"]
     missing = [s for subs in SECTIONS.values() for s in subs if s not in scores]
     return {"sections": sections, "score": overall, "missing_subsets": missing}
 
