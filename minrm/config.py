@@ -1,15 +1,10 @@
 """Every flag of minrm, its default and its help text, in one dataclass, parsed by transformers' `HfArgumentParser`.
 
-Field names, types and defaults follow the reference (open-instruct's `reward_modeling.py` `Args`,
-`TokenizerConfig` and `ModelConfig`), and so does the parser: `HfArgumentParser`, the base of the
-reference's own, makes one flag per field from its type, default and `help`. So a reference command
-line runs unchanged, and so does its config-file form: a YAML file of `flag: value` lines first,
-flags after it overriding it. Derived values (batch sizes, step counts) are not flags: `train.py`
-computes them once and prints them.
-
-Where minrm's default differs from the reference, the field's help says so; `[minrm]` marks a flag
-the reference does not have. `parse_args` checks every value before anything else runs; what the
-paths point at is checked by the caller (`inputs.check_paths`, first in `train.py`).
+Field names, types and defaults follow the reference (open-instruct's `reward_modeling.py` `Args`, `TokenizerConfig`
+and `ModelConfig`), and so does the parser (the base of the reference's own): a reference command line runs unchanged,
+and so does its config-file form, a YAML file of `flag: value` lines first, flags after it overriding it. A field's
+help says where minrm's default differs; `[minrm]` marks a flag the reference lacks. `parse_args` checks every value
+before anything else runs; what the paths point at is checked by `checks.check_paths`, first in `train.py`.
 """
 
 import argparse
@@ -40,20 +35,12 @@ SPLIT_SIZES = {"train": 24576, "test": 512}
 # With the toy model, the flags that neither the command line nor a config file gives take these values.
 TOY_RECIPE: dict[str, object] = {
     "learning_rate": 1e-3,  # 3e-3 and above learned the copy check worse
-    "per_device_train_batch_size": 16,
-    "gradient_accumulation_steps": 1,
-    "num_train_epochs": 1,
-    "warm_up_steps": 10,
-    "lr_scheduler_type": "linear",
-    "max_token_length": 128,
-    "max_prompt_token_length": 64,
-    "per_device_eval_batch_size": 64,
-    "num_evals": 2,
-    "dataset_mixer_list": [TOY, "1.0"],
-    "dataset_mixer_list_splits": ["train"],
-    "dataset_mixer_eval_list": [TOY, "1.0"],
-    "dataset_mixer_eval_list_splits": ["test"],
-}
+    "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "num_train_epochs": 1, "warm_up_steps": 10,
+    "lr_scheduler_type": "linear", "max_token_length": 128, "max_prompt_token_length": 64,
+    "per_device_eval_batch_size": 64, "num_evals": 2,
+    "dataset_mixer_list": [TOY, "1.0"], "dataset_mixer_list_splits": ["train"],
+    "dataset_mixer_eval_list": [TOY, "1.0"], "dataset_mixer_eval_list_splits": ["test"],
+}  # fmt: skip
 
 
 @dataclass
@@ -220,23 +207,15 @@ def validate(args: Args) -> None:
     def fail(flag: str, why: str) -> None:
         raise SystemExit(f"minrm: error: --{flag}: {why}")
 
-    for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
-        if getattr(args, name) < 1:
-            fail(name, f"must be at least 1, got {getattr(args, name)}")
-    for name in ("max_token_length", "max_prompt_token_length", "num_train_epochs", "timeout_minutes"):
-        if getattr(args, name) < 1:
-            fail(name, f"must be at least 1, got {getattr(args, name)}")
-    for name in ("warm_up_steps", "num_evals"):
-        if getattr(args, name) < 0:
-            fail(name, f"must be >= 0, got {getattr(args, name)}")
-    for name in ("max_tokens_per_batch", "total_episodes"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(name, f"must be at least 1, got {getattr(args, name)}")
-    if args.max_responses_per_prompt is not None and args.max_responses_per_prompt < 2:
-        fail(
-            "max_responses_per_prompt",
-            f"must be at least 2 (a comparison needs two), got {args.max_responses_per_prompt}",
-        )
+    at_least_1 = ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                  "max_token_length", "max_prompt_token_length", "num_train_epochs", "timeout_minutes",
+                  "max_tokens_per_batch", "total_episodes")  # fmt: skip
+    minimums = [(at_least_1, 1, "at least 1"), (("warm_up_steps", "num_evals"), 0, ">= 0"),
+                (("max_responses_per_prompt",), 2, "at least 2 (a comparison needs two)")]  # fmt: skip
+    for names, low, text in minimums:
+        for name in names:
+            if (value := getattr(args, name)) is not None and value < low:  # None: an optional flag not given
+                fail(name, f"must be {text}, got {value}")
     coefficient = args.center_rewards_coefficient
     if coefficient is not None and not (math.isfinite(coefficient) and coefficient >= 0):
         fail("center_rewards_coefficient", f"must be a number >= 0, got {coefficient}")
@@ -264,11 +243,8 @@ def validate(args: Args) -> None:
             fail(flag + "_splits", f"give one split for all datasets or one per dataset ({n}), got {splits}")
         for name, amount in zip(mixer[::2], mixer[1::2]):
             if not _amount_ok(amount):
-                fail(
-                    flag,
-                    f"amount {amount!r} for {name!r} is not a positive number: a row count (400) or a fraction "
-                    "with a decimal point (0.5, 1.0, 3.0)",
-                )
+                why = "a row count (400) or a fraction with a decimal point (0.5, 1.0, 3.0)"
+                fail(flag, f"amount {amount!r} for {name!r} is not a positive number: {why}")
         for name, split in zip(mixer[::2], splits * n if len(splits) == 1 else splits):
             if name == TOY and split not in SPLIT_SIZES:
                 fail(flag + "_splits", f"{TOY} has the splits {sorted(SPLIT_SIZES)}, not {split!r}")
@@ -277,10 +253,9 @@ def validate(args: Args) -> None:
 
 
 def read_config_file(path: str) -> dict:
-    """The flags a YAML config file sets, by field name: keys are flag names (or aliases), values YAML
-    scalars or lists (for the list flags). HfArgumentParser's own `parse_yaml_file` hands the YAML values
-    to the dataclass as they are (`lr: 3e-6` is a string to YAML); here they go through the command
-    line's parser instead, so each value gets the type and the checks its flag gets there."""
+    """The flags a YAML file sets (keys: flag names or aliases), by field name. HfArgumentParser's `parse_yaml_file`
+    hands YAML's values to the dataclass as they are (`lr: 3e-6` is a string to YAML); here they go through the
+    command line's parser, so each value gets its flag's type and checks."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -322,8 +297,7 @@ def read_config_file(path: str) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """Parse the command line: an optional YAML config file first, then flags, which override it.
-    With the toy model, flags given in neither take the toy recipe's values."""
+    """An optional YAML config file, then flags overriding it; with the toy model, the toy recipe fills the rest."""
     argv = sys.argv[1:] if argv is None else list(argv)
     from_file = read_config_file(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else {}
     parser = build_parser()
@@ -333,9 +307,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if args.model_name_or_path == TOY:
         # The toy recipe goes under the file's values as defaults, and the flags are read again. An eval set
         # carved by --eval_fraction replaces the toy's own.
-        recipe = {
-            k: v for k, v in TOY_RECIPE.items() if not (k.startswith("dataset_mixer_eval") and args.eval_fraction)
-        }
+        recipe = {k: v for k, v in TOY_RECIPE.items() if not (args.eval_fraction and "mixer_eval" in k)}
         parser.set_defaults(**{**recipe, **from_file})
         args = Args(**vars(parser.parse_args(argv)))
     validate(args)
@@ -348,8 +320,8 @@ def label(flag: str) -> str:
 
 
 def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **kwargs):
-    """`load(name, **kwargs)` (a `from_pretrained`); its failure to find, fetch or read `name` is
-    one line naming the flag, instead of a traceback from deep inside transformers."""
+    """`load(name, **kwargs)` (a `from_pretrained`), whose failure to find, fetch or read `name` is one line naming
+    the flag, not a traceback from deep inside transformers."""
     try:
         return load(name, **kwargs)
     except (OSError, ValueError) as e:
