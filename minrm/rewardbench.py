@@ -40,6 +40,10 @@ def mean(values: list) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 # ----------------------------------------------------------------------------------------------
 # A row's credit
 
@@ -166,10 +170,6 @@ def summarize(benchmark: str, records: list[dict]) -> dict:
 
 def report(summary: dict) -> str:
     """The summary as text: a table per subset, the sections, the overall score."""
-
-    def number(x: float | None) -> str:
-        return "-" if x is None else f"{x:.4f}"
-
     lines = ["| subset | rows | score |", "|---|---|---|"]
     lines += [f"| {name} | {c['rows']} | {number(c['score'])} |" for name, c in summary["categories"].items()]
     if "sections" in summary:
