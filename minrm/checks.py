@@ -1,15 +1,7 @@
 """What the flags point at, checked before anything expensive starts; each failure is one line.
 
-- `check_paths(args)` (first in train.py, right after the flags are parsed; file system only): the
-  local dataset files exist; the model and tokenizer are existing folders (a model folder with a
-  config) or valid Hub ids; a chat template name is one minrm knows or a tokenizer's folder or Hub
-  id; the output and cache folders can be created; a checkpoint to resume from exists.
-- `load_or_exit`: a `from_pretrained` whose failure (not found, offline, bad revision...) becomes
-  one line naming the flag. `check_model(args)`, first in train.py, fetches the model's config
-  with it and checks that a model folder holds weights and can run the chosen batching, before the
-  data is built.
-
-docs/errors.md lists every check and its message.
+`check_paths` looks at the file system only; `check_model` then fetches the model's config, the run's first
+fetch. docs/errors.md lists every check and its message.
 """
 
 import os
@@ -60,7 +52,8 @@ def _check_writable(flag: str, path: str) -> None:
 
 
 def check_paths(args) -> None:
-    """Every path or name a flag gives, checked on the file system alone (no network)."""
+    """Local dataset files exist; the model, tokenizer and chat template are existing folders or valid Hub ids (or a
+    template minrm knows); the output and cache folders can be created; a checkpoint to resume from exists."""
     for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
         for name in getattr(args, flag)[::2]:
             if name.endswith(DATA_FILES) and not os.path.isfile(name):
@@ -81,9 +74,8 @@ def check_paths(args) -> None:
 
 
 def check_model(args, flag: str = "model_name_or_path"):
-    """The model's config loads (from its folder or the Hub), a local folder holds weights, and the
-    packed batchings can run the model: the first fetch of a run, so that a wrong model fails before
-    the data is built. Returns the config (None for the toy)."""
+    """The model's config loads (from its folder or the Hub), a local folder holds weights, and the packed batchings
+    can run the model, so that a wrong model fails before the data is built. Returns the config (None for the toy)."""
     name = args.model_name_or_path
     if name == TOY:
         return None
@@ -92,8 +84,8 @@ def check_model(args, flag: str = "model_name_or_path"):
     config = load_or_exit(AutoConfig.from_pretrained, flag, name, **kwargs)
     if os.path.isdir(name) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
         _fail(flag, f"the folder {name} has no weights (*.safetensors or *.bin files)")
-    if args.batching != "padded" and (problem := packing_problem(config)):
-        raise SystemExit(f"minrm: error: --batching {args.batching}: {config.model_type} {problem}; use --batching padded")
     if args.batching != "padded":
+        if problem := packing_problem(config):
+            _fail(f"batching {args.batching}", f"{config.model_type} {problem}; use --batching padded")
         check_flex(config, args.packed_attention, torch.cuda.is_available())
     return config

@@ -17,9 +17,8 @@ from minrm.training.checkpoint import check_complete, load_model_weights
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, max_shard_size: str = "5GB") -> None:
-    """Write a checkpoint as the Hugging Face folder the end of training writes. The model skeleton
-    is rebuilt from the run's args saved in the checkpoint's meta.json; DCP loads the shards of any
-    world size into it."""
+    """Write a checkpoint as the Hugging Face folder the end of training writes. The model skeleton is rebuilt
+    from the run's args in the checkpoint's meta.json; DCP loads the shards of any world size into it."""
     try:
         meta = check_complete(checkpoint)
     except ValueError as e:
