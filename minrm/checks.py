@@ -12,29 +12,25 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 
-from minrm.config import DATA_FILES, TOY, label, load_or_exit
+from minrm.config import DATA_FILES, TOY, fail, load_or_exit
 from minrm.data.formats import CHAT_TEMPLATES
 from minrm.model.attention import check_flex, packing_problem
-
-
-def _fail(flag: str, why: str):
-    raise SystemExit(f"minrm: error: {label(flag)}: {why}")
 
 
 def _check_source(flag: str, name: str, model: bool, neither: str = "an existing folder nor a valid Hub id") -> None:
     """`name` is an existing folder or a valid Hub id (`name` or `org/name`); a model folder holds a config."""
     if os.path.isdir(name):
         if model and not os.path.isfile(os.path.join(name, "config.json")):
-            _fail(flag, f"the folder {name} has no config.json: it is not a Hugging Face model folder")
+            fail(flag, f"the folder {name} has no config.json: it is not a Hugging Face model folder")
         return
     if os.path.exists(name):
-        _fail(flag, f"{name} is a file; give the folder that holds it, or a Hub id")
+        fail(flag, f"{name} is a file; give the folder that holds it, or a Hub id")
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        _fail(flag, f"the folder {name} does not exist")
+        fail(flag, f"the folder {name} does not exist")
     try:
         validate_repo_id(name)
     except HFValidationError:
-        _fail(flag, f"{name!r} is neither {neither}")
+        fail(flag, f"{name!r} is neither {neither}")
 
 
 def _check_writable(flag: str, path: str) -> None:
@@ -44,11 +40,11 @@ def _check_writable(flag: str, path: str) -> None:
     while not os.path.exists(target):
         target = os.path.dirname(target)
     if not os.path.isdir(target):
-        _fail(flag, f"cannot create {path}: {target} is a file")
+        fail(flag, f"cannot create {path}: {target} is a file")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".minrm_probe_", dir=target))
     except OSError as e:
-        _fail(flag, f"cannot create {path}: a folder cannot be made in {target} ({e.strerror})")
+        fail(flag, f"cannot create {path}: a folder cannot be made in {target} ({e.strerror})")
 
 
 def check_paths(args) -> None:
@@ -57,7 +53,7 @@ def check_paths(args) -> None:
     for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
         for name in getattr(args, flag)[::2]:
             if name.endswith(DATA_FILES) and not os.path.isfile(name):
-                _fail(flag, f"local dataset file {name!r} does not exist")
+                fail(flag, f"local dataset file {name!r} does not exist")
     if args.model_name_or_path != TOY:
         _check_source("model_name_or_path", args.model_name_or_path, model=True)
     if args.tokenizer_name_or_path not in (None, TOY):
@@ -70,7 +66,7 @@ def check_paths(args) -> None:
         _check_writable("dataset_local_cache_dir", args.dataset_local_cache_dir)
     resume = args.resume_from_checkpoint
     if resume not in (None, "auto") and not os.path.isdir(resume):
-        _fail("resume_from_checkpoint", f"the checkpoint folder {resume} does not exist")
+        fail("resume_from_checkpoint", f"the checkpoint folder {resume} does not exist")
 
 
 def check_model(args, flag: str = "model_name_or_path"):
@@ -83,9 +79,9 @@ def check_model(args, flag: str = "model_name_or_path"):
     kwargs = {"revision": args.model_revision, "trust_remote_code": args.trust_remote_code}
     config = load_or_exit(AutoConfig.from_pretrained, flag, name, **kwargs)
     if os.path.isdir(name) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
-        _fail(flag, f"the folder {name} has no weights (*.safetensors or *.bin files)")
+        fail(flag, f"the folder {name} has no weights (*.safetensors or *.bin files)")
     if args.batching != "padded":
         if problem := packing_problem(config):
-            _fail(f"batching {args.batching}", f"{config.model_type} {problem}; use --batching padded")
+            fail(f"batching {args.batching}", f"{config.model_type} {problem}; use --batching padded")
         check_flex(config, args.packed_attention, torch.cuda.is_available())
     return config

@@ -1,10 +1,8 @@
 """Every flag of minrm, its default and its help text, in one dataclass, parsed by transformers' `HfArgumentParser`.
 
-Field names, types and defaults follow the reference (open-instruct's `reward_modeling.py` `Args`, `TokenizerConfig`
-and `ModelConfig`), and so does the parser (the base of the reference's own): a reference command line runs unchanged,
-and so does its config-file form, a YAML file of `flag: value` lines first, flags after it overriding it. A field's
-help says where minrm's default differs; `[minrm]` marks a flag the reference lacks. `parse_args` checks every value
-before anything else runs; what the paths point at is checked by `checks.check_paths`, first in `train.py`.
+Names, types, defaults and parser follow the reference (open-instruct's `reward_modeling.py`): its command line runs
+unchanged, and so does its config file (YAML `flag: value` lines, first; flags after it override it). `parse_args`
+checks every value; what the paths point at is checked by `checks.check_paths`, first in `train.py`.
 """
 
 import argparse
@@ -14,7 +12,7 @@ import math
 import sys
 from argparse import ArgumentTypeError
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NoReturn
 
 import yaml
 from transformers import HfArgumentParser
@@ -191,6 +189,15 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
+def label(flag: str) -> str:
+    """How a message names an argument: `--flag`, or a positional argument's name as it is (MODEL)."""
+    return flag if flag.isupper() else f"--{flag}"
+
+
+def fail(flag: str, why: str) -> NoReturn:
+    raise SystemExit(f"minrm: error: {label(flag)}: {why}")
+
+
 def _amount_ok(amount: str) -> bool:
     """A mixer AMOUNT: a whole row count (`400`) or a fraction with a decimal point (`0.5`, `3.0`), above 0."""
     if "." not in amount:
@@ -204,21 +211,17 @@ def _amount_ok(amount: str) -> bool:
 def validate(args: Args) -> None:
     """Reject bad values and combinations, from the flags alone, before any model or data is loaded."""
 
-    def fail(flag: str, why: str) -> None:
-        raise SystemExit(f"minrm: error: --{flag}: {why}")
-
     at_least_1 = ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                   "max_token_length", "max_prompt_token_length", "num_train_epochs", "timeout_minutes",
                   "max_tokens_per_batch", "total_episodes")  # fmt: skip
     minimums = [(at_least_1, 1, "at least 1"), (("warm_up_steps", "num_evals"), 0, ">= 0"),
-                (("max_responses_per_prompt",), 2, "at least 2 (a comparison needs two)")]  # fmt: skip
+                (("max_responses_per_prompt",), 2, "at least 2 (a comparison needs two)"),
+                (("center_rewards_coefficient",), 0, "a number >= 0")]  # fmt: skip
     for names, low, text in minimums:
         for name in names:
-            if (value := getattr(args, name)) is not None and value < low:  # None: an optional flag not given
+            # None: an optional flag not given; a float may be nan or inf, which no bound lets through
+            if (value := getattr(args, name)) is not None and not low <= value < math.inf:
                 fail(name, f"must be {text}, got {value}")
-    coefficient = args.center_rewards_coefficient
-    if coefficient is not None and not (math.isfinite(coefficient) and coefficient >= 0):
-        fail("center_rewards_coefficient", f"must be a number >= 0, got {coefficient}")
     if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:
         fail("learning_rate/eps/weight_decay", "learning_rate and weight_decay must be >= 0 and eps > 0")
     steps = args.checkpointing_steps
@@ -241,11 +244,10 @@ def validate(args: Args) -> None:
         n = len(mixer) // 2
         if mixer and len(splits) not in (1, n):
             fail(flag + "_splits", f"give one split for all datasets or one per dataset ({n}), got {splits}")
-        for name, amount in zip(mixer[::2], mixer[1::2]):
+        for name, amount, split in zip(mixer[::2], mixer[1::2], splits * n if len(splits) == 1 else splits):
             if not _amount_ok(amount):
                 why = "a row count (400) or a fraction with a decimal point (0.5, 1.0, 3.0)"
                 fail(flag, f"amount {amount!r} for {name!r} is not a positive number: {why}")
-        for name, split in zip(mixer[::2], splits * n if len(splits) == 1 else splits):
             if name == TOY and split not in SPLIT_SIZES:
                 fail(flag + "_splits", f"{TOY} has the splits {sorted(SPLIT_SIZES)}, not {split!r}")
             if name.endswith(DATA_FILES) and split != "train":
@@ -312,11 +314,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args = Args(**vars(parser.parse_args(argv)))
     validate(args)
     return args
-
-
-def label(flag: str) -> str:
-    """How a message names an argument: `--flag`, or a positional argument's name as it is (MODEL)."""
-    return flag if flag.isupper() else f"--{flag}"
 
 
 def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **kwargs):
