@@ -69,17 +69,12 @@ def smooth(values: list[float], weight: float) -> list[float]:
 
 def series(rows: list[dict], key: str, x: str, run: str) -> tuple[list[float], list[float]]:
     """The (x, y) of every row that has a number under `key`."""
-    x_key = ELAPSED if x == "time" else "episode"
-    xs, ys = [], []
-    for row in rows:
-        if not _number(row.get(key)):
-            continue
-        if not _number(row.get(x_key)):
-            hint = "; plot it with --x episode" if x == "time" else ""
-            raise SystemExit(f"minrm: error: run {run}: a row with {key} has no number under {x_key}{hint}")
-        xs.append(row[x_key] / 3600 if x == "time" else row[x_key])
-        ys.append(row[key])
-    return xs, ys
+    x_key, scale = (ELAPSED, 3600) if x == "time" else ("episode", 1)
+    points = [row for row in rows if _number(row.get(key))]
+    if not all(_number(row.get(x_key)) for row in points):
+        hint = "; plot it with --x episode" if x == "time" else ""
+        raise SystemExit(f"minrm: error: run {run}: a row with {key} has no number under {x_key}{hint}")
+    return [row[x_key] / scale for row in points], [row[key] for row in points]
 
 
 def plot_runs(runs: list[tuple[str, list[dict]]], x: str = "episode", smoothing: float = 0.0) -> Figure:

@@ -164,11 +164,9 @@ def score_rows(model, rows: list[dict], batching: str, max_tokens: int, pad_id: 
         bar.update(len(batch))
     rewards, stats = [None] * len(rows), [None] * len(rows)
     for batch, flat, values in outputs:
-        flat = flat.tolist()
-        for i, row_values in zip(batch, values.tolist()):
-            n = len(rows[i]["responses"])
-            rewards[i], flat = flat[:n], flat[n:]
-            stats[i] = dict(zip(STATS, row_values))
+        sizes = [len(rows[i]["responses"]) for i in batch]
+        for i, row_rewards, row_values in zip(batch, flat.cpu().split(sizes), values.tolist()):
+            rewards[i], stats[i] = row_rewards.tolist(), dict(zip(STATS, row_values))
     return rewards, stats
 
 
@@ -255,9 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_reward_model(args, tokenizer, d.device)
 
     start = time.perf_counter()
-    bar = tqdm(total=len(rows), disable=not d.is_main, desc="score", dynamic_ncols=True)
-    rewards, stats = score_rows(model, rows, args.batching, max_tokens, tokenizer.pad_token_id, d.device, bar)
-    bar.close()
+    with tqdm(total=len(rows), disable=not d.is_main, desc="score", dynamic_ncols=True) as bar:
+        rewards, stats = score_rows(model, rows, args.batching, max_tokens, tokenizer.pad_token_id, d.device, bar)
     seconds = time.perf_counter() - start
     print0(f"score: rank 0 scored {len(rows)} rows in {seconds:.1f} s ({len(rows) / seconds:.1f} rows/s)")
 
