@@ -1,7 +1,5 @@
-"""What the flags point at, checked before anything expensive starts; each failure is one line.
-
-`check_paths` looks at the file system only; `check_model` then fetches the model's config, the run's first
-fetch. docs/errors.md lists every check and its message.
+"""What the flags point at, checked before anything expensive starts, each failure in one line: `check_paths` on the
+file system alone, then `check_model`, the run's first fetch. docs/errors.md lists every check and its message.
 """
 
 import os

@@ -269,8 +269,7 @@ def read_config_file(path: str) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise SystemExit(f"minrm: error: {path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if data is None:  # an empty file sets nothing
-        return {}
+    data = {} if data is None else data  # an empty file sets nothing
     if not isinstance(data, dict):
         raise SystemExit(f"minrm: error: {path}: expected `flag: value` lines, got a YAML {type(data).__name__}")
     fields = {f.name: f.name for f in dataclasses.fields(Args)}
@@ -279,9 +278,8 @@ def read_config_file(path: str) -> dict:
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            raise SystemExit(
-                f"minrm: error: {path}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-            )
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SystemExit(f"minrm: error: {path}: unknown key {key!r}{hint}")
         if isinstance(value, dict):
             raise SystemExit(f"minrm: error: {path}: {key}: give a list (NAME AMOUNT ...), not a mapping")
         argv += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}={value}"]

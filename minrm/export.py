@@ -38,6 +38,5 @@ if __name__ == "__main__":
     parser.add_argument("checkpoint", help="a checkpoint folder, e.g. OUTPUT_DIR/RUN_NAME/checkpoints/step_100")
     parser.add_argument("out_dir", help="the Hugging Face folder to write")
     parser.add_argument("--max_shard_size", default="5GB", help="safetensors shard size (default: 5GB)")
-    cli = parser.parse_args()
-    export_checkpoint(cli.checkpoint, cli.out_dir, cli.max_shard_size)
+    export_checkpoint(**vars(parser.parse_args()))
     dist.destroy_process_group()

@@ -131,9 +131,7 @@ def weighted_sections(scores: dict[str, float], sections: dict[str, dict[str, fl
 def rewardbench_overall(scores: dict[str, float]) -> dict:
     """The four sections, Prior Sets when any of its subsets is present, and the overall: the sections'
     mean, Prior Sets at half weight (the leaderboard's masked average, which leaves out a section without data)."""
-    sections = weighted_sections(scores, SECTIONS)
-    prior = [scores[s] for s in PRIOR_SETS if s in scores]
-    sections[PRIOR] = mean(prior) if prior else None
+    sections = weighted_sections(scores, {**SECTIONS, PRIOR: dict.fromkeys(PRIOR_SETS, 1)})
     found = {name: s for name, s in sections.items() if s is not None}
     overall = weighted_sections(found, {"overall": OVERALL_WEIGHTS})["overall"]
     missing = [s for subs in SECTIONS.values() for s in subs if s not in scores]
@@ -147,8 +145,7 @@ def rewardbench2_overall(scores: dict[str, float]) -> dict:
 
 
 def summarize(benchmark: str, records: list[dict]) -> dict:
-    """Each subset's score (the mean credit of its rows; Ties by ties_score) and the benchmark's
-    sections and overall score. Every record carries its credit (`credit`)."""
+    """Each subset's score (its rows' mean `credit`; Ties by ties_score), the benchmark's sections and overall score."""
     groups = {}
     for r in records:
         if r.get("subset") is None:

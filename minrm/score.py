@@ -5,14 +5,13 @@ category, and section scores as RewardBench reports them.
     torchrun --nproc_per_node 8 -m minrm.score allenai/Llama-3.1-Tulu-3-8B-RM --data allenai/reward-bench-2 \\
         --benchmark rewardbench2 --out rb2.parquet
 
-MODEL is a folder minrm exported or any `*ForSequenceClassification` with one label; rows are in any format
-minrm.train reads, `rejected` possibly a list (best-of-N): a row is right when its chosen reward is strictly above
-every rejected one. Rows are sorted by length into forwards of `--max_tokens_per_batch` tokens, each row's responses
-packed with the prompt computed once (`--batching shared_prefix`). Each process holds the whole model and scores
-every world_size-th row; rank 0 writes them in file order.
+Rows are in any format minrm.train reads, `rejected` possibly a list (best-of-N): a row is right when its chosen
+reward is strictly above every rejected one. Each process holds the whole model and scores every world_size-th row,
+sorted by length into forwards of `--max_tokens_per_batch` tokens; rank 0 writes them in file order.
 """
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -111,9 +110,8 @@ def check_model(args) -> None:
 
 
 def load_reward_model(args, tokenizer, device: torch.device) -> PreTrainedModel:
-    """The model as minrm.train reads it, set up to run, for inference: the backbone in bf16 on GPU
-    (fp32 on CPU) and the score head in fp32 as in training (--mixed_precision bf16). A bf16 head
-    would round every reward to bf16 (steps of 1/64 between 2 and 4): ties, counted as wrong."""
+    """The model as minrm.train reads it, for inference: the backbone in bf16 on GPU (fp32 on CPU), the score head
+    in fp32 as in training, since a bf16 head rounds every reward to bf16 (steps of 1/64 between 2 and 4): ties."""
     cuda = device.type == "cuda"
     model = read_model(train_args(args), tokenizer, torch.bfloat16 if cuda else torch.float32)
     return prepare(model.to(device), train_args(args), cuda).eval()
@@ -143,8 +141,7 @@ def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
     num_proc = max(1, min(os.cpu_count() or 1, len(mine) // 5000))  # a pool pays off for thousands of rows
     rows = mine.map(tokenize, remove_columns=[c for c in mine.column_names if c != "row"], num_proc=num_proc).to_list()
     bad = [(args.data, unit, r["row"], r["problem"]) for r in rows if r["problem"]]
-    parts = gather_objects(bad, "score/read", "read and tokenize its rows")
-    bad = sorted((b for part in parts for b in part), key=lambda b: b[2])
+    bad = sorted(itertools.chain(*gather_objects(bad, "score/read", "read and tokenize its rows")), key=lambda b: b[2])
     log = [f"score: {args.data} [{args.split}]: {len(raw)} rows, format {fmt!r}, {len(bad)} bad"]
     log += report_bad_rows(bad, args.skip_bad_rows)
     if len(bad) == len(raw):
@@ -180,9 +177,8 @@ def means(stats: list[dict]) -> dict:
 
 
 def section_scores(categories: dict, sections: dict) -> dict:
-    """RewardBench's sections of the categories' best-of-N accuracies, weighted by their row counts (a list of
-    categories) or by the file's weights; the score is the sections' plain mean. Absent categories are left out
-    and listed; a section with none present has no score."""
+    """RewardBench's sections of the categories' best-of-N accuracies, weighted by row counts (a list of categories)
+    or by the file's weights; the score is the sections' mean. Absent categories are listed; a section of none: None."""
     weights = {
         name: members if isinstance(members, dict) else {c: categories[c]["rows"] for c in members if c in categories}
         for name, members in sections.items()
@@ -196,12 +192,8 @@ def section_scores(categories: dict, sections: dict) -> dict:
 def summarize(stats: list[dict], subsets: list[str | None], sections: dict | None = None) -> dict:
     """The figures of a scored file from its rows' metrics: overall, per category (rows that have one), per section."""
     summary = means(stats)
-    groups = {}
-    for subset, row in zip(subsets, stats):
-        if subset is not None:
-            groups.setdefault(subset, []).append(row)
-    if groups:
-        summary["categories"] = {c: means(rows) for c, rows in sorted(groups.items())}
+    if categories := sorted({s for s in subsets if s is not None}):
+        summary["categories"] = {c: means([m for s, m in zip(subsets, stats) if s == c]) for c in categories}
     if sections:
         summary.update(section_scores(summary.get("categories", {}), sections))
     return summary
@@ -260,8 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Every rank's rows back in file order (row numbers increase through the file).
     mine = [(r["row"], r["subset"], r["id"], r["scores"], rw, st) for r, rw, st in zip(rows, rewards, stats)]
-    parts = gather_objects(mine, "score/scored", "score its rows")
-    scored = sorted((x for part in parts for x in part), key=lambda x: x[0])
+    scored = sorted(itertools.chain(*gather_objects(mine, "score/scored", "score its rows")), key=lambda x: x[0])
     categories = any(subset is not None for _, subset, *_ in scored)
     records = []
     for row, subset, row_id, scores, row_rewards, row_stats in scored:
