@@ -1,15 +1,5 @@
-"""What the flags point at, checked before anything expensive starts; each failure is one line.
-
-- `check_paths(args)` (first in train.py, right after the flags are parsed; file system only): the
-  local dataset files exist; the model and tokenizer are existing folders (a model folder with a
-  config) or valid Hub ids; a chat template name is one minrm knows or a tokenizer's folder or Hub
-  id; the output and cache folders can be created; a checkpoint to resume from exists.
-- `load_or_exit`: a `from_pretrained` whose failure (not found, offline, bad revision...) becomes
-  one line naming the flag. `check_model(args)`, first in train.py, fetches the model's config
-  with it and checks that a model folder holds weights and can run the chosen batching, before the
-  data is built.
-
-docs/errors.md lists every check and its message.
+"""What the flags point at, checked before anything expensive starts, each failure in one line: `check_paths` on the
+file system alone, then `check_model`, the run's first fetch. docs/errors.md lists every check and its message.
 """
 
 import os
@@ -20,29 +10,25 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 
-from minrm.config import DATA_FILES, TOY, label, load_or_exit
+from minrm.config import DATA_FILES, TOY, fail, load_or_exit
 from minrm.data.formats import CHAT_TEMPLATES
 from minrm.model.attention import check_flex, packing_problem
-
-
-def _fail(flag: str, why: str):
-    raise SystemExit(f"minrm: error: {label(flag)}: {why}")
 
 
 def _check_source(flag: str, name: str, model: bool, neither: str = "an existing folder nor a valid Hub id") -> None:
     """`name` is an existing folder or a valid Hub id (`name` or `org/name`); a model folder holds a config."""
     if os.path.isdir(name):
         if model and not os.path.isfile(os.path.join(name, "config.json")):
-            _fail(flag, f"the folder {name} has no config.json: it is not a Hugging Face model folder")
+            fail(flag, f"the folder {name} has no config.json: it is not a Hugging Face model folder")
         return
     if os.path.exists(name):
-        _fail(flag, f"{name} is a file; give the folder that holds it, or a Hub id")
+        fail(flag, f"{name} is a file; give the folder that holds it, or a Hub id")
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        _fail(flag, f"the folder {name} does not exist")
+        fail(flag, f"the folder {name} does not exist")
     try:
         validate_repo_id(name)
     except HFValidationError:
-        _fail(flag, f"{name!r} is neither {neither}")
+        fail(flag, f"{name!r} is neither {neither}")
 
 
 def _check_writable(flag: str, path: str) -> None:
@@ -52,19 +38,20 @@ def _check_writable(flag: str, path: str) -> None:
     while not os.path.exists(target):
         target = os.path.dirname(target)
     if not os.path.isdir(target):
-        _fail(flag, f"cannot create {path}: {target} is a file")
+        fail(flag, f"cannot create {path}: {target} is a file")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".minrm_probe_", dir=target))
     except OSError as e:
-        _fail(flag, f"cannot create {path}: a folder cannot be made in {target} ({e.strerror})")
+        fail(flag, f"cannot create {path}: a folder cannot be made in {target} ({e.strerror})")
 
 
 def check_paths(args) -> None:
-    """Every path or name a flag gives, checked on the file system alone (no network)."""
+    """Local dataset files exist; the model, tokenizer and chat template are existing folders or valid Hub ids (or a
+    template minrm knows); the output and cache folders can be created; a checkpoint to resume from exists."""
     for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
         for name in getattr(args, flag)[::2]:
             if name.endswith(DATA_FILES) and not os.path.isfile(name):
-                _fail(flag, f"local dataset file {name!r} does not exist")
+                fail(flag, f"local dataset file {name!r} does not exist")
     if args.model_name_or_path != TOY:
         _check_source("model_name_or_path", args.model_name_or_path, model=True)
     if args.tokenizer_name_or_path not in (None, TOY):
@@ -77,13 +64,12 @@ def check_paths(args) -> None:
         _check_writable("dataset_local_cache_dir", args.dataset_local_cache_dir)
     resume = args.resume_from_checkpoint
     if resume not in (None, "auto") and not os.path.isdir(resume):
-        _fail("resume_from_checkpoint", f"the checkpoint folder {resume} does not exist")
+        fail("resume_from_checkpoint", f"the checkpoint folder {resume} does not exist")
 
 
 def check_model(args, flag: str = "model_name_or_path"):
-    """The model's config loads (from its folder or the Hub), a local folder holds weights, and the
-    packed batchings can run the model: the first fetch of a run, so that a wrong model fails before
-    the data is built. Returns the config (None for the toy)."""
+    """The model's config loads (from its folder or the Hub), a local folder holds weights, and the packed batchings
+    can run the model, so that a wrong model fails before the data is built. Returns the config (None for the toy)."""
     name = args.model_name_or_path
     if name == TOY:
         return None
@@ -91,9 +77,9 @@ def check_model(args, flag: str = "model_name_or_path"):
     kwargs = {"revision": args.model_revision, "trust_remote_code": args.trust_remote_code}
     config = load_or_exit(AutoConfig.from_pretrained, flag, name, **kwargs)
     if os.path.isdir(name) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
-        _fail(flag, f"the folder {name} has no weights (*.safetensors or *.bin files)")
-    if args.batching != "padded" and (problem := packing_problem(config)):
-        raise SystemExit(f"minrm: error: --batching {args.batching}: {config.model_type} {problem}; use --batching padded")
+        fail(flag, f"the folder {name} has no weights (*.safetensors or *.bin files)")
     if args.batching != "padded":
+        if problem := packing_problem(config):
+            fail(f"batching {args.batching}", f"{config.model_type} {problem}; use --batching padded")
         check_flex(config, args.packed_attention, torch.cuda.is_available())
     return config

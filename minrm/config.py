@@ -1,15 +1,8 @@
 """Every flag of minrm, its default and its help text, in one dataclass, parsed by transformers' `HfArgumentParser`.
 
-Field names, types and defaults follow the reference (open-instruct's `reward_modeling.py` `Args`,
-`TokenizerConfig` and `ModelConfig`), and so does the parser: `HfArgumentParser`, the base of the
-reference's own, makes one flag per field from its type, default and `help`. So a reference command
-line runs unchanged, and so does its config-file form: a YAML file of `flag: value` lines first,
-flags after it overriding it. Derived values (batch sizes, step counts) are not flags: `train.py`
-computes them once and prints them.
-
-Where minrm's default differs from the reference, the field's help says so; `[minrm]` marks a flag
-the reference does not have. `parse_args` checks every value before anything else runs; what the
-paths point at is checked by the caller (`inputs.check_paths`, first in `train.py`).
+Names, types, defaults and parser follow the reference (open-instruct's `reward_modeling.py`): its command line runs
+unchanged, and so does its config file (YAML `flag: value` lines, first; flags after it override it). `parse_args`
+checks every value; what the paths point at is checked by `checks.check_paths`, first in `train.py`.
 """
 
 import argparse
@@ -19,7 +12,7 @@ import math
 import sys
 from argparse import ArgumentTypeError
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NoReturn
 
 import yaml
 from transformers import HfArgumentParser
@@ -40,20 +33,12 @@ SPLIT_SIZES = {"train": 24576, "test": 512}
 # With the toy model, the flags that neither the command line nor a config file gives take these values.
 TOY_RECIPE: dict[str, object] = {
     "learning_rate": 1e-3,  # 3e-3 and above learned the copy check worse
-    "per_device_train_batch_size": 16,
-    "gradient_accumulation_steps": 1,
-    "num_train_epochs": 1,
-    "warm_up_steps": 10,
-    "lr_scheduler_type": "linear",
-    "max_token_length": 128,
-    "max_prompt_token_length": 64,
-    "per_device_eval_batch_size": 64,
-    "num_evals": 2,
-    "dataset_mixer_list": [TOY, "1.0"],
-    "dataset_mixer_list_splits": ["train"],
-    "dataset_mixer_eval_list": [TOY, "1.0"],
-    "dataset_mixer_eval_list_splits": ["test"],
-}
+    "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "num_train_epochs": 1, "warm_up_steps": 10,
+    "lr_scheduler_type": "linear", "max_token_length": 128, "max_prompt_token_length": 64,
+    "per_device_eval_batch_size": 64, "num_evals": 2,
+    "dataset_mixer_list": [TOY, "1.0"], "dataset_mixer_list_splits": ["train"],
+    "dataset_mixer_eval_list": [TOY, "1.0"], "dataset_mixer_eval_list_splits": ["test"],
+}  # fmt: skip
 
 
 @dataclass
@@ -204,6 +189,15 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
+def label(flag: str) -> str:
+    """How a message names an argument: `--flag`, or a positional argument's name as it is (MODEL)."""
+    return flag if flag.isupper() else f"--{flag}"
+
+
+def fail(flag: str, why: str) -> NoReturn:
+    raise SystemExit(f"minrm: error: {label(flag)}: {why}")
+
+
 def _amount_ok(amount: str) -> bool:
     """A mixer AMOUNT: a whole row count (`400`) or a fraction with a decimal point (`0.5`, `3.0`), above 0."""
     if "." not in amount:
@@ -217,29 +211,17 @@ def _amount_ok(amount: str) -> bool:
 def validate(args: Args) -> None:
     """Reject bad values and combinations, from the flags alone, before any model or data is loaded."""
 
-    def fail(flag: str, why: str) -> None:
-        raise SystemExit(f"minrm: error: --{flag}: {why}")
-
-    for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
-        if getattr(args, name) < 1:
-            fail(name, f"must be at least 1, got {getattr(args, name)}")
-    for name in ("max_token_length", "max_prompt_token_length", "num_train_epochs", "timeout_minutes"):
-        if getattr(args, name) < 1:
-            fail(name, f"must be at least 1, got {getattr(args, name)}")
-    for name in ("warm_up_steps", "num_evals"):
-        if getattr(args, name) < 0:
-            fail(name, f"must be >= 0, got {getattr(args, name)}")
-    for name in ("max_tokens_per_batch", "total_episodes"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(name, f"must be at least 1, got {getattr(args, name)}")
-    if args.max_responses_per_prompt is not None and args.max_responses_per_prompt < 2:
-        fail(
-            "max_responses_per_prompt",
-            f"must be at least 2 (a comparison needs two), got {args.max_responses_per_prompt}",
-        )
-    coefficient = args.center_rewards_coefficient
-    if coefficient is not None and not (math.isfinite(coefficient) and coefficient >= 0):
-        fail("center_rewards_coefficient", f"must be a number >= 0, got {coefficient}")
+    at_least_1 = ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                  "max_token_length", "max_prompt_token_length", "num_train_epochs", "timeout_minutes",
+                  "max_tokens_per_batch", "total_episodes")  # fmt: skip
+    minimums = [(at_least_1, 1, "at least 1"), (("warm_up_steps", "num_evals"), 0, ">= 0"),
+                (("max_responses_per_prompt",), 2, "at least 2 (a comparison needs two)"),
+                (("center_rewards_coefficient",), 0, "a number >= 0")]  # fmt: skip
+    for names, low, text in minimums:
+        for name in names:
+            # None: an optional flag not given; a float may be nan or inf, which no bound lets through
+            if (value := getattr(args, name)) is not None and not low <= value < math.inf:
+                fail(name, f"must be {text}, got {value}")
     if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:
         fail("learning_rate/eps/weight_decay", "learning_rate and weight_decay must be >= 0 and eps > 0")
     steps = args.checkpointing_steps
@@ -262,14 +244,10 @@ def validate(args: Args) -> None:
         n = len(mixer) // 2
         if mixer and len(splits) not in (1, n):
             fail(flag + "_splits", f"give one split for all datasets or one per dataset ({n}), got {splits}")
-        for name, amount in zip(mixer[::2], mixer[1::2]):
+        for name, amount, split in zip(mixer[::2], mixer[1::2], splits * n if len(splits) == 1 else splits):
             if not _amount_ok(amount):
-                fail(
-                    flag,
-                    f"amount {amount!r} for {name!r} is not a positive number: a row count (400) or a fraction "
-                    "with a decimal point (0.5, 1.0, 3.0)",
-                )
-        for name, split in zip(mixer[::2], splits * n if len(splits) == 1 else splits):
+                why = "a row count (400) or a fraction with a decimal point (0.5, 1.0, 3.0)"
+                fail(flag, f"amount {amount!r} for {name!r} is not a positive number: {why}")
             if name == TOY and split not in SPLIT_SIZES:
                 fail(flag + "_splits", f"{TOY} has the splits {sorted(SPLIT_SIZES)}, not {split!r}")
             if name.endswith(DATA_FILES) and split != "train":
@@ -277,10 +255,9 @@ def validate(args: Args) -> None:
 
 
 def read_config_file(path: str) -> dict:
-    """The flags a YAML config file sets, by field name: keys are flag names (or aliases), values YAML
-    scalars or lists (for the list flags). HfArgumentParser's own `parse_yaml_file` hands the YAML values
-    to the dataclass as they are (`lr: 3e-6` is a string to YAML); here they go through the command
-    line's parser instead, so each value gets the type and the checks its flag gets there."""
+    """The flags a YAML file sets (keys: flag names or aliases), by field name. HfArgumentParser's `parse_yaml_file`
+    hands YAML's values to the dataclass as they are (`lr: 3e-6` is a string to YAML); here they go through the
+    command line's parser, so each value gets its flag's type and checks."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -292,8 +269,7 @@ def read_config_file(path: str) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise SystemExit(f"minrm: error: {path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if data is None:  # an empty file sets nothing
-        return {}
+    data = {} if data is None else data  # an empty file sets nothing
     if not isinstance(data, dict):
         raise SystemExit(f"minrm: error: {path}: expected `flag: value` lines, got a YAML {type(data).__name__}")
     fields = {f.name: f.name for f in dataclasses.fields(Args)}
@@ -302,9 +278,8 @@ def read_config_file(path: str) -> dict:
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            raise SystemExit(
-                f"minrm: error: {path}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-            )
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SystemExit(f"minrm: error: {path}: unknown key {key!r}{hint}")
         if isinstance(value, dict):
             raise SystemExit(f"minrm: error: {path}: {key}: give a list (NAME AMOUNT ...), not a mapping")
         argv += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}={value}"]
@@ -322,8 +297,7 @@ def read_config_file(path: str) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """Parse the command line: an optional YAML config file first, then flags, which override it.
-    With the toy model, flags given in neither take the toy recipe's values."""
+    """An optional YAML config file, then flags overriding it; with the toy model, the toy recipe fills the rest."""
     argv = sys.argv[1:] if argv is None else list(argv)
     from_file = read_config_file(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else {}
     parser = build_parser()
@@ -333,23 +307,16 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if args.model_name_or_path == TOY:
         # The toy recipe goes under the file's values as defaults, and the flags are read again. An eval set
         # carved by --eval_fraction replaces the toy's own.
-        recipe = {
-            k: v for k, v in TOY_RECIPE.items() if not (k.startswith("dataset_mixer_eval") and args.eval_fraction)
-        }
+        recipe = {k: v for k, v in TOY_RECIPE.items() if not (args.eval_fraction and "mixer_eval" in k)}
         parser.set_defaults(**{**recipe, **from_file})
         args = Args(**vars(parser.parse_args(argv)))
     validate(args)
     return args
 
 
-def label(flag: str) -> str:
-    """How a message names an argument: `--flag`, or a positional argument's name as it is (MODEL)."""
-    return flag if flag.isupper() else f"--{flag}"
-
-
 def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **kwargs):
-    """`load(name, **kwargs)` (a `from_pretrained`); its failure to find, fetch or read `name` is
-    one line naming the flag, instead of a traceback from deep inside transformers."""
+    """`load(name, **kwargs)` (a `from_pretrained`), whose failure to find, fetch or read `name` is one line naming
+    the flag, not a traceback from deep inside transformers."""
     try:
         return load(name, **kwargs)
     except (OSError, ValueError) as e:

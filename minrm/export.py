@@ -17,9 +17,8 @@ from minrm.training.checkpoint import check_complete, load_model_weights
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, max_shard_size: str = "5GB") -> None:
-    """Write a checkpoint as the Hugging Face folder the end of training writes. The model skeleton
-    is rebuilt from the run's args saved in the checkpoint's meta.json; DCP loads the shards of any
-    world size into it."""
+    """Write a checkpoint as the Hugging Face folder the end of training writes. The model skeleton is rebuilt
+    from the run's args in the checkpoint's meta.json; DCP loads the shards of any world size into it."""
     try:
         meta = check_complete(checkpoint)
     except ValueError as e:
@@ -39,6 +38,5 @@ if __name__ == "__main__":
     parser.add_argument("checkpoint", help="a checkpoint folder, e.g. OUTPUT_DIR/RUN_NAME/checkpoints/step_100")
     parser.add_argument("out_dir", help="the Hugging Face folder to write")
     parser.add_argument("--max_shard_size", default="5GB", help="safetensors shard size (default: 5GB)")
-    cli = parser.parse_args()
-    export_checkpoint(cli.checkpoint, cli.out_dir, cli.max_shard_size)
+    export_checkpoint(**vars(parser.parse_args()))
     dist.destroy_process_group()

@@ -4,15 +4,13 @@ learning rate), train rows as lines and eval rows as dots, several runs overlaid
     python -m minrm.plot output/RUN_NAME                              # -> metrics.png
     python -m minrm.plot output/run_a output/run_b --out ab.png --x time --smooth 0.9
 
-A RUN is a run folder or a metrics.jsonl: minrm's, or any JSON-lines file with the same keys (a
-reference run's W&B history exported to JSONL plots the same way; null values count as absent).
-`--x time` plots against `time/elapsed_s` / 3600 (see tracking.py). The training loop calls
-`save_run_plot` at the end, so every finished run has its `metrics.png`.
-
-The figure is a plain matplotlib `Figure` drawn by the Agg canvas: no pyplot state and no display.
+A RUN is a run folder or a metrics.jsonl: minrm's, or any JSON-lines file with the same keys (a reference
+run's W&B history exported to JSONL; null values count as absent). The figure is a plain matplotlib `Figure`
+on the Agg canvas: no pyplot state and no display.
 """
 
 import argparse
+import itertools
 import json
 import os
 
@@ -57,8 +55,7 @@ def load_run(path: str) -> tuple[str, list[dict]]:
 
 
 def load_runs(paths: list[str]) -> list[tuple[str, list[dict]]]:
-    """`load_run` of each path; when two runs share a name (folders of the same name in different
-    places), the legend shows the paths as given instead."""
+    """`load_run` of each path; runs that share a name (same-named folders) are named by their paths as given."""
     runs = [load_run(path) for path in paths]
     if len({name for name, _ in runs}) < len(runs):
         runs = [(path, rows) for path, (_, rows) in zip(paths, runs)]
@@ -67,25 +64,17 @@ def load_runs(paths: list[str]) -> list[tuple[str, list[dict]]]:
 
 def smooth(values: list[float], weight: float) -> list[float]:
     """Exponential moving average: s_0 = y_0, s_i = weight * s_(i-1) + (1 - weight) * y_i."""
-    out = []
-    for y in values:
-        out.append(y if not out else weight * out[-1] + (1 - weight) * y)
-    return out
+    return list(itertools.accumulate(values, lambda s, y: weight * s + (1 - weight) * y))
 
 
 def series(rows: list[dict], key: str, x: str, run: str) -> tuple[list[float], list[float]]:
     """The (x, y) of every row that has a number under `key`."""
-    x_key = ELAPSED if x == "time" else "episode"
-    xs, ys = [], []
-    for row in rows:
-        if not _number(row.get(key)):
-            continue
-        if not _number(row.get(x_key)):
-            hint = "; plot it with --x episode" if x == "time" else ""
-            raise SystemExit(f"minrm: error: run {run}: a row with {key} has no number under {x_key}{hint}")
-        xs.append(row[x_key] / 3600 if x == "time" else row[x_key])
-        ys.append(row[key])
-    return xs, ys
+    x_key, scale = (ELAPSED, 3600) if x == "time" else ("episode", 1)
+    points = [row for row in rows if _number(row.get(key))]
+    if not all(_number(row.get(x_key)) for row in points):
+        hint = "; plot it with --x episode" if x == "time" else ""
+        raise SystemExit(f"minrm: error: run {run}: a row with {key} has no number under {x_key}{hint}")
+    return [row[x_key] / scale for row in points], [row[key] for row in points]
 
 
 def plot_runs(runs: list[tuple[str, list[dict]]], x: str = "episode", smoothing: float = 0.0) -> Figure:

@@ -2,22 +2,16 @@
 category, and section scores as RewardBench reports them.
 
     python -m minrm.score output/my_run --data prefs.jsonl --out scores.jsonl
-    python -m minrm.score allenai/Llama-3.1-Tulu-3-8B-RM --data allenai/reward-bench-2 --benchmark rewardbench2 \\
-        --out rb2.parquet
-    torchrun --nproc_per_node 8 -m minrm.score output/my_run --data prefs.jsonl --out scores.jsonl
+    torchrun --nproc_per_node 8 -m minrm.score allenai/Llama-3.1-Tulu-3-8B-RM --data allenai/reward-bench-2 \\
+        --benchmark rewardbench2 --out rb2.parquet
 
-MODEL is a folder minrm exported or any Hugging Face `*ForSequenceClassification` with one label
-(a folder or a Hub id). Rows are in any format minrm.train reads; `rejected` may hold a list of
-responses (best-of-N). A row is right when its chosen reward is strictly above every rejected one.
-All the responses of a row go through the model in one packed row, the prompt computed once
-(`--batching shared_prefix`); rows are sorted by length into batches of `--max_tokens_per_batch`
-tokens; bf16 on GPU, fp32 on CPU. Under torchrun each process holds the whole model and scores
-every world_size-th row; rank 0 gathers the rewards in file order and writes them.
-`--benchmark rewardbench|rewardbench2` scores the rows as RewardBench 1 or 2 publish their scores
-(minrm.rewardbench).
+Rows are in any format minrm.train reads, `rejected` possibly a list (best-of-N): a row is right when its chosen
+reward is strictly above every rejected one. Each process holds the whole model and scores every world_size-th row,
+sorted by length into forwards of `--max_tokens_per_batch` tokens; rank 0 writes them in file order.
 """
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -40,8 +34,9 @@ from minrm.model.reward import prepare, read_model
 from minrm.training.batching import BATCHINGS, collate, micro_batches, to_device
 from minrm.training.loss import STATS, row_statistics
 
-# Flags passed on to minrm.train's loading of the tokenizer and the model (the chat template: train's default when not given).
-TRAIN_FLAGS = ("tokenizer_name_or_path", "chat_template_name", "add_bos", "trust_remote_code", "model_revision")
+# The flags the scorer passes on to minrm.train's loading of the tokenizer and the model.
+TRAIN_FLAGS = ("tokenizer_name_or_path", "chat_template_name", "add_bos", "trust_remote_code", "model_revision",
+               "batching", "packed_attention")  # fmt: skip
 MAX_TOKENS = {"cuda": 16384, "cpu": 4096}  # --max_tokens_per_batch's default
 
 
@@ -61,9 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("chosen", "rejected", "prompt", "responses", "scores", "margin"):
         p.add_argument(f"--{key}_key", default=key, help=f"column of the {key}, as minrm.train's --{key}_key")
     p.add_argument("--tokenizer_name_or_path", help="tokenizer (default: the model's)")
-    p.add_argument(
-        "--chat_template_name", default=argparse.SUPPRESS, help="chat template, as minrm.train's (and its default)"
-    )
+    p.add_argument("--chat_template_name", help="chat template, as minrm.train's (and its default)")
     p.add_argument("--add_bos", action="store_true", help="prepend bos to the chat template")
     p.add_argument("--trust_remote_code", action="store_true", help="allow the Hub repository's code to run")
     p.add_argument("--model_revision", help="revision of the model on the Hub")
@@ -103,16 +96,11 @@ def read_sections(path: str) -> dict:
 
 def train_args(args) -> Args:
     """The scorer's model and tokenizer flags as minrm.train's: the same loading and checks."""
-    given = {k: getattr(args, k) for k in TRAIN_FLAGS if hasattr(args, k)}
-    return Args(
-        model_name_or_path=args.model, batching=args.batching, packed_attention=args.packed_attention,
-        init_score_head=False, **given,
-    )  # fmt: skip
+    return Args(model_name_or_path=args.model, init_score_head=False, **{k: getattr(args, k) for k in TRAIN_FLAGS})
 
 
 def check_model(args) -> None:
-    """Refuse, before any data is read, a model that does not load (the trainer's checks) or is not
-    a reward model."""
+    """Refuse, before any data is read, a model that does not load (the trainer's checks) or is not a reward model."""
     config = check_loadable(train_args(args), flag="MODEL")
     kinds = config.architectures or []
     if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):
@@ -122,9 +110,8 @@ def check_model(args) -> None:
 
 
 def load_reward_model(args, tokenizer, device: torch.device) -> PreTrainedModel:
-    """The model as minrm.train reads it, set up to run, for inference: the backbone in bf16 on GPU
-    (fp32 on CPU) and the score head in fp32 as in training (--mixed_precision bf16). A bf16 head
-    would round every reward to bf16 (steps of 1/64 between 2 and 4): ties, counted as wrong."""
+    """The model as minrm.train reads it, for inference: the backbone in bf16 on GPU (fp32 on CPU), the score head
+    in fp32 as in training, since a bf16 head rounds every reward to bf16 (steps of 1/64 between 2 and 4): ties."""
     cuda = device.type == "cuda"
     model = read_model(train_args(args), tokenizer, torch.bfloat16 if cuda else torch.float32)
     return prepare(model.to(device), train_args(args), cuda).eval()
@@ -135,10 +122,8 @@ def load_reward_model(args, tokenizer, device: torch.device) -> PreTrainedModel:
 
 
 def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
-    """This rank's rows (every world_size-th of the file) as {"row", "subset", "prompt", "responses",
-    "scores", "margin"} (the chosen responses are those of the top score), and log lines. Bad rows
-    are gathered from every rank first, so all stop together with the same list, or skip and count
-    them (--skip_bad_rows)."""
+    """This rank's rows (every world_size-th) as {"row", "subset", "id", "prompt", "responses", "scores", "margin"},
+    and log lines. Every rank gathers all ranks' bad rows, so all stop together with the same list, or skip them."""
     raw, unit = read_raw(args.data, args.split)
     if "row" not in raw.column_names:
         raw = raw.add_column("row", list(range(len(raw))))
@@ -154,12 +139,9 @@ def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
 
     mine = raw.select(range(d.rank, len(raw), d.world_size))
     num_proc = max(1, min(os.cpu_count() or 1, len(mine) // 5000))  # a pool pays off for thousands of rows
-    keep = ["row"]
-    rows = mine.map(tokenize, remove_columns=[c for c in mine.column_names if c not in keep], num_proc=num_proc)
-    rows = rows.to_list()
+    rows = mine.map(tokenize, remove_columns=[c for c in mine.column_names if c != "row"], num_proc=num_proc).to_list()
     bad = [(args.data, unit, r["row"], r["problem"]) for r in rows if r["problem"]]
-    parts = gather_objects(bad, "score/read", "read and tokenize its rows")
-    bad = sorted((b for part in parts for b in part), key=lambda b: b[2])
+    bad = sorted(itertools.chain(*gather_objects(bad, "score/read", "read and tokenize its rows")), key=lambda b: b[2])
     log = [f"score: {args.data} [{args.split}]: {len(raw)} rows, format {fmt!r}, {len(bad)} bad"]
     log += report_bad_rows(bad, args.skip_bad_rows)
     if len(bad) == len(raw):
@@ -179,11 +161,9 @@ def score_rows(model, rows: list[dict], batching: str, max_tokens: int, pad_id: 
         bar.update(len(batch))
     rewards, stats = [None] * len(rows), [None] * len(rows)
     for batch, flat, values in outputs:
-        flat = flat.tolist()
-        for i, row_values in zip(batch, values.tolist()):
-            n = len(rows[i]["responses"])
-            rewards[i], flat = flat[:n], flat[n:]
-            stats[i] = dict(zip(STATS, row_values))
+        sizes = [len(rows[i]["responses"]) for i in batch]
+        for i, row_rewards, row_values in zip(batch, flat.cpu().split(sizes), values.tolist()):
+            rewards[i], stats[i] = row_rewards.tolist(), dict(zip(STATS, row_values))
     return rewards, stats
 
 
@@ -197,11 +177,8 @@ def means(stats: list[dict]) -> dict:
 
 
 def section_scores(categories: dict, sections: dict) -> dict:
-    """RewardBench's sections (rewardbench.weighted_sections) of the categories' best-of-N accuracies,
-    weighted by their row counts (a list of categories: the accuracy over the section's rows) or by
-    the weights the file gives; the overall score is the plain mean of the section scores. A
-    category absent from the data is left out of its section and listed; a section with none
-    present has no score."""
+    """RewardBench's sections of the categories' best-of-N accuracies, weighted by row counts (a list of categories)
+    or by the file's weights; the score is the sections' mean. Absent categories are listed; a section of none: None."""
     weights = {
         name: members if isinstance(members, dict) else {c: categories[c]["rows"] for c in members if c in categories}
         for name, members in sections.items()
@@ -213,15 +190,10 @@ def section_scores(categories: dict, sections: dict) -> dict:
 
 
 def summarize(stats: list[dict], subsets: list[str | None], sections: dict | None = None) -> dict:
-    """The figures of a scored file from its rows' metrics: overall, per category (rows that have
-    one), per section."""
+    """The figures of a scored file from its rows' metrics: overall, per category (rows that have one), per section."""
     summary = means(stats)
-    groups = {}
-    for subset, row in zip(subsets, stats):
-        if subset is not None:
-            groups.setdefault(subset, []).append(row)
-    if groups:
-        summary["categories"] = {c: means(rows) for c, rows in sorted(groups.items())}
+    if categories := sorted({s for s in subsets if s is not None}):
+        summary["categories"] = {c: means([m for s, m in zip(subsets, stats) if s == c]) for c in categories}
     if sections:
         summary.update(section_scores(summary.get("categories", {}), sections))
     return summary
@@ -231,20 +203,16 @@ def report(summary: dict) -> str:
     """The summary as text: a table per category, the section scores."""
 
     def figures(m: dict) -> str:
-        numbers = [m[name] for name in ("accuracy", "best_of_n_accuracy")]
-        numbers += [m[name] for name in ("chosen_rewards", "rejected_rewards", "reward_margin")]
-        return " | ".join(f"{x:.4f}" for x in numbers[:2]) + " | " + " | ".join(f"{x:+.4f}" for x in numbers[2:])
+        rewards = [f"{m[name]:+.4f}" for name in ("chosen_rewards", "rejected_rewards", "reward_margin")]
+        return " | ".join([f"{m['accuracy']:.4f}", f"{m['best_of_n_accuracy']:.4f}", *rewards])
 
     lines = ["| category | rows | accuracy | best of N | chosen | rejected | margin |", "|---|---|---|---|---|---|---|"]
-    for name, m in summary.get("categories", {}).items():
-        lines.append(f"| {name} | {m['rows']} | {figures(m)} |")
-    lines = lines if "categories" in summary else lines[:2]
+    lines += [f"| {name} | {m['rows']} | {figures(m)} |" for name, m in summary.get("categories", {}).items()]
     lines.append(f"| all | {summary['rows']} | {figures(summary)} |")
     if "sections" in summary:
         lines += ["", "| section | score |", "|---|---|"]
-        lines += [f"| {name} | {'-' if s is None else f'{s:.4f}'} |" for name, s in summary["sections"].items()]
-        score = summary["score"]
-        lines.append(f"| score (mean of the sections) | {'-' if score is None else f'{score:.4f}'} |")
+        lines += [f"| {name} | {rewardbench.number(s)} |" for name, s in summary["sections"].items()]
+        lines.append(f"| score (mean of the sections) | {rewardbench.number(summary['score'])} |")
         if summary["missing_categories"]:
             lines.append(f"categories of --sections not in the data: {', '.join(summary['missing_categories'])}")
     return "\n".join(lines)
@@ -277,16 +245,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_reward_model(args, tokenizer, d.device)
 
     start = time.perf_counter()
-    bar = tqdm(total=len(rows), disable=not d.is_main, desc="score", dynamic_ncols=True)
-    rewards, stats = score_rows(model, rows, args.batching, max_tokens, tokenizer.pad_token_id, d.device, bar)
-    bar.close()
+    with tqdm(total=len(rows), disable=not d.is_main, desc="score", dynamic_ncols=True) as bar:
+        rewards, stats = score_rows(model, rows, args.batching, max_tokens, tokenizer.pad_token_id, d.device, bar)
     seconds = time.perf_counter() - start
     print0(f"score: rank 0 scored {len(rows)} rows in {seconds:.1f} s ({len(rows) / seconds:.1f} rows/s)")
 
     # Every rank's rows back in file order (row numbers increase through the file).
     mine = [(r["row"], r["subset"], r["id"], r["scores"], rw, st) for r, rw, st in zip(rows, rewards, stats)]
-    parts = gather_objects(mine, "score/scored", "score its rows")
-    scored = sorted((x for part in parts for x in part), key=lambda x: x[0])
+    scored = sorted(itertools.chain(*gather_objects(mine, "score/scored", "score its rows")), key=lambda x: x[0])
     categories = any(subset is not None for _, subset, *_ in scored)
     records = []
     for row, subset, row_id, scores, row_rewards, row_stats in scored:

@@ -66,7 +66,7 @@ def test_rewardbench1_pairs_sections_and_prior_sets():
     assert "alpacaeval-hard" in summary["missing_subsets"] and "math-prm" not in summary["missing_subsets"]
 
     # Without the prior sets: the plain mean of the four sections.
-    core = [r for r in rows if r[0] in rewardbench.EXAMPLE_COUNTS]
+    core = [r for r in rows if any(r[0] in subsets for subsets in rewardbench.SECTIONS.values())]
     summary = rewardbench.summarize("rewardbench", records("rewardbench", core))
     assert summary["sections"]["Prior Sets"] is None
     assert summary["score"] == pytest.approx((chat + chat_hard + safety + reasoning) / 4)
