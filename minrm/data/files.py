@@ -127,8 +127,7 @@ class _Text:
 
 
 def _check_utf8(path: str) -> None:
-    """Decode the whole file once, streaming, so that bad bytes are reported, with their line, before
-    anything is parsed."""
+    """Decode the whole file, streaming, so that bad bytes are reported with their line before anything is parsed."""
     decoder, newlines = codecs.getincrementaldecoder("utf-8-sig")(), 0
     with open(path, "rb") as f:
         for data in itertools.chain(iter(lambda: f.read(CHUNK), b""), [b""]):  # a last b"" ends the decoding
