@@ -10,21 +10,17 @@ from transformers import AutoTokenizer
 from minrm.config import parse_args
 from minrm.data import toy
 from minrm.data.formats import CHAT_TEMPLATES
-from minrm.data.mixer import take
+from minrm.data.mixer import take_indices
 from minrm.data.tokenizer import load_tokenizer
 from minrm.training.batching import collate, stream_indices
 from tests.conftest import build_dataset, write_pairs
-
-
-def numbered(n: int) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"i": list(range(n))})
 
 
 @pytest.mark.parametrize(
     ("amount", "expected"), [("1.0", 10), ("0.5", 5), ("3.0", 30), ("2.5", 25), ("4", 4), ("23", 23)]
 )
 def test_mixer_amounts(amount, expected):
-    rows = take(numbered(10), amount, seed=3)["i"]
+    rows = take_indices(10, amount, seed=3)
     assert len(rows) == expected
     full, rest = divmod(expected, 10)
     if full == 0:  # downsampling keeps the first rows
@@ -32,7 +28,7 @@ def test_mixer_amounts(amount, expected):
     else:  # upsampling: whole copies, then a remainder without replacement
         assert rows[: 10 * full] == list(range(10)) * full
         assert len(set(rows[10 * full :])) == rest
-    assert take(numbered(10), amount, seed=3)["i"] == rows  # a fixed seed
+    assert take_indices(10, amount, seed=3) == rows  # a fixed seed
 
 
 def test_tokenization_applies_the_chat_template(tmp_path):

@@ -1,10 +1,6 @@
-"""The cache of the tokenized, checked, mixed datasets, and how the processes of a run, on one
-node or many, build it once and share it.
-
-Building (`data.build_side`) reads, checks and tokenizes every row; the result is saved with
-`save_to_disk` in a folder named by a hash of every input that shapes it, so a second run with the
-same inputs loads it in a fraction of a second.
-"""
+"""The cache of the tokenized, checked, mixed datasets (`mixer.build_side`), saved with `save_to_disk` in a
+folder named by a hash of every input that shapes it, and how the processes of a run, on one node or many,
+build it once and share it (docs/data.md, "Cache")."""
 
 import hashlib
 import json
@@ -29,22 +25,16 @@ TRANSFORM_VERSION = 2
 def _source_hash(name: str, split: str) -> str:
     """What identifies a dataset's content: a local file's bytes, the toy generator's code, or
     the fingerprint `datasets` gives a Hub dataset (it covers the resolved revision)."""
-    h = hashlib.sha256()
-    if name == toy.TOY:
-        h.update(open(toy.__file__, "rb").read())
-    elif os.path.isfile(name):
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:
-        h.update(read_raw(name, split)[0]._fingerprint.encode())
-    return h.hexdigest()
+    path = toy.__file__ if name == toy.TOY else name
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    return hashlib.sha256(read_raw(name, split)[0]._fingerprint.encode()).hexdigest()
 
 
 def cache_key(args, tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of everything that shapes the datasets: sources, mixers, splits, tokenizer (vocabulary,
-    merges, special tokens, chat template), length limits, responses kept a row, column keys, checks
-    and seed."""
+    """A hash of everything that shapes the datasets: sources, mixers, splits, tokenizer (vocabulary, merges,
+    special tokens, chat template), length limits, responses kept a row, column keys, checks and seed."""
     sources = {}
     for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
         mixer, splits = getattr(args, flag), getattr(args, flag + "_splits")
@@ -53,6 +43,7 @@ def cache_key(args, tokenizer: PreTrainedTokenizerBase) -> str:
             sources[f"{name} [{split}]"] = _source_hash(name, split)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    vocab_hash = hashlib.sha256(vocab.encode()).hexdigest()
     fields = (
         "dataset_mixer_list dataset_mixer_list_splits dataset_mixer_eval_list dataset_mixer_eval_list_splits "
         "max_token_length max_prompt_token_length skip_bad_rows eval_fraction seed"
@@ -63,12 +54,7 @@ def cache_key(args, tokenizer: PreTrainedTokenizerBase) -> str:
         "args": {f: getattr(args, f) for f in fields},
         "columns": column_keys(args),
         "max_responses_per_prompt": args.max_responses_per_prompt,
-        "tokenizer": [
-            hashlib.sha256(vocab.encode()).hexdigest(),
-            tokenizer.chat_template,
-            str(tokenizer.special_tokens_map),
-            len(tokenizer),
-        ],
+        "tokenizer": [vocab_hash, tokenizer.chat_template, str(tokenizer.special_tokens_map), len(tokenizer)],
     }
     return hashlib.sha256(json.dumps(ingredients, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -95,8 +81,8 @@ def _complete(path: str) -> bool:
 
 
 def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase, key: str | None = None) -> str:
-    """The cache folder for these inputs (`key`: their hash, computed when not given), built first
-    if it is not there. Returns its path."""
+    """The path of the cache folder for these inputs (`key`: their hash, computed when not given), built
+    first if it is not there."""
     path = os.path.join(args.dataset_local_cache_dir, key or cache_key(args, tokenizer))
     if _complete(path):
         print(f"data: loading the tokenized datasets from the cache {path}", flush=True)
@@ -152,16 +138,11 @@ def _wait_for_key(rank: int, say: bool) -> str:
 def load_datasets(
     args, tokenizer: PreTrainedTokenizerBase, d: Dist
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Train and eval rows, through the cache (docs/data.md, "Cache"):
-
-    1. global rank 0 hashes the inputs, then finds or builds the cache, and posts its key;
-    2. each other node's first process (local rank 0) then looks for that key's folder in its own
-       `--dataset_local_cache_dir`: found on a shared filesystem, absent on a node-local disk, where
-       it builds this node's copy; and posts the key;
-    3. every other process waits for its node's first process; then all load the folder.
-    Waiting polls the process group's store instead of sitting in a barrier, so a build longer
-    than `--timeout_minutes` is no error; a builder's failure stops the waiting ranks with its message.
-    """
+    """Train and eval rows through the cache: global rank 0 finds or builds it and posts its key; then each
+    other node's first process looks for that key's folder in its own --dataset_local_cache_dir (there on a
+    shared filesystem; on a node-local disk it builds this node's copy) and posts it; the other processes
+    wait for their node's first. Waiting polls the store instead of a barrier, so a build longer than
+    --timeout_minutes is no error; a builder's failure stops the waiting ranks with its message."""
     if args.dataset_skip_cache:
         dd, log = build_datasets(args, tokenizer)  # every process tokenizes for itself
     else:

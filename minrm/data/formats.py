@@ -1,31 +1,17 @@
-"""Preference row formats: detect one per dataset, check every row, tokenize it to one row shape.
+"""Preference row formats: detect one per dataset, check every row, tokenize it to one row shape
+(examples of each in docs/data.md, "Row formats"; column names set by the --*_key flags).
 
-Three formats are accepted, each in three layouts (column names changeable with --chosen_key,
---rejected_key, --prompt_key, --responses_key, --scores_key, --margin_key):
-
-- `conversational`: each response a whole conversation (a list of messages); the prompt is the
-  messages they share before the last, which must be the assistant's (Tulu).
-- `prompt`: `{"prompt": [messages] | str, ...}`. A string prompt is one user message, a string
-  response one assistant message; a response's message list may hold the whole conversation (it
-  starts with the prompt) or only what follows the prompt.
-- `plain`: full texts with no chat template. Each text is `tokenizer(text)` (so bos where the
-  tokenizer adds it by default) plus eos when the tokenizer did not put one last; the prompt is
-  the longest run of token ids all the sequences start with.
-
-The layouts: a pair (`chosen`, `rejected`: one response each); best-of-N (`chosen` and/or
-`rejected` a LIST of responses, as RewardBench 2 has them: every chosen response is preferred to
-every rejected one); scored (`responses`, a list, and `scores`, numbers of the same length: i is
-preferred to j when its score is higher; equal scores make no comparison). An optional `margin`
-number is carried with the row (Llama 2's margin loss, for each comparison of the row).
-
-Every row ends as `{"prompt", "responses", "scores", "margin"}`: the prompt's ids, each response's
-whole sequence (prompt included), its score (1.0 chosen, 0.0 rejected for pairs and best-of-N),
-and the margin (0.0 when none). A row that breaks a rule, or has no comparison, is not tokenized:
-`problem` says what is wrong, in words.
+Formats: `conversational` (each response a whole conversation; the prompt is the messages they share
+before the last, which must be the assistant's), `prompt` (an explicit prompt, messages or a string; a
+response's messages may repeat it or only follow it) and `plain` (texts without a chat template; the prompt
+is the longest run of ids all the sequences start with). Layouts: a pair (`chosen`, `rejected`), best-of-N
+(`chosen` and/or `rejected` a LIST: every chosen is preferred to every rejected) and scored (`responses`
+and `scores`: i is preferred to j when its score is higher; equal scores make no comparison).
 """
 
 import json
 import math
+import os
 
 from transformers import PreTrainedTokenizerBase
 
@@ -95,12 +81,10 @@ def _responses(row: dict, keys: dict) -> tuple[list[str], list[str], list, list[
         scores = [_number(s, f"{keys['scores']}[{i}]") for i, s in enumerate(scores)]
         names = [f"{keys['responses']}[{i}]" for i in range(len(values))]
         return names, [f"responses[{i}]" for i in range(len(values))], values, scores
-    for k in ("chosen", "rejected"):
-        if row.get(keys[k]) is None:
-            raise ValueError(f"missing `{keys[k]}`")
     names, labels, values, scores = [], [], [], []
     for side, score in (("chosen", 1.0), ("rejected", 0.0)):
-        value = row[keys[side]]
+        if (value := row.get(keys[side])) is None:
+            raise ValueError(f"missing `{keys[side]}`")
         many = _listed(value)
         for i, v in enumerate(value if many else [value]):
             names.append(f"{keys[side]}[{i}]" if many else keys[side])
@@ -175,23 +159,18 @@ def _check_comparisons(labels: list, responses: list, scores: list[float]) -> No
 
 
 def _plain_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[list[int]]]:
+    """Each text as `tokenizer(text)` (bos where the tokenizer adds it) plus eos unless it ends with one."""
     eos = tokenizer.eos_token_id
     responses = [ids if ids and ids[-1] == eos else ids + [eos] for ids in tokenizer(texts)["input_ids"]]
-    shared = 0
-    while shared < min(map(len, responses)) and len({r[shared] for r in responses}) == 1:
-        shared += 1
-    return responses[0][:shared], responses
+    return os.path.commonprefix(responses), responses  # commonprefix compares lists element by element
 
 
 def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """One row to `{"prompt", "responses", "scores", "margin", "problem"}` (module docstring); a bad
-    row gets empty ids and a problem. Training and the scorer read rows through this one function.
-
-    A row read from a .jsonl file arrives unparsed as `{"json": line}`, so that rows of mixed types
-    (which Arrow cannot hold in one column) and invalid JSON are reported rather than fatal.
-    """
+    """One row (a JSON file's unparsed, `{"json", "row"}` from files.py) to the prompt's ids, each response's
+    whole sequence, its score (1.0 chosen, 0.0 rejected), the `margin` (0.0 when none) and `problem` (a bad
+    row's, in words; its ids empty). Training and the scorer read rows through this one function."""
     try:
-        if "json" in row and len(row) <= 2:  # {"json", "row"} from local_files
+        if "json" in row and len(row) <= 2:
             try:
                 row = json.loads(row["json"])
             except json.JSONDecodeError as e:

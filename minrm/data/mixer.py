@@ -1,11 +1,8 @@
-"""From a dataset mixer list to tokenized preference rows, and the training stream's order.
+"""From a dataset mixer list to tokenized rows: each dataset read, its rows checked and tokenized
+(`formats.py`), bad and over-long rows and responses counted, then its amount taken.
 
-Each dataset of the mixer is read, its rows checked and tokenized (`formats.py`: conversational,
-explicit-prompt or plain-text rows; pairs, best-of-N or scored lists), bad and over-long rows and
-responses counted, then its amount taken. Tokenized, a row is a prompt with K responses and the
-comparisons among them: `prompt` (ids), `responses` (whole sequences), `scores` (i is preferred to
-j when its score is higher) and `margin`; a pair is [chosen, rejected] with scores [1.0, 0.0]. The
-collator that turns rows into model input is in `batching.py`, the cache in `dataset_cache.py`.
+A tokenized row is a prompt with K responses and the comparisons among them: `prompt` (ids), `responses`
+(whole sequences), `scores` (i is preferred to j when its score is higher) and `margin`.
 """
 
 import collections
@@ -27,12 +24,8 @@ from minrm.distributed import print0
 
 
 def read_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
-    """One dataset of the mixer list and the word for its row numbers ("line" for JSON lines).
-
-    Local files are streamed into a memory-mapped Arrow file by `local_files.read_local_file`, which
-    refuses empty, non-UTF-8 and mis-shaped files with their line; JSON rows stay unparsed text until
-    tokenization, so that invalid JSON and rows of mixed types are reported with their line.
-    """
+    """One dataset of the mixer list (a local file read by `files.py`, the toy data or a Hub dataset) and
+    the word for its row numbers ("line" for JSON lines)."""
     if name == toy.TOY:
         return toy.toy_dataset(split), "row"
     if name.endswith((".jsonl", ".json", ".parquet")):
@@ -48,11 +41,8 @@ def read_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
 
 
 def take_indices(n: int, amount: str, seed: int) -> list[int]:
-    """Apply a mixer AMOUNT to n rows: a fraction if it has a decimal point, else a row count.
-
-    Fewer rows than n keeps the first ones; more repeats all n whole, then draws the remainder
-    without replacement from a fixed seed.
-    """
+    """Apply a mixer AMOUNT to n rows: a fraction if it has a decimal point, else a row count. Fewer rows
+    than n keeps the first ones; more repeats all n whole, then draws the rest without replacement."""
     count = int(float(amount) * n) if "." in amount else int(amount)
     repeats, remainder = divmod(count, n) if n else (0, 0)
     if repeats == 0:
@@ -61,23 +51,12 @@ def take_indices(n: int, amount: str, seed: int) -> list[int]:
     return list(range(n)) * repeats + sorted(extra.tolist())
 
 
-def take(ds: datasets.Dataset, amount: str, seed: int) -> datasets.Dataset:
-    return ds.select(take_indices(len(ds), amount, seed))
-
-
 ROW_COLUMNS = ["prompt", "responses", "scores", "margin"]  # a tokenized row, as the cache holds it
 
 
 def column_keys(args) -> dict:
-    """The column of each part of a row, from the --*_key flags (defaults where a parser lacks one)."""
-    return {
-        "chosen": args.chosen_key,
-        "rejected": args.rejected_key,
-        "prompt": args.prompt_key,
-        "responses": args.responses_key,
-        "scores": args.scores_key,
-        "margin": args.margin_key,
-    }
+    """The column of each part of a row, from the --*_key flags."""
+    return {part: getattr(args, f"{part}_key") for part in "chosen rejected prompt responses scores margin".split()}
 
 
 def spread(indices: list[int], scores: list[float], most: int) -> list[int]:
@@ -92,23 +71,15 @@ def fit_row(row: dict, max_prompt: int, max_response: int, most: int | None) -> 
     """The length filter and --max_responses_per_prompt on a tokenized row. `status`: "bad" (a
     problem), "prompt" (over max_prompt tokens: dropped), "comparison" (dropped: none left once the
     responses over max_response tokens are), "" (kept). `too_long`/`cut` count the responses removed."""
-    if row["problem"]:
-        return {**row, "status": "bad", "too_long": 0, "cut": 0}
-    if len(row["prompt"]) > max_prompt:
-        return {**row, "status": "prompt", "too_long": 0, "cut": 0}
+    if row["problem"] or len(row["prompt"]) > max_prompt:
+        return {**row, "status": "bad" if row["problem"] else "prompt", "too_long": 0, "cut": 0}
     fit = [i for i, ids in enumerate(row["responses"]) if len(ids) <= max_response]
     too_long = len(row["responses"]) - len(fit)
     if len({row["scores"][i] for i in fit}) < 2:
         return {**row, "status": "comparison", "too_long": too_long, "cut": 0}
     keep = spread(fit, row["scores"], most) if most is not None and len(fit) > most else fit
-    return {
-        **row,
-        "responses": [row["responses"][i] for i in keep],
-        "scores": [row["scores"][i] for i in keep],
-        "status": "",
-        "too_long": too_long,
-        "cut": len(fit) - len(keep),
-    }
+    row = {**row, "responses": [row["responses"][i] for i in keep], "scores": [row["scores"][i] for i in keep]}
+    return {**row, "status": "", "too_long": too_long, "cut": len(fit) - len(keep)}
 
 
 def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, args) -> tuple[datasets.Dataset, str]:
@@ -126,15 +97,14 @@ def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, 
     def tokenize(row):
         return fit_row(formats.tokenize_row(row, fmt, keys, tokenizer), *limits)
 
-    ids = datasets.List(datasets.Value("int32"))  # half the disk of Arrow's default int64
-    number = datasets.Value("float64")
+    int32, float64, string = (datasets.Value(t) for t in ("int32", "float64", "string"))
+    ids = datasets.List(int32)  # half the disk of Arrow's default int64
     features = datasets.Features(
-        {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "scores": datasets.List(number)}
-        | {"margin": number, "problem": datasets.Value("string"), "status": datasets.Value("string")}
-        | {"too_long": datasets.Value("int32"), "cut": datasets.Value("int32")}
+        {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "scores": datasets.List(float64)}
+        | {"margin": float64, "problem": string, "status": string, "too_long": int32, "cut": int32}
     )
     # A pool costs a second or two to start: worth it only for thousands of rows. The map writes
-    # its output beside its input (a local file's, in local_files' scratch folder): on disk.
+    # its output beside its input (a local file's, in files.py's scratch folder): on disk.
     num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 5000))
     remove = [c for c in raw.column_names if c != "row"]
     ds = raw.map(tokenize, remove_columns=remove, features=features, num_proc=num_proc)
@@ -143,9 +113,8 @@ def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, 
 
 
 def check_columns(name: str, sample: list[dict], keys: dict, fmt: str, tokenizer) -> None:
-    """Refuse a dataset whose first rows lack a response column (`chosen` and `rejected`, or
-    `scores` beside `responses`), or that needs a chat template the tokenizer does not have,
-    before any row is tokenized."""
+    """Before any row is tokenized, refuse a dataset whose first rows lack a response column (`chosen` and
+    `rejected`, or `scores` beside `responses`), or that needs a chat template the tokenizer lacks."""
     columns = set().union(*sample) - {"row"}
     for side in ("scores",) if keys["responses"] in columns else ("chosen", "rejected"):
         if sample and keys[side] not in columns:
@@ -195,12 +164,9 @@ def _total(ds: datasets.Dataset, column: str) -> int:
 
 
 def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, holdout: float = 0.0):
-    """Mix, check, tokenize and length-filter one side (train or eval).
-
-    Returns (rows, held-out rows or None, log lines). Amounts apply to the rows that pass the
-    checks and the length filter; `holdout` carves that fraction of each dataset's rows out before
-    its amount is taken, so no row (or upsampled copy of it) is on both sides.
-    """
+    """One side (train or eval) mixed, checked, tokenized and length-filtered: (rows, held-out rows or None,
+    log lines). Amounts apply to the rows that pass; `holdout` carves that fraction of each dataset's rows out
+    before its amount is taken, so no row (or upsampled copy of it) is on both sides."""
     names, amounts = mixer[::2], mixer[1::2]
     splits = splits * len(names) if len(splits) == 1 else splits
     most = args.max_responses_per_prompt
@@ -245,9 +211,8 @@ def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, 
 
 
 def show_pair(row: dict, tokenizer: PreTrainedTokenizerBase) -> str:
-    """One row's tokens with ANSI colours: the prompt once (blue/cyan), then each response after the
-    prompt with its score, the best-scored green/yellow and the others red/magenta (alternating
-    per token, so token boundaries show)."""
+    """One row's tokens in ANSI colours alternating per token (so token boundaries show): the prompt once, then
+    each response after the prompt with its score, the best-scored in green/yellow, the others red/magenta."""
 
     def paint(ids: list[int], colours: tuple[int, int]) -> str:
         return "".join(f"\033[{colours[i % 2]}m{tokenizer.decode([t])}\033[0m" for i, t in enumerate(ids))

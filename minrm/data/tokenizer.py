@@ -1,8 +1,9 @@
 """The tokenizer, its chat template and its pad token: what turns conversations into ids.
 
-The template is the tokenizer's own (the reference's default) unless --chat_template_name names one
-of formats.CHAT_TEMPLATES or a tokenizer to borrow it from. A tokenizer without a pad token, or whose pad
-is its eos, gets a `<pad>` (the model's embeddings are resized for it, model/reward.py).
+The template is the tokenizer's own (the reference's default) unless --chat_template_name names one of
+formats.CHAT_TEMPLATES or a tokenizer to borrow it from; a tokenizer with none is refused only where a dataset
+needs one (`mixer.check_columns`). A tokenizer without a pad token, or whose pad is its eos, gets a `<pad>`
+(the model's embeddings are resized for it, model/reward.py).
 """
 
 import re
@@ -15,12 +16,7 @@ from minrm.data.toy import toy_tokenizer
 
 
 def load_tokenizer(args) -> PreTrainedTokenizerBase:
-    """The tokenizer with its chat template and a pad token distinct from eos.
-
-    The template is the tokenizer's own (the reference's default) unless --chat_template_name
-    names one of CHAT_TEMPLATES or a tokenizer to borrow it from. A tokenizer with none is refused
-    where a dataset needs one (`tokenize_dataset`): plain-text rows do not.
-    """
+    """The tokenizer with its chat template and a pad token distinct from eos."""
     if args.model_name_or_path == TOY and args.tokenizer_name_or_path in (None, TOY):
         tokenizer = toy_tokenizer()
     else:
@@ -38,23 +34,16 @@ def load_tokenizer(args) -> PreTrainedTokenizerBase:
     if name in CHAT_TEMPLATES:
         tokenizer.chat_template = CHAT_TEMPLATES[name]
     elif name is not None:  # the name of a tokenizer whose own template we borrow
-        known = ", ".join(CHAT_TEMPLATES)
-        lender = load_or_exit(
-            AutoTokenizer.from_pretrained,
-            "chat_template_name",
-            name,
-            f"is neither a template minrm knows ({known}) nor a tokenizer that loads",
-        )
+        what = f"is neither a template minrm knows ({', '.join(CHAT_TEMPLATES)}) nor a tokenizer that loads"
+        lender = load_or_exit(AutoTokenizer.from_pretrained, "chat_template_name", name, what)
         if lender.chat_template is None:
             raise SystemExit(
                 f"minrm: error: --chat_template_name {name}: that tokenizer has no chat template to borrow"
             )
         tokenizer.chat_template = lender.chat_template
     if args.add_bos:
-        template = tokenizer.chat_template or ""
-        if re.match(r"\{\{-?\s*bos_token", template) or (
-            tokenizer.bos_token and template.startswith(tokenizer.bos_token)
-        ):
+        template, bos = tokenizer.chat_template or "", tokenizer.bos_token
+        if re.match(r"\{\{-?\s*bos_token", template) or (bos and template.startswith(bos)):
             raise SystemExit(
                 "minrm: error: --add_bos: the chat template already begins with the bos token; leave --add_bos out"
             )

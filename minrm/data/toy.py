@@ -1,13 +1,7 @@
-"""Embedded offline default for ``python -m minrm.train`` with no flags.
-
-Everything here is generated locally, so a first run needs no network, no hub
-download and no GPU: a closed-vocabulary word tokenizer, a tiny Llama config
-and a synthetic "repeat the words" preference data set.  The task is chosen so
-the reward depends on the prompt (a response is only good if it copies *this*
-prompt), which a response-only classifier cannot solve, yet a 2-layer model
-learns it (eval accuracy ~0.99) in about half a minute on two CPU cores.
-The flag values it trains with (`TOY_RECIPE`) and its split sizes are in
-config.py, with the other flags.
+"""The offline default of `python -m minrm.train` with no flags, generated here (no network, no GPU): a
+word tokenizer, a tiny Llama config and synthetic "repeat the words" pairs. A response is good only if it
+copies *this* prompt, which a response-only classifier cannot learn, yet a 2-layer model does (eval accuracy
+~0.99) in about half a minute on two CPU cores. Its flag values and split sizes are in config.py.
 """
 
 from __future__ import annotations
@@ -96,12 +90,8 @@ def _pairs(rng: random.Random, n: int, seen: set[tuple[str, ...]]) -> list[dict[
         prompt = [{"role": "user", "content": f"{rng.choice(VERBS)} {' '.join(words)}"}]
         if rng.random() < 0.25:  # occasional system turn, as in real chat data
             prompt.insert(0, {"role": "system", "content": SYSTEM})
-        rows.append(
-            {
-                "chosen": prompt + [{"role": "assistant", "content": " ".join(words)}],
-                "rejected": prompt + [{"role": "assistant", "content": " ".join(bad)}],
-            }
-        )
+        pair = (("chosen", words), ("rejected", bad))
+        rows.append({side: prompt + [{"role": "assistant", "content": " ".join(w)}] for side, w in pair})
     return rows
 
 
