@@ -13,6 +13,7 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from minrm.model.attention import PackedLayout, Segment
 from minrm.training.loss import Preferences
@@ -86,11 +87,9 @@ def micro_batches(
     rows: list[dict], batching: str, max_rows: int | None = None, max_tokens: int | None = None, longest_first=False
 ) -> list[list[int]]:
     """The rows' indices cut into micro-batches of at most `max_rows` rows and `max_tokens` computed
-    tokens (padding included: sequences x the longest when padded), in order or `longest_first` (the
-    scorer: similar lengths side by side waste little padding, and the largest batch comes first,
-    so a budget too large for the memory fails at once). A row over the budget by itself goes alone
-    (`check_token_budget` refuses such data up front). The loss and metrics are means over rows,
-    whatever the cut."""
+    tokens (padding included), in order or `longest_first` (the scorer: little padding, and the
+    largest batch first, so a budget too large for the memory fails at once). A row over the
+    budget goes alone. The loss and metrics are means over rows, whatever the cut."""
     cost = [row_tokens(row, batching) for row in rows] if max_tokens or longest_first else None
     order = sorted(range(len(rows)), key=cost.__getitem__, reverse=True) if longest_first else range(len(rows))
     out, chunk, tokens, seqs, longest = [], [], 0, 0, 0
@@ -147,18 +146,15 @@ def check_token_budget(ds: datasets.Dataset | None, max_tokens: int | None, batc
 
 
 def collate(rows: list[dict], pad_id: int, batching: str) -> tuple[dict, Preferences]:
-    """One micro-batch: the model's keyword arguments, whose rewards (R,) come out row by row, each
-    row's responses in order, and the rows' `Preferences` over those rewards.
+    """One micro-batch: the model's keyword arguments, whose rewards (R,) come out row by row, and
+    the rows' `Preferences` over those rewards.
 
-    - `padded`: every response right-padded to the longest, input_ids and attention_mask (R, T), as
-      the reference does (it puts all chosen sequences first; the order changes no reward).
-    - `packed`: the sequences end to end in one row (1, L) without padding, positions restarting
-      per sequence; a token attends only within its sequence.
-    - `shared_prefix`: each row laid out once, as prompt + response 1 + response 2 + ...; response
-      1 continues the prompt, each later response attends to the prompt and itself with positions
-      continuing from the prompt's end, so each reward equals the one of its full sequence alone.
-    The packed modes carry the row's `PackedLayout` (who attends to whom) and `last_index`, the
-    flat positions of each response's last token, where its reward is read.
+    - `padded`: every response right-padded to the longest (R, T), as the reference does.
+    - `packed`: the sequences end to end in one row (1, L), each attending only to itself.
+    - `shared_prefix`: each row laid out once, prompt + response 1 + response 2 + ...: response 1
+      continues the prompt, each later one attends to the prompt and itself, positions running on
+      from the prompt's end, so each reward equals the one of its full sequence alone.
+    `last_index` holds the flat position of each response's last token, where its reward is read.
     """
     seqs = [s for row in rows for s in row["responses"]]
     if batching == "padded":
@@ -182,26 +178,16 @@ def collate(rows: list[dict], pad_id: int, batching: str) -> tuple[dict, Prefere
             "last_index": torch.tensor([s.end - 1 for s in segments]),
             "packed_layout": PackedLayout(segments),
         }
-    k = max(len(row["responses"]) for row in rows)
-    index = torch.full((len(rows), k), -1)
-    scores = torch.full((len(rows), k), -torch.inf)
-    flat = 0
-    for i, row in enumerate(rows):
-        index[i, : len(row["responses"])] = torch.arange(flat, flat + len(row["responses"]))
-        scores[i, : len(row["responses"])] = torch.tensor(row["scores"], dtype=torch.float32)
-        flat += len(row["responses"])
+    index = pad_sequence(torch.arange(len(seqs)).split([len(r["responses"]) for r in rows]), True, -1)
+    scores = pad_sequence([torch.tensor(r["scores"], dtype=torch.float32) for r in rows], True, -torch.inf)
     margin = torch.tensor([row.get("margin", 0.0) for row in rows], dtype=torch.float32)
     return inputs, Preferences(index, scores, margin)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> dict:
     """Sequences right-padded to the longest: input_ids and attention_mask (N, T)."""
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[i, : len(s)] = 1
+    input_ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], True, pad_id)
+    attention_mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], True, 0)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
