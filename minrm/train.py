@@ -160,7 +160,7 @@ def main(args: Args) -> dict:
     optimizer = optim.build_optimizer(model, args)
 
     # ------------------------------------------------------------------------------------------
-    # Resume (checkpoint.py). The step number is the data position and the LR schedule state.
+    # Resume (training/checkpoint.py). The step number is the data position and the LR schedule state.
     derived["train_pairs"] = len(train_set)
     meta = {"architecture": architecture, "config_hash": checkpoint.config_hash(model.config), "derived": derived}
     meta["args"] = dataclasses.asdict(args)
@@ -227,7 +227,7 @@ def main(args: Args) -> dict:
                     bar.write(f"  {'ok ' if s['correct'] else 'bad'} {rewards}: {texts}")
 
         # Save a checkpoint every `checkpoint_every` steps and on a stop signal: all ranks write their
-        # shards, in the background (checkpoint.py), and never non-finite weights.
+        # shards, in the background (training/checkpoint.py), and never non-finite weights.
         if stop_votes or (checkpoint_every and (step + 1) % checkpoint_every == 0):
             if bad := failsafe.nonfinite_weights(model, d.device):
                 failsafe.exit_nonfinite(bad, step + 1, lr, saver, run_dir, d)

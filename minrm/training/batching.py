@@ -1,7 +1,7 @@
 """From tokenized rows to model input: which rows a rank takes at each step, how they are cut into
 micro-batches, and the collator that lays a micro-batch out for the model.
 
-A row is a prompt with K >= 2 responses and the comparisons among them (data.py): `{"prompt": ids,
+A row is a prompt with K >= 2 responses and the comparisons among them (data/formats.py): `{"prompt": ids,
 "responses": [ids, ...], "scores": [...], "margin": float}`, each response a whole sequence (the
 prompt's ids first), response i preferred to j when scores[i] > scores[j]. A pair is K = 2 with
 scores [1, 0]. docs/batching.md says what each layout computes and why the rewards are the same.
@@ -108,7 +108,7 @@ def micro_batches(
 def split_to(chunks: list[list], k: int) -> list[list]:
     """`k` micro-batches from `chunks` (k >= len(chunks)), halving the largest until there are k,
     then adding empty ones when too few rows are left to halve: under FSDP every rank must run the
-    same number of forward passes (an empty one runs weightless, see evaluate.py)."""
+    same number of forward passes (an empty one runs weightless, training/evaluate.py)."""
     chunks = list(chunks)
     while len(chunks) < k:
         i = max(range(len(chunks)), key=lambda j: len(chunks[j]))

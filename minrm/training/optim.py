@@ -54,7 +54,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def grad_square_sum(model: torch.nn.Module) -> torch.Tensor:
     """This rank's share of the squared global gradient norm (fp64, on the device): summed over all
-    ranks (`distributed.all_reduce_sum`) it is the square of the norm over every shard once."""
+    ranks it is the square of the norm over every shard once."""
     grads = counted_shards(p.grad for p in model.parameters() if p.grad is not None)
     return torch.nn.utils.get_total_norm(grads).double().square()
 
