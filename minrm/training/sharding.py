@@ -10,8 +10,8 @@ from minrm.distributed import Dist
 
 
 def shard_model(model: torch.nn.Module, layers: torch.nn.ModuleList, d: Dist, mixed_precision: str | None) -> str:
-    """FSDP2: one unit per transformer block, one for the score head, then the root (the embeddings and
-    final norm, gathered in its pre-forward hook: why the reward is computed inside the root's forward).
+    """FSDP2: one unit per transformer block, one for the score head, then the root, which owns the embeddings
+    and final norm and gathers them in its pre-forward hook (so the reward is computed in the root's forward).
     --mixed_precision bf16 (None: bf16 with CUDA) gathers parameters in bf16 and reduce-scatters gradients
     into fp32 shards: master weights and AdamW state stay fp32. Returns a log line."""
     precision = mixed_precision or ("bf16" if d.device.type == "cuda" else "no")
@@ -20,8 +20,7 @@ def shard_model(model: torch.nn.Module, layers: torch.nn.ModuleList, d: Dist, mi
     # The last block and the head stay gathered after the forward: their backward runs first (torchtitan's rule).
     for i, block in enumerate(layers):
         fully_shard(block, mesh=d.mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-    # The score head is gathered in fp32 whatever the policy, so rewards are not rounded to bf16 (its R x H
-    # input is cast up).
+    # The head is gathered in fp32 whatever the policy: rewards are not rounded to bf16 (its R x H input is cast up).
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     fully_shard(model.score, mesh=d.mesh, mp_policy=fp32, reshard_after_forward=False)
     fully_shard(model, mesh=d.mesh, mp_policy=mp)
