@@ -121,8 +121,7 @@ def _checkpoint_states(model, optimizer, trainer: TrainerState) -> dict:
 class CheckpointWriter:
     """Writes `checkpoints/step_<N>` in the background (`dcp.async_save`) while training goes on (an 8B
     model's checkpoint with its AdamW state is ~100 GB). Ranks write into `step_<N>.tmp`; rank 0 renames
-    it once every rank's files and `.metadata` are written, so a crash mid-write leaves no whole-looking one.
-    """
+    it once every rank's files and `.metadata` are written, so a crash mid-write leaves no whole-looking one."""
 
     def __init__(self, run_dir: str, keep_last_n: int, d: Dist):
         self.root = os.path.join(run_dir, "checkpoints")
