@@ -1,9 +1,9 @@
-"""Process group, FSDP2 sharding and the few collectives minrm uses, each a named helper.
-
-One code path for 1..N processes: `python -m minrm.train` starts a one-process group itself, and
-`torchrun` sets the rank variables for many. gloo on CPU, NCCL on GPU.
+"""The process group and the few collectives minrm uses, each a named helper. One code path for 1..N
+processes: `python -m minrm.train` starts a one-process group itself, `torchrun` sets the rank variables
+for many. gloo on CPU, NCCL on GPU.
 """
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -37,38 +37,31 @@ def _free_port() -> int:
 
 
 def init_distributed(timeout_minutes: int | None = None) -> Dist:
-    """Join (or, without torchrun, create) the process group and build the device mesh.
-
-    More than one node gives a 2-D mesh (replicate across nodes, shard within a node): HSDP,
-    so the parameter all-gathers stay on the fast intra-node links.
-    `timeout_minutes` bounds every collective (None: torch's default, 10 min NCCL, 30 min gloo).
-    """
+    """Join (or, without torchrun, create) the process group and build the device mesh: 2-D on more than
+    one node (replicate across nodes, shard within one: HSDP, so the all-gathers stay on intra-node links).
+    `timeout_minutes` bounds every collective (None: torch's default, 10 min NCCL, 30 min gloo)."""
     if "RANK" not in os.environ:  # plain `python -m minrm.train`: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
+    rank, world, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    cuda = torch.cuda.is_available()
+    device, backend = (torch.device("cuda", local_rank), "nccl") if cuda else (torch.device("cpu"), "gloo")
+    if cuda:
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
-        device_id = device if backend == "nccl" else None
+        device_id = device if cuda else None
         dist.init_process_group(backend, rank=rank, world_size=world, device_id=device_id, timeout=timeout)
-    if world > local_world:
-        mesh = init_device_mesh(device.type, (world // local_world, local_world), mesh_dim_names=("replicate", "shard"))
-    else:
-        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
-    shape = " x ".join(f"{name} {size}" for name, size in zip(mesh.mesh_dim_names, mesh.shape))
+    hsdp = world > local_world
+    shape, names = ((world // local_world, local_world), ("replicate", "shard")) if hsdp else ((world,), ("shard",))
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+    dims = " x ".join(f"{name} {size}" for name, size in zip(names, mesh.shape))
     minutes = dist.distributed_c10d._get_default_store().timeout.total_seconds() / 60  # the group's timeout
-    nodes = f", gloo groups on {gloo_interface()}" if world > local_world else ""
+    nodes = f", gloo groups on {gloo_interface()}" if hsdp else ""
     print0(
         f"distributed: {world} process{'es' if world > 1 else ''}, {local_world} per node, {backend}, "
-        f"{'HSDP' if mesh.ndim == 2 else 'FSDP'} mesh ({shape}), collective timeout {minutes:g} min{nodes}"
+        f"{'HSDP' if hsdp else 'FSDP'} mesh ({dims}), collective timeout {minutes:g} min{nodes}"
     )
     return Dist(rank, world, local_rank, device, mesh)
 
@@ -79,20 +72,15 @@ def gloo_interface() -> str:
     address this machine's hostname resolves to that a socket can bind, else loopback."""
     if names := os.environ.get("GLOO_SOCKET_IFNAME"):
         return f"interface {names} (GLOO_SOCKET_IFNAME)"
-    host = socket.gethostname()
-    try:
+    host, found = socket.gethostname(), []
+    with contextlib.suppress(OSError):
         found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        found = []
     address, said = "127.0.0.1", f"127.0.0.1 ({host} resolves to no address here)"
     for family, kind, proto, _, where in found:
-        with socket.socket(family, kind, proto) as s:
-            try:
-                s.bind(where)
-            except OSError:
-                continue
-        address, said = where[0], f"{where[0]}, the address of hostname {host}"
-        break
+        with socket.socket(family, kind, proto) as s, contextlib.suppress(OSError):
+            s.bind(where)
+            address, said = where[0], f"{where[0]}, the address of hostname {host}"
+            break
     if ipaddress.ip_address(address).is_loopback:
         said += "; other nodes cannot reach a loopback address: set GLOO_SOCKET_IFNAME (docs/checkpointing.md)"
     return said
@@ -125,10 +113,9 @@ def broadcast_object(obj):
 
 
 def gather_objects(obj, name: str, waiting_for: str) -> list:
-    """Every rank's `obj`, as a list in rank order on every rank (every rank must call this). The
-    ranks first meet through the store, outside any collective, so that work before it whose length
-    differs between ranks without bound (scoring their shares of a file) never meets the
-    collective timeout; `waiting_for` says what the others are doing ("score its rows")."""
+    """Every rank's `obj`, in rank order on every rank (every rank must call this). The ranks first meet
+    through the store, outside any collective, so that work of unbounded length before it (scoring their
+    shares of a file) never meets the collective timeout; `waiting_for` says what the others do."""
     post(f"{name}/{dist.get_rank()}", {})
     for r in range(dist.get_world_size()):
         wait_for_post(f"{name}/{r}", f"rank {r} to {waiting_for}")
@@ -152,8 +139,7 @@ def post(name: str, value: dict) -> None:
 
 def rank0_alone(fn, name: str, waiting_for: str):
     """`fn()` on rank 0 (its result; None elsewhere) while the other ranks wait for it outside any
-    collective, so work of unbounded length (a Hub download) never meets the collective timeout.
-    Rank 0's error reaches every rank as its message."""
+    collective (a Hub download never meets its timeout). Rank 0's error reaches every rank as its message."""
     if dist.get_rank() == 0:
         try:
             result = fn()
@@ -168,9 +154,9 @@ def rank0_alone(fn, name: str, waiting_for: str):
 
 
 def wait_for_post(name: str, waiting_for: str | None = None) -> dict:
-    """The value posted under `name`, polling the store once a second (no timeout: the poster
-    posts its error when it fails, and the poll raises when the store's host is gone). With
-    `waiting_for`, say once a minute what this process is waiting for."""
+    """The value posted under `name`, polling the store once a second (no timeout: the poster posts its
+    error when it fails, and the poll raises when the store's host is gone). With `waiting_for`, says once
+    a minute what this process waits for."""
     store, key = dist.distributed_c10d._get_default_store(), f"minrm/{name}"
     start = last = time.monotonic()
     while not store.check([key]):

@@ -1,9 +1,6 @@
-"""The trained model as a Hugging Face folder, and its upload to the Hub.
-
-The folder loads with `AutoModelForSequenceClassification.from_pretrained(folder)`: safetensors
-weights (sharded above `max_shard_size`, with their index), `config.json` naming the original
-architecture, the tokenizer with its chat template, and a model card (README.md). The end of
-training writes it from the live sharded model; `python -m minrm.export` from a checkpoint.
+"""The trained model as a Hugging Face folder (`AutoModelForSequenceClassification.from_pretrained` loads
+it: safetensors weights, `config.json` naming the original architecture, the tokenizer, a model card), and
+its upload to the Hub. The end of training writes it from the sharded model; `minrm.export` from a checkpoint.
 """
 
 import os
@@ -25,10 +22,7 @@ def save_hf_folder(
     card: str | None = None,
 ) -> None:
     """Gather the full state dict onto rank 0's CPU (one full copy, nowhere else) and write it there.
-
-    `architecture` is the class name before FSDP2 wrapped it (`FSDPLlama...` is not loadable).
-    `card`, when given, is written as the folder's README.md.
-    """
+    `architecture` is the class name before FSDP2 wrapped it (`FSDPLlama...` is not loadable)."""
     # Memory: every rank takes part in the all-gathers, which go one parameter at a time; with
     # cpu_offload each gathered tensor moves to rank 0's CPU and the device copy is dropped, and the
     # other ranks keep nothing. So rank 0 peaks at one full CPU copy of the weights (plus one
@@ -73,49 +67,38 @@ def resolve_hub_repo(args) -> tuple[str, str]:
     return f"{entity}/{args.hf_repo_id or 'open_instruct_dev'}", args.hf_repo_revision or args.run_name
 
 
+HYPERPARAMETERS = (
+    "learning_rate lr_scheduler_type warm_up_steps per_device_train_batch_size gradient_accumulation_steps "
+    "num_train_epochs total_episodes max_token_length max_prompt_token_length max_grad_norm weight_decay eps seed"
+).split()
+CARD = """---
+base_model: {base}
+library_name: transformers
+tags: [reward-model, minrm]
+---
+
+# {run_name}
+
+A pairwise (Bradley-Terry) reward model trained with minrm. Load it with \
+`AutoModelForSequenceClassification.from_pretrained`; the reward is the single logit.
+
+- Base model: `{base}`
+- Training data (mixer list): `{train}`
+- Eval data (mixer list): `{eval}`
+
+## Hyperparameters
+
+{hyper}
+## Final metrics
+
+{final}"""
+
+
 def model_card(args, metrics: dict) -> str:
     """README.md of the exported folder: base model, data, key hyperparameters, final metrics."""
-    hyper = {
-        k: getattr(args, k)
-        for k in (
-            "learning_rate",
-            "lr_scheduler_type",
-            "warm_up_steps",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "num_train_epochs",
-            "total_episodes",
-            "max_token_length",
-            "max_prompt_token_length",
-            "max_grad_norm",
-            "weight_decay",
-            "eps",
-            "seed",
-        )
-    }
-    lines = [
-        "---",
-        f"base_model: {args.model_name_or_path}",
-        "library_name: transformers",
-        "tags: [reward-model, minrm]",
-        "---",
-        "",
-        f"# {args.run_name}",
-        "",
-        "A pairwise (Bradley-Terry) reward model trained with minrm. Load it with "
-        "`AutoModelForSequenceClassification.from_pretrained`; the reward is the single logit.",
-        "",
-        f"- Base model: `{args.model_name_or_path}`",
-        f"- Training data (mixer list): `{' '.join(args.dataset_mixer_list)}`",
-        f"- Eval data (mixer list): `{' '.join(args.dataset_mixer_eval_list) or 'none'}`",
-        "",
-        "## Hyperparameters",
-        "",
-        *[f"- {k}: {v}" for k, v in hyper.items()],
-        "",
-        "## Final metrics",
-        "",
-        *[f"- {k}: {v:.6g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()],
-        "",
-    ]
-    return "\n".join(lines)
+    hyper = "".join(f"- {k}: {getattr(args, k)}\n" for k in HYPERPARAMETERS)
+    final = "".join(f"- {k}: {v:.6g}\n" if isinstance(v, float) else f"- {k}: {v}\n" for k, v in metrics.items())
+    train, evals = " ".join(args.dataset_mixer_list), " ".join(args.dataset_mixer_eval_list) or "none"
+    return CARD.format(
+        base=args.model_name_or_path, run_name=args.run_name, train=train, eval=evals, hyper=hyper, final=final
+    )

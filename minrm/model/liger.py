@@ -1,24 +1,9 @@
-"""Liger's fused Triton kernels swapped into the loaded reward-model backbone.
-
-Liger (github.com/linkedin/Liger-Kernel) replaces a decoder's RMSNorm, gated MLP (SwiGLU, or
-GEGLU for Gemma) and rotary embedding with Triton kernels that fuse the elementwise work into one
-pass and recompute small intermediates in backward instead of storing them: shorter steps and
-less activation memory. Its cross-entropy kernels are never used: a reward model has no LM head.
-
-The trainer calls `apply_liger_kernel` after loading the `*ForSequenceClassification` model and
-before `fully_shard`. Which kernels an architecture gets is Liger's own choice (the defaults of its
-`apply_liger_kernel_to_<model_type>` functions: e.g. no RoPE for DeepSeek or GLM-4, no SwiGLU for
-gpt-oss). What the swap touches:
-- Norm and MLP modules (MoE experts included) of this model keep their class, parameters and names;
-  Liger binds its own `forward` onto each instance (Nemotron's parameter-free ReLU² activation module
-  is replaced whole). State-dict keys do not change, so FSDP2 (which shards per decoder
-  layer and only wraps that layer), gradient checkpointing (which re-runs the layer's forward),
-  distributed checkpoints and the Hugging Face export all see the same model.
-- RoPE is not a module: attention calls the function `apply_rotary_pos_emb` of its modeling module
-  (e.g. `transformers.models.llama.modeling_llama`) by name at every call, so Liger replaces it
-  there, which switches it for every model of that architecture in the process. Liger also points
-  that module's norm/MLP class names at its own classes, so a model of the same architecture built
-  later in the process is built with Liger modules.
+"""Liger's fused Triton kernels (github.com/linkedin/Liger-Kernel) swapped into the loaded reward-model
+backbone before `fully_shard`: RMSNorm, gated MLP and RoPE as Liger chooses per architecture (never its
+cross-entropy: a reward model has no LM head). Modules keep their class, parameters and names (Liger binds
+its `forward` onto each instance), so state-dict keys, FSDP2 units, gradient checkpointing, DCP and the
+export see the same model. RoPE and the norm/MLP class names are swapped in the modeling module, so
+they serve every model of that architecture built later in the process.
 """
 
 import inspect
@@ -30,13 +15,9 @@ from transformers import PreTrainedModel
 
 
 def apply_liger_kernel(model: PreTrainedModel, use: bool | None, strict: bool, device: torch.device) -> str:
-    """Swap Liger's kernels into `model` if wanted and possible; return one line for the log.
-
-    `use` is --use_liger_kernel: None (auto) means on exactly when `device` is a CUDA GPU. When the
-    kernels are wanted but cannot be used (no CUDA, or an architecture Liger does not cover), the
-    model is left unchanged and the returned line says why; with `strict` (--strict_kernels) that
-    line is raised as an error instead, so the run fails at start rather than running slower.
-    """
+    """Swap Liger's kernels into `model` if wanted (`use` None: on a CUDA device) and possible; return a log
+    line. When they are wanted but cannot be used, the model is unchanged and the line says why; with
+    `strict` (--strict_kernels) it is raised instead, so the run fails at start rather than runs slower."""
     if use is None and device.type != "cuda":
         return f"liger: off (auto: the device is {device.type}, Liger's Triton kernels need a CUDA GPU)"
     if use is False:
@@ -53,13 +34,9 @@ def apply_liger_kernel(model: PreTrainedModel, use: bool | None, strict: bool, d
 
 
 def swap_liger_kernels(model: PreTrainedModel, **liger_flags: bool) -> dict[str, list[str]]:
-    """Apply Liger's instance patch for the model's architecture, on any device; return what is swapped.
-
-    `liger_flags` override Liger's per-architecture kernel choice (the CPU tests swap RoPE alone with
-    `rms_norm=False, swiglu=False, geglu=False`). The result maps each Liger kernel to where it now runs (see `liger_kernels_in`).
-    """
-    # Imported here: it pulls in Triton and every modeling module Liger patches (seconds), which
-    # runs without Liger do not need.
+    """Apply Liger's instance patch for the model's architecture, on any device; return `liger_kernels_in`.
+    `liger_flags` override Liger's kernel choice (e.g. `rms_norm=False, swiglu=False, geglu=False`)."""
+    # Imported here: it pulls in Triton and every modeling module Liger patches (seconds).
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
     decoder = _decoder(model)
@@ -73,21 +50,15 @@ def swap_liger_kernels(model: PreTrainedModel, **liger_flags: bool) -> dict[str,
 
 
 def liger_kernels_in(model: PreTrainedModel) -> dict[str, list[str]]:
-    """Map each Liger kernel found in `model` to the module paths (or module-level function) it runs as.
-
-    Read from the model itself, not from what was asked for: a Liger class, a Liger `forward` bound
-    on a module instance, or a Liger function in the decoder's modeling module (RoPE).
-    """
+    """Each Liger kernel in `model` (a Liger class, a Liger `forward` bound on an instance, or a Liger function
+    in the decoder's modeling module: RoPE) mapped to the module paths or module-level function it runs as."""
     found: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         bound = module.__dict__.get("forward")
         if type(module).__module__.startswith("liger_kernel"):
-            kernel = type(module).__name__
+            found.setdefault(type(module).__name__, []).append(name)
         elif bound is not None and bound.__module__.startswith("liger_kernel"):
-            kernel = bound.__qualname__.split(".")[0]  # "LigerRMSNorm.forward" -> "LigerRMSNorm"
-        else:
-            continue
-        found.setdefault(kernel, []).append(name)
+            found.setdefault(bound.__qualname__.split(".")[0], []).append(name)  # of "LigerRMSNorm.forward"
     modeling = sys.modules[type(_decoder(model)).__module__]
     for attr, value in vars(modeling).items():
         if inspect.isfunction(value) and value.__module__.startswith("liger_kernel"):

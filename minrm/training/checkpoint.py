@@ -1,24 +1,7 @@
-"""Resumable training: distributed checkpoints with `torch.distributed.checkpoint` (DCP).
-
-A checkpoint is `OUTPUT_DIR/RUN_NAME/checkpoints/step_<N>/`: the DCP shards (every rank writes
-its own part of the model and optimizer), DCP's `.metadata`, and a `meta.json` written by rank 0
-that says what the checkpoint belongs to (model config hash, batch size, step count, args) so a
-resume can refuse a checkpoint from another run with a sentence naming what differs.
-
-What a checkpoint holds, and why that is all a resume needs:
-- the model and the AdamW state (moments and step count), sharded as FSDP2 holds them; DCP
-  reshards on load, so a checkpoint written by 2 processes resumes on 1, 4 or 8;
-- the optimizer step and the episode count. minrm's data stream is a pure function of (global
-  position, seed) (`batching.stream_indices`) and the learning rate a pure function of the step
-  (`optim.lr_multiplier`): the step number IS the data position and the scheduler state;
-- the RNG states (torch, CUDA, python, numpy): the loop draws nothing from them (dropout is off,
-  the data order has its own generators), and anything that did would still resume exactly.
-  Every rank seeds the same way, so rank 0's states stand for all ranks.
-
-Saves run in the background (`CheckpointWriter`). A crash mid-write never leaves a checkpoint that
-looks whole: ranks write into `step_<N>.tmp`, and rank 0 renames it to `step_<N>` once DCP's save
-has completed on every rank and `meta.json` is in place. `find_latest` also checks that every
-file DCP's metadata names exists.
+"""Resumable training: `OUTPUT_DIR/RUN_NAME/checkpoints/step_<N>/` holds DCP's shards of the model and
+AdamW state (resharded on load: 2 processes' checkpoint resumes on 1 or 8), DCP's `.metadata`, and
+rank 0's `meta.json` naming the run it belongs to. The step alone places the data stream and the LR
+schedule (both pure functions of it). docs/checkpointing.md has the whole story.
 """
 
 import dataclasses
@@ -27,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -50,18 +34,9 @@ TMP_SUFFIX = ".tmp"
 # What must be equal between the checkpoint's run and the resuming run for the result to be the
 # same as never stopping: the model, the data stream and the schedule.
 MUST_MATCH_ARGS = (
-    "dataset_mixer_list",
-    "dataset_mixer_list_splits",
-    "max_token_length",
-    "max_prompt_token_length",
-    "seed",
-    "learning_rate",
-    "lr_scheduler_type",
-    "warm_up_steps",
-    "eps",
-    "weight_decay",
-    "max_grad_norm",
-)
+    "dataset_mixer_list dataset_mixer_list_splits max_token_length max_prompt_token_length seed learning_rate "
+    "lr_scheduler_type warm_up_steps eps weight_decay max_grad_norm"
+).split()
 MUST_MATCH_DERIVED = ("batch_size", "num_training_steps", "train_pairs")
 
 
@@ -97,13 +72,14 @@ class TrainerState(Stateful):
 
     step: int = 0
     episode: int = 0
-    # The last logged metrics, for the model card of an export, and the training seconds so far,
-    # where a resumed run's `time/elapsed_s` continues. Kept in meta.json (readable without DCP),
-    # not in the DCP state: they do not affect training.
+    # The last logged metrics (for an export's model card) and the seconds of training so far (where a
+    # resumed run's `time/elapsed_s` continues) go in meta.json, not the DCP state: they do not affect training.
     metrics: dict = dataclasses.field(default_factory=dict)
     elapsed_s: float = 0.0
 
     def state_dict(self) -> dict:
+        # The loop draws from no global RNG (dropout is off, the data order has its own generators); they are
+        # saved so that anything that did would still resume exactly. Every rank seeds alike: rank 0's stand for all.
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -121,11 +97,9 @@ class TrainerState(Stateful):
 
 def checkpoint_interval(value: str | None, train_pairs: int, batch_size: int) -> int | None:
     """Steps between checkpoints: `--checkpointing_steps N`, or `epoch` = ceil(train pairs / batch_size)."""
-    if value is None:
-        return None
     if value == "epoch":
         return math.ceil(train_pairs / batch_size)
-    return int(value)  # a positive integer: `config.validate` refuses anything else
+    return None if value is None else int(value)  # `config.validate` refuses all but positive integers
 
 
 def config_hash(config) -> str:
@@ -145,26 +119,19 @@ def _checkpoint_states(model, optimizer, trainer: TrainerState) -> dict:
 
 
 class CheckpointWriter:
-    """Writes `checkpoints/step_<N>` in the background (`dcp.async_save`): training goes on while
-    the shards are written (an 8B model's checkpoint with its AdamW state is ~100 GB).
-
-    `save` starts copying this rank's shards to host memory in a thread of its own (the stager) and
-    returns; DCP's save then writes from that copy in another thread. The copy goes into buffers
-    the first save allocates and every later save refills (pinned on GPU, so the copies from the
-    device run at full speed without blocking the loop); the loop waits for it only before the
-    next optimizer step changes what it copies (`wait_staged`). DCP's collectives (the save plan,
-    the gather of what each rank wrote) run in the writing thread on a gloo group of their own: on
-    the training group they would interleave with FSDP's collectives in a different order on each
-    rank. Rank 0's save returns only after every rank reported its files written and rank 0 wrote
-    `.metadata`, so rank 0 alone then renames `step_<N>.tmp` to `step_<N>` and prunes. It looks
-    once per step (`poll`); `wait` (before the next save, the export and any exit) blocks until then.
-    """
+    """Writes `checkpoints/step_<N>` in the background (`dcp.async_save`) while training goes on (an 8B
+    model's checkpoint with its AdamW state is ~100 GB). Ranks write into `step_<N>.tmp`; rank 0 renames
+    it once every rank's files and `.metadata` are written, so a crash mid-write leaves no whole-looking one."""
 
     def __init__(self, run_dir: str, keep_last_n: int, d: Dist):
         self.root = os.path.join(run_dir, "checkpoints")
         self.keep_last_n, self.d = keep_last_n, d
+        # DCP's collectives (the save plan, the gather of what each rank wrote) run in the writing thread:
+        # on the training group they would interleave with FSDP's in a different order on each rank.
         self.group = dist.new_group(backend="gloo")  # every rank creates it, at the same point
-        cuda = d.device.type == "cuda"  # pinned memory and copies on a stream of their own need CUDA
+        # The stager copies this rank's shards to host memory in a thread of its own, into buffers the first
+        # save allocates and every later one refills (pinned on GPU, copied on a stream of their own).
+        cuda = d.device.type == "cuda"
         options = StagingOptions(
             use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda
         )
@@ -191,8 +158,8 @@ class CheckpointWriter:
         self.staging, self.pending = saving.staging_completion, (saving.upload_completion, trainer.step)
 
     def wait_staged(self) -> None:
-        """Block until the save in flight has copied the state (all ranks call this before an
-        optimizer step: the step changes the weights and AdamW state in place)."""
+        """Block until the save in flight has copied the state (all ranks call this before an optimizer
+        step, which changes the weights and AdamW state in place)."""
         if self.staging is not None:
             self.staging.result()
             self.staging = None
@@ -203,7 +170,7 @@ class CheckpointWriter:
             self._complete()
 
     def wait(self) -> None:
-        """Block until the save in flight is written and renamed."""
+        """Block until the save in flight is written and renamed (before a save, the export and any exit)."""
         if self.pending is not None:
             self.pending[0].result()
             self._complete()
@@ -211,6 +178,7 @@ class CheckpointWriter:
     def _complete(self) -> None:
         future, step = self.pending
         self.pending = None
+        # Rank 0's future completes only after every rank reported its files and rank 0 wrote `.metadata`.
         future.result()  # raises here if the save failed
         self.last = os.path.join(self.root, f"{PREFIX}{step}")
         if self.d.is_main:
@@ -221,24 +189,17 @@ class CheckpointWriter:
 
 
 def _steps(root: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete-looking `step_<N>` folder, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        number = name[len(PREFIX) :]
-        if name.startswith(PREFIX) and number.isdigit():  # `step_<N>.tmp` fails isdigit
-            found.append((int(number), os.path.join(root, name)))
-    return sorted(found)
+    """(step, path) of every `step_<N>` folder (not `step_<N>.tmp`), oldest first."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted((int(n[len(PREFIX) :]), os.path.join(root, n)) for n in names if re.fullmatch(PREFIX + r"\d+", n))
 
 
 def _prune(root: str, keep_last_n: int, step: int) -> None:
     """Delete all but the newest `keep_last_n` checkpoints up to `step`. Later ones exist only when a
     run was resumed from an older checkpoint by path: they are left alone (not ours to delete)."""
-    if keep_last_n <= 0:
-        return
-    for _, path in [s for s in _steps(root) if s[0] <= step][:-keep_last_n]:
-        shutil.rmtree(path)
+    if keep_last_n > 0:
+        for _, path in [s for s in _steps(root) if s[0] <= step][:-keep_last_n]:
+            shutil.rmtree(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,8 +207,8 @@ def _prune(root: str, keep_last_n: int, step: int) -> None:
 
 
 def check_complete(path: str) -> dict:
-    """The checkpoint's meta.json, after checking that every file it needs is there and long
-    enough; raises ValueError with a sentence saying what is missing."""
+    """The checkpoint's meta.json, after checking that every file it needs is there and long enough;
+    raises ValueError with a sentence saying what is missing."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(path, ".metadata")):
         raise ValueError(f"{path} is not a complete minrm checkpoint (meta.json or DCP's .metadata is missing)")
@@ -264,10 +225,8 @@ def check_complete(path: str) -> dict:
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise ValueError(f"{path} is incomplete: shard file {name} is missing")
-        if os.path.getsize(file) < size:
-            raise ValueError(
-                f"{path} is incomplete: shard file {name} is truncated ({os.path.getsize(file)} < {size} bytes)"
-            )
+        if (have := os.path.getsize(file)) < size:
+            raise ValueError(f"{path} is incomplete: shard file {name} is truncated ({have} < {size} bytes)")
     return meta
 
 
@@ -283,13 +242,10 @@ def find_latest(run_dir: str) -> str | None:
 
 
 def resolve_resume(args, run_dir: str, d: Dist) -> str | None:
-    """The checkpoint `--resume_from_checkpoint` names (`auto`: the run's newest), or None.
-    All ranks call this. `auto` looks on rank 0 only and tells the others: on a network
-    filesystem another node's listing can be stale, and ranks loading different steps would
-    silently train a mixture."""
+    """The checkpoint `--resume_from_checkpoint` names (`auto`: the run's newest), or None. All ranks call
+    this; `auto` looks on rank 0 only and tells the others: on a network filesystem another node's listing
+    can be stale, and ranks loading different steps would silently train a mixture."""
     where = args.resume_from_checkpoint
-    if where is None:
-        return None
     if where != "auto":
         return where
     path = broadcast_object(find_latest(run_dir) if d.is_main else None)
@@ -298,8 +254,8 @@ def resolve_resume(args, run_dir: str, d: Dist) -> str | None:
 
 
 def load_checkpoint(path: str, model, optimizer, meta_now: dict) -> TrainerState:
-    """Load a checkpoint into the (sharded) model and optimizer, after checking it belongs to this
-    run; returns the trainer state to continue from. Reads only: nothing is written."""
+    """Load a checkpoint into the (sharded) model and optimizer, after checking it belongs to this run;
+    returns the trainer state to continue from. Reads only: nothing is written."""
     try:
         meta = check_complete(path)
     except ValueError as e:
@@ -307,17 +263,14 @@ def load_checkpoint(path: str, model, optimizer, meta_now: dict) -> TrainerState
     wrong = []
     if meta["config_hash"] != meta_now["config_hash"]:
         wrong.append(f"model config ({meta['args']['model_name_or_path']} vs {meta_now['args']['model_name_or_path']})")
-    for key in MUST_MATCH_DERIVED:
-        if meta["derived"].get(key) != meta_now["derived"][key]:
-            wrong.append(f"{key} ({meta['derived'].get(key)} vs {meta_now['derived'][key]})")
-    for key in MUST_MATCH_ARGS:
-        if meta["args"].get(key) != meta_now["args"][key]:
-            wrong.append(f"--{key} ({meta['args'].get(key)} vs {meta_now['args'][key]})")
+    for part, label, keys in (("derived", "", MUST_MATCH_DERIVED), ("args", "--", MUST_MATCH_ARGS)):
+        for key in keys:
+            if meta[part].get(key) != meta_now[part][key]:
+                wrong.append(f"{label}{key} ({meta[part].get(key)} vs {meta_now[part][key]})")
     if wrong:
         raise SystemExit(
-            f"minrm: error: checkpoint {path} was written by a different run; checkpoint vs now: "
-            + "; ".join(wrong)
-            + ". Resume with the flags it was written with (batch_size = per_device_train_batch_size x "
+            f"minrm: error: checkpoint {path} was written by a different run; checkpoint vs now: {'; '.join(wrong)}. "
+            "Resume with the flags it was written with (batch_size = per_device_train_batch_size x "
             "processes x gradient_accumulation_steps must stay the same)."
         )
     trainer = TrainerState(metrics=meta.get("metrics", {}), elapsed_s=meta.get("elapsed_s", 0.0))
@@ -334,9 +287,8 @@ def load_model_weights(path: str, model: torch.nn.Module) -> dict:
 
 
 def truncate_logs(run_dir: str, trainer: TrainerState) -> None:
-    """Drop log lines written after the checkpoint (a killed run kept logging past it), so that
-    the resumed run's metrics.jsonl and eval_samples.jsonl equal an uninterrupted run's (all but
-    the wall-clock column `time/elapsed_s`)."""
+    """Drop the log lines a killed run wrote after the checkpoint, so that the resumed run's logs equal an
+    uninterrupted run's (all but the wall-clock column `time/elapsed_s`)."""
     for name, key, limit in (
         ("metrics.jsonl", "episode", trainer.episode),
         ("eval_samples.jsonl", "step", trainer.step),

@@ -1,8 +1,6 @@
-"""Evaluation on the held-out rows: the training metrics plus `best_of_n_accuracy`, every row
-weighing the same over all ranks, and a few sampled rows for a table.
-
-The reference averages per-batch means, so a short last batch weighs as much as a full one; minrm
-sums over rows and divides by the number of rows.
+"""Evaluation on the held-out rows: the training metrics plus `best_of_n_accuracy`, and a few sampled
+rows for a table. Every row weighs the same over all ranks: sums over rows / rows (the reference
+averages per-batch means, so a short last batch weighs as much as a full one).
 """
 
 import math

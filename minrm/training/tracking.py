@@ -1,11 +1,6 @@
-"""Where metrics go: one line per step on stdout, one JSON object per line in
-`<run dir>/metrics.jsonl`, and Weights & Biases with `--with_tracking`. Rank 0 only: the caller
-creates a Tracker on rank 0 and None elsewhere.
-
-Every logged row also carries `time/elapsed_s`: the seconds of training since the loop began, read
-from a monotonic clock when the row is logged. A resumed run starts its clock at the checkpoint's
-value, so the column runs on across restarts (what ran after the checkpoint and the restart's
-setup are not counted). `python -m minrm.plot --x time` plots against it.
+"""Where metrics go on rank 0: a line per step on stdout, `<run dir>/metrics.jsonl`, and W&B with
+`--with_tracking`. Each row carries `time/elapsed_s`, the seconds of training so far (monotonic clock):
+a resumed run's clock starts at its checkpoint's value, so the column runs on across restarts.
 """
 
 import dataclasses
@@ -45,10 +40,8 @@ class Tracker:
         if self.wandb is not None and rows:
             import wandb
 
-            columns = list(rows[0])
-            self.wandb.log(
-                {"preference_sample_texts": wandb.Table(columns=columns, data=[list(r.values()) for r in rows])}
-            )
+            table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+            self.wandb.log({"preference_sample_texts": table})
 
     def finish(self) -> None:
         if self.wandb is not None:
@@ -57,8 +50,5 @@ class Tracker:
 
 def summary_line(metrics: dict) -> str:
     """One readable line: short names, 4 significant digits."""
-    parts = []
-    for key, value in metrics.items():
-        name = key.split("/")[-1]
-        parts.append(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}")
-    return " ".join(parts)
+    names = [key.split("/")[-1] for key in metrics]
+    return " ".join(f"{n}={v:.4g}" if isinstance(v, float) else f"{n}={v}" for n, v in zip(names, metrics.values()))
