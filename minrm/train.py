@@ -7,12 +7,10 @@
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 \\
         --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 -m minrm.train ...
 
-Phases: setup -> data -> model -> shard -> loop (step, log, eval, save) -> export -> plot; a stop
-signal or a non-finite value ends the loop early (training/failsafe.py). A row is a prompt with K
-responses and the comparisons among them (a pair: K = 2). One optimizer step (`train_step`) takes
-batch_size = per_device_train_batch_size x world_size x gradient_accumulation_steps rows, in
-micro-batches of per_device_train_batch_size rows per process (or cut by --max_tokens_per_batch);
-its loss is the mean over the step's rows of each row's loss (training/loss.py).
+Phases: setup -> data -> model -> shard -> loop (step, log, eval, save) -> export -> plot. A row is
+a prompt with K responses (a pair: K = 2); one optimizer step (`train_step`) takes batch_size =
+per_device_train_batch_size x world_size x gradient_accumulation_steps rows, and its loss is the mean
+over them of each row's loss (training/loss.py).
 """
 
 import dataclasses
@@ -42,13 +40,9 @@ class NonFinite(Exception):
 
 
 def forward_backward(model, batch, args: Args, row_scale: float, response_scale: float) -> torch.Tensor:
-    """One micro-batch's forward and backward; returns its rows' `STATS`, summed, on the device.
-
-    The loss is scaled by `row_scale` (world size / the step's rows) and the reward centering by
-    `response_scale` (world size / the step's responses): FSDP's reduce-scatter averages the ranks'
-    gradients, so the step's gradient is that of the mean over all its rows (responses), however
-    its micro-batches were cut.
-    """
+    """One micro-batch's forward and backward; returns its rows' `STATS`, summed, on the device. The
+    scales are world size / the step's rows (responses, for the centering): FSDP averages the ranks'
+    gradients, so the step's gradient is the mean's over all its rows, however they were cut."""
     inputs, prefs = batch
     rewards = model(**inputs)  # (R,) fp32, row by row
     stats = row_statistics(rewards, prefs, args.loss)  # (N, len(STATS))
@@ -128,15 +122,9 @@ def main(args: Args) -> dict:
             f"minrm: error: {total_episodes} training rows are fewer than one batch of {batch_size} "
             "(per_device_train_batch_size x processes x gradient_accumulation_steps)."
         )
-    derived = {
-        "world_size": d.world_size,
-        "micro_batch_size": per_device * d.world_size,
-        "local_batch_size": per_device * accumulation,
-        "batch_size": batch_size,
-        "total_episodes": total_episodes,
-        "num_training_steps": num_training_steps,
-        "unused_episodes": total_episodes - num_training_steps * batch_size,
-    }
+    derived = dict(world_size=d.world_size, micro_batch_size=per_device * d.world_size, batch_size=batch_size)
+    derived |= dict(local_batch_size=per_device * accumulation, total_episodes=total_episodes)
+    derived |= dict(num_training_steps=num_training_steps, unused_episodes=total_episodes % batch_size)
     eval_steps = set()
     if eval_set is not None and args.num_evals > 0:
         eval_steps = {max(1, round(k * num_training_steps / args.num_evals)) for k in range(1, args.num_evals + 1)}

@@ -52,11 +52,9 @@ class PackedLayout:
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over a packed row (1, heads, L, head_dim), one segment at a time: its queries attend
     causally to the shared prompt's keys and their own, laid end to end. sum(l^2) work, not L^2."""
-    layout = kwargs.get("packed_layout")
-    if layout is None:
-        raise ValueError(f"attention {SEGMENTS!r} needs the `packed_layout` of a packed batch (batching.collate)")
+    layout = kwargs["packed_layout"]  # a packed batch's (batching.collate)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("packed batching cannot run logit softcapping or attention sinks; use --batching padded")
+        raise NotImplementedError("packed rows cannot run logit softcapping or attention sinks; use --batching padded")
     window = kwargs.get("sliding_window")
     groups = query.shape[1] // key.shape[1]
     # Views from one split per tensor: slicing each segment out of the whole row instead gives
@@ -194,11 +192,9 @@ def mask_rule(key_ranges: torch.Tensor, window: int | None):
 
 
 def block_lists(layout: PackedLayout, window: int | None) -> tuple[np.ndarray, ...]:
-    """FlexAttention's block lists for a packed row (BLOCK x BLOCK tiles of the L x L attention),
-    worked out from the segments alone: O((L / BLOCK)^2) memory and time, never O(L^2). A tile is
-    `full` when every (query, key) pair in it is allowed (computed without the mask), `partial` when
-    only some are (the mask is applied). Returns partial counts (1 row per query tile), partial
-    columns, full counts, full columns, as `BlockMask.from_kv_blocks` takes them."""
+    """FlexAttention's block lists of a packed row, from the segments alone (O((L / BLOCK)^2), never
+    O(L^2)): a tile is `full` when every (query, key) pair in it is allowed (run without the mask),
+    `partial` when some are. Partial counts and columns, full counts and columns, per query tile."""
     n = -(-layout.length // BLOCK)
     touched = np.zeros((n, n), dtype=bool)
     full_rows = np.zeros((n, n), dtype=np.int32)  # per tile: its rows that see every key of it

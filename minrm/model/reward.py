@@ -52,11 +52,9 @@ def skeleton(args, tokenizer: PreTrainedTokenizerBase, cuda: bool = False) -> Pr
 
 
 def read_model(args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The model with its weights, in `dtype` on the CPU: the checkpoint's (the toy's drawn from the
-    seed), the embedding rows of an added <pad> drawn from the old rows' mean and covariance, and
-    the score head re-drawn from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325) unless
-    --init_score_head False. The score head stays in fp32 whatever `dtype`, read exactly as stored,
-    so that rewards are never rounded to bf16 (`reward_forward`)."""
+    """The model with its weights, in `dtype` on the CPU (the score head in fp32, read as stored): an
+    added <pad>'s embedding drawn from the old rows' mean and covariance, and the score head re-drawn
+    from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325) unless --init_score_head False."""
     torch.manual_seed(args.seed)
     config = model_config(args)
     if args.model_name_or_path == TOY:
@@ -118,16 +116,12 @@ def reward_forward(
     last_index: torch.Tensor | None = None,  # (R,) flat positions in the N x T tokens to read rewards at
     packed_layout: PackedLayout | None = None,  # a packed row: who attends to whom
 ) -> torch.Tensor:
-    """Rewards (R,) in fp32: the score head applied to the hidden state of each sequence's last
-    real token (`last_index`; without it, the last 1 of each row of the attention mask).
-
-    This replaces the instance's forward because FSDP2 gathers the root unit's parameters (embeddings,
-    final norm, score head) in a hook around the root module's call: pooling and scoring happen inside
-    it. Two differences from the reference (README, "Where minrm differs"): the last real token comes
-    from the layout or the mask (the reference takes "first pad token - 1", wrong when the pad id
-    occurs in the text), and only the last hidden state is kept and scored at the pooled positions
-    (the reference asks for every layer's hidden states and scores every position).
-    """
+    """Rewards (R,) in fp32: the score head on the hidden state of each sequence's last real token
+    (`last_index`, else the last 1 of each row of the mask). It replaces the instance's forward
+    because FSDP2 gathers the root's parameters (embeddings, final norm) around the root's call.
+    Unlike the reference (README, "Where minrm differs"), the last token comes from the layout or the
+    mask, not "first pad token - 1" (wrong when the pad id is in the text), and only the last hidden
+    state is kept and scored at the pooled positions, not every layer's at every position."""
     extra = {}
     if packed_layout is not None:  # which attention runs it was chosen at load
         if self.config._attn_implementation == SEGMENTS:

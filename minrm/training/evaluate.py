@@ -50,18 +50,10 @@ def sample_rows(rows: list[dict], rewards: list[float], tokenizer) -> list[dict]
     out, flat = [], 0
     for row in rows:
         k, n = len(row["responses"]), len(row["prompt"])  # the prompt's ids begin every response
-        best = max(range(k), key=row["scores"].__getitem__)
-        worst = min(range(k), key=row["scores"].__getitem__)
+        best, worst = max(range(k), key=row["scores"].__getitem__), min(range(k), key=row["scores"].__getitem__)
         chosen, rejected = rewards[flat + best], rewards[flat + worst]
-        out.append(
-            {
-                "prompt": tokenizer.decode(row["prompt"]),
-                "chosen_response": tokenizer.decode(row["responses"][best][n:]),
-                "rejected_response": tokenizer.decode(row["responses"][worst][n:]),
-                "chosen_reward": chosen,
-                "rejected_reward": rejected,
-                "correct": chosen > rejected,
-            }
-        )
+        texts = [tokenizer.decode(row["responses"][i][n:]) for i in (best, worst)]
+        out.append(dict(prompt=tokenizer.decode(row["prompt"]), chosen_response=texts[0], rejected_response=texts[1],
+                        chosen_reward=chosen, rejected_reward=rejected, correct=chosen > rejected))  # fmt: skip
         flat += k
     return out

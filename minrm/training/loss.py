@@ -45,7 +45,7 @@ def row_statistics(rewards: torch.Tensor, prefs: Preferences, loss: str = "bradl
     diff = r[:, :, None] - r[:, None, :]  # (N, K, K): r_i - r_j
     margin = prefs.margin[:, None, None]
 
-    def mean(x: torch.Tensor) -> torch.Tensor:  # over each row's comparisons (the others are left out, not zeroed: 0 x inf is nan)
+    def mean(x: torch.Tensor) -> torch.Tensor:  # over each row's comparisons; the others left out (0 x inf is nan)
         return torch.where(prefer, weight * x, 0.0).sum((1, 2))
 
     if loss == "plackett_luce":
