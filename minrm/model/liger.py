@@ -29,7 +29,7 @@ def apply_liger_kernel(model: PreTrainedModel, use: bool | None, strict: bool, d
             return _describe(model, swapped)
         problem = f"liger: Liger's patch for model type {_decoder(model).config.model_type!r} swapped no kernel"
     if strict:
-        raise RuntimeError(f"{problem}. Pass --use_liger_kernel false, or drop --strict_kernels to run without.")
+        raise SystemExit(f"minrm: error: {problem}. Pass --use_liger_kernel false, or drop --strict_kernels.")
     return f"{problem}; running without Liger (the model is unchanged)"
 
 

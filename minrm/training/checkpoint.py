@@ -35,7 +35,8 @@ TMP_SUFFIX = ".tmp"
 # same as never stopping: the model, the data stream and the schedule.
 MUST_MATCH_ARGS = (
     "dataset_mixer_list dataset_mixer_list_splits max_token_length max_prompt_token_length seed learning_rate "
-    "lr_scheduler_type warm_up_steps eps weight_decay max_grad_norm"
+    "lr_scheduler_type warm_up_steps eps weight_decay max_grad_norm loss center_rewards_coefficient "
+    "max_responses_per_prompt chosen_key rejected_key prompt_key responses_key scores_key margin_key"
 ).split()
 MUST_MATCH_DERIVED = ("batch_size", "num_training_steps", "train_pairs")
 
