@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -75,12 +76,16 @@ def attended_pairs(pairs: list[dict], batching: str) -> int:
 
 @contextlib.contextmanager
 def one_process():
-    """A process group of one (the trainer's: minrm.distributed), for the FSDP2 model; gone after."""
+    """A process group of one (the trainer's: minrm.distributed), for the FSDP2 model; gone after,
+    with the rank variables it set (a process started later would take itself for torchrun's)."""
+    environ = dict(os.environ)
     d = init_distributed()
     try:
         yield d
     finally:
         dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def build(d, size: str, packed_attention: str = "auto", modes=MODES):
