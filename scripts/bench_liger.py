@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, lige
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).to(device, dtype)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     kernels = apply_liger_kernel(model, use=True, strict=True, device=device) if liger else "liger: off"
     ids = torch.randint(1, args.vocab_size, (2 * args.pairs, args.seq_len), device=device)  # (2B, T), no padding
     mask = torch.ones_like(ids)

@@ -171,18 +171,19 @@ def test_skeleton_config_is_the_loaded_models(which, big_model_dir):
 
 
 def join_with_a_short_timeout(rank: int, port: int) -> None:
-    """Two processes form a group, meet, and then give its collectives a 1 s timeout: a process that
+    """Two processes form a group, meet, and then give its collectives a 1.5 s timeout (above the
+    waits' 1 s poll of the store, by which the two may reach a collective apart): a process that
     starts later than the other (a loaded machine) does not time the join out."""
     import datetime
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     dist.barrier()
-    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=1))
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=1.5))
 
 
 def _waits_worker(rank: int, port: int, results) -> None:
-    """One of two processes whose group times out after 1 s: rank 0 reads "the model" for 2 s (then
+    """One of two processes whose group times out after 1.5 s: rank 0 reads "the model" for 2 s (then
     fails to, 2 s), and later rank 1 scores its share 2 s longer than rank 0 before a gather."""
     import functools
     import time

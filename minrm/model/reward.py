@@ -88,7 +88,7 @@ def prepare(model: PreTrainedModel, args, cuda: bool = False) -> PreTrainedModel
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.batching != "padded":
         use_packed_attention(model, args.packed_attention, cuda)
     model.forward = types.MethodType(reward_forward, model)
