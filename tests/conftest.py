@@ -20,6 +20,10 @@ from minrm.data.mixer import build_side
 from minrm.training.tracking import ELAPSED
 
 ROOT = Path(__file__).resolve().parents[1]
+# One thread, here and in every process a test starts: the tiny models' ops are too small to share,
+# and OpenMP's spinning threads only slow them on a small, busy machine.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 CUDA = torch.cuda.is_available()  # read before any test hides it
 
 

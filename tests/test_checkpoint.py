@@ -3,10 +3,9 @@
 - a training process is SIGKILLed after it has written a checkpoint, resumed with `auto`, and its
   metrics.jsonl and final weights compared with an uninterrupted run (bitwise on 1 process); its
   wall-clock column continues from the checkpoint's elapsed seconds;
-- the same with 2 processes (torchrun), and a 2-process checkpoint resumed on 1 process;
 - a run stopped by SIGTERM (to `python -m minrm.train`, and to torchrun, which forwards it) writes a
   checkpoint without --checkpointing_steps, prints the resume command, and that command finishes it
-  bitwise like an uninterrupted run (1 and 2 processes);
+  bitwise like an uninterrupted run (1 and 2 processes); the 2-process checkpoint also resumes on 1;
 - background saves write the state of the moment `save` was called, while the model and the
   optimizer change under them, and the second copies into the host buffers of the first;
 - `auto` starts fresh without a checkpoint and skips one left half-written; a checkpoint from another model is refused;
@@ -106,9 +105,12 @@ def run_and_signal(args: list[str], run_dir: Path, nproc: int = 1) -> tuple[int,
     return status, log.read_text()
 
 
-def check_preempted_and_resume(args: list[str], run_dir: Path, nproc: int) -> None:
-    """Stop a run with SIGTERM, check the stop's checkpoint and message, and run the printed command."""
-    status, log = run_and_signal(args, run_dir, nproc)
+def without_checkpointing(args: list[str]) -> list[str]:
+    return args[: args.index("--checkpointing_steps")] + args[args.index("--checkpointing_steps") + 2 :]
+
+
+def check_preempted_and_resume(run_dir: Path, nproc: int, status: int, log: str) -> None:
+    """Check a SIGTERM stop's checkpoint and message, and run the command it printed."""
     assert status == (143 if nproc == 1 else 1), log[-3000:]  # torchrun exits 1 when signalled
     step = int(log.split("stopped by SIGTERM after step ")[1].split("/")[0])
     # The checkpoint of the step every rank stopped after, without --checkpointing_steps.
@@ -155,11 +157,14 @@ def uninterrupted_two_process(tiny_model_dir, pairs_file, eval_file, tmp_path_fa
 
 
 @pytest.fixture(scope="module")
-def killed_two_process(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> Path:
-    """A 2-process run killed after a checkpoint (same global batches: 2 x 1 pair)."""
+def preempted_two_process(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> tuple[Path, int, str]:
+    """A 2-process run (same global batches: 2 x 1 pair) stopped by SIGTERM to torchrun, and a copy
+    of its folder as the stop left it (`two_to_one`); its exit status and log."""
     out = tmp_path_factory.mktemp("ckpt_runs2")
-    run_and_kill(flags(tiny_model_dir, pairs_file, eval_file, out, "two", pdbs=1), out / "two", nproc=2)
-    return out / "two"
+    args = without_checkpointing(flags(tiny_model_dir, pairs_file, eval_file, out, "preempted2", pdbs=1))
+    status, log = run_and_signal(args, out / "preempted2", nproc=2)
+    shutil.copytree(out / "preempted2", out / "two_to_one")
+    return out / "preempted2", status, log
 
 
 def test_checkpoints_are_written_and_pruned(uninterrupted):
@@ -190,24 +195,12 @@ def test_kill_and_resume_one_process_is_bitwise(uninterrupted, tiny_model_dir, p
     assert times[kept - 1] <= meta["elapsed_s"] <= times[kept] < meta["elapsed_s"] + resumed_for
 
 
-def test_kill_and_resume_two_processes(
-    uninterrupted_two_process, killed_two_process, tiny_model_dir, pairs_file, eval_file
-):
-    # Resume a copy on 2 processes; the original stays for the 2 -> 1 test.
-    run_dir = killed_two_process.parent / "two_resumed"
-    shutil.copytree(killed_two_process, run_dir)
-    args = flags(tiny_model_dir, pairs_file, eval_file, run_dir.parent, "two_resumed", pdbs=1)
-    run_minrm(args + ["--resume_from_checkpoint", "auto"], nproc=2)
-    assert_same_run(uninterrupted_two_process, run_dir, atol=0)
-
-
 def test_two_process_checkpoint_resumes_on_one(
-    uninterrupted_two_process, killed_two_process, tiny_model_dir, pairs_file, eval_file
+    uninterrupted_two_process, preempted_two_process, tiny_model_dir, pairs_file, eval_file
 ):
-    run_dir = killed_two_process.parent / "two_to_one"
-    shutil.copytree(killed_two_process, run_dir)
+    run_dir = preempted_two_process[0].parent / "two_to_one"
     # The same batch size (2 pairs per step) on one process: 2 pairs per device.
-    args = flags(tiny_model_dir, pairs_file, eval_file, run_dir.parent, "two_to_one", pdbs=2)
+    args = without_checkpointing(flags(tiny_model_dir, pairs_file, eval_file, run_dir.parent, "two_to_one", pdbs=2))
     result = run_minrm(args + ["--resume_from_checkpoint", "auto"])
     assert "written by 2 processes" in result.stdout
     # After the resume point the reductions run in another order: equal within 1e-5, not bitwise.
@@ -215,19 +208,15 @@ def test_two_process_checkpoint_resumes_on_one(
 
 
 def test_sigterm_and_resume_one_process_is_bitwise(uninterrupted, tiny_model_dir, pairs_file, eval_file, tmp_path):
-    args = flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "preempted")
-    args = args[: args.index("--checkpointing_steps")] + args[args.index("--checkpointing_steps") + 2 :]
-    check_preempted_and_resume(args, tmp_path / "preempted", nproc=1)
+    args = without_checkpointing(flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "preempted"))
+    check_preempted_and_resume(tmp_path / "preempted", 1, *run_and_signal(args, tmp_path / "preempted"))
     assert_same_run(uninterrupted, tmp_path / "preempted", atol=0)
 
 
-def test_sigterm_to_torchrun_and_resume_two_processes_is_bitwise(
-    uninterrupted_two_process, tiny_model_dir, pairs_file, eval_file, tmp_path
-):
-    args = flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "preempted2", pdbs=1)
-    args = args[: args.index("--checkpointing_steps")] + args[args.index("--checkpointing_steps") + 2 :]
-    check_preempted_and_resume(args, tmp_path / "preempted2", nproc=2)
-    assert_same_run(uninterrupted_two_process, tmp_path / "preempted2", atol=0)
+def test_sigterm_to_torchrun_and_resume_two_processes_is_bitwise(uninterrupted_two_process, preempted_two_process):
+    run_dir, status, log = preempted_two_process
+    check_preempted_and_resume(run_dir, 2, status, log)
+    assert_same_run(uninterrupted_two_process, run_dir, atol=0)
 
 
 def test_background_saves_keep_the_state_of_their_step_in_reused_buffers(tmp_path, monkeypatch):
