@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from minrm.distributed import Dist, all_reduce_sum, print0
 from minrm.training.checkpoint import CheckpointWriter, find_latest
-from minrm.training.sharding import counted_shards
+from minrm.training.optim import counted_shards
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A second signal within this many seconds is the same request delivered twice (SLURM signals every process

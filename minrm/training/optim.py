@@ -10,8 +10,7 @@ reaches the end value (README, "Where minrm differs").
 import math
 
 import torch
-
-from minrm.training.sharding import counted_shards
+from torch.distributed.tensor import DTensor, Replicate
 
 POLYNOMIAL_END_LR = 1e-7  # transformers' default lr_end for the polynomial schedule
 
@@ -64,3 +63,17 @@ def clip_grads_(model: torch.nn.Module, norm: float, max_norm: float) -> None:
     if max_norm > 0:
         params = [p for p in model.parameters() if p.grad is not None]
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
+
+
+def counted_shards(tensors) -> list[torch.Tensor]:
+    """The local shards of `tensors` that this rank counts, so that a sum over all ranks counts every value
+    once: FSDP's shards are disjoint; under HSDP each node holds a replica, and only the first one counts."""
+    out = []
+    for t in tensors:
+        if isinstance(t, DTensor):
+            coordinate = t.device_mesh.get_coordinate()
+            if any(isinstance(how, Replicate) and i != 0 for how, i in zip(t.placements, coordinate)):
+                continue
+            t = t.to_local()
+        out.append(t)
+    return out

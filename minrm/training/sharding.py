@@ -1,10 +1,9 @@
-"""FSDP2 sharding, the skeleton filled from rank 0's weights, and which shards a rank counts in a sum."""
+"""FSDP2 sharding of the reward model, and the skeleton filled from rank 0's weights."""
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
 
 from minrm.distributed import Dist
 
@@ -44,15 +43,3 @@ def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, d: Dis
             dist.broadcast(buffer, src=0)
 
 
-def counted_shards(tensors) -> list[torch.Tensor]:
-    """The local shards of `tensors` that this rank counts, so that a sum over all ranks counts every value
-    once: FSDP's shards are disjoint; under HSDP each node holds a replica, and only the first one counts."""
-    out = []
-    for t in tensors:
-        if isinstance(t, DTensor):
-            coordinate = t.device_mesh.get_coordinate()
-            if any(isinstance(how, Replicate) and i != 0 for how, i in zip(t.placements, coordinate)):
-                continue
-            t = t.to_local()
-        out.append(t)
-    return out
