@@ -99,15 +99,13 @@ def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, 
 
     int32, float64, string = (datasets.Value(t) for t in ("int32", "float64", "string"))
     ids = datasets.List(int32)  # half the disk of Arrow's default int64
-    features = datasets.Features(
-        {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "scores": datasets.List(float64)}
-        | {"margin": float64, "problem": string, "status": string, "too_long": int32, "cut": int32}
-    )
+    features = {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "margin": float64}
+    features |= {"scores": datasets.List(float64), "problem": string, "status": string, "too_long": int32, "cut": int32}
     # A pool costs a second or two to start: worth it only for thousands of rows. The map writes
     # its output beside its input (a local file's, in files.py's scratch folder): on disk.
     num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 5000))
     remove = [c for c in raw.column_names if c != "row"]
-    ds = raw.map(tokenize, remove_columns=remove, features=features, num_proc=num_proc)
+    ds = raw.map(tokenize, remove_columns=remove, features=datasets.Features(features), num_proc=num_proc)
     print0(f"data: {name} [{split}]: {len(ds)} rows, format {fmt!r}, tokenized with {num_proc} processes")
     return ds, unit
 
