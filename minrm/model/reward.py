@@ -10,6 +10,7 @@ import types
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from minrm.config import TOY
 from minrm.data.toy import toy_model_config, toy_tokenizer
@@ -35,7 +36,10 @@ def model_config(args):
 def _fit_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mean_resizing: bool) -> None:
     """Room in the embeddings for an added <pad> (rows to a multiple of 8), and the pad id in the config."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        verbosity = hf_logging.get_verbosity()  # transformers warns that it draws the new rows, as read_model says
+        hf_logging.set_verbosity_error()
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8, mean_resizing=mean_resizing)
+        hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
 
@@ -95,14 +99,10 @@ def prepare(model: PreTrainedModel, args, cuda: bool = False) -> PreTrainedModel
     return model
 
 
-def backbone(model: PreTrainedModel) -> nn.Module:
-    return getattr(model, model.base_model_prefix)
-
-
 def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
     """The backbone's list of transformer blocks (`layers` in Llama, `h` in GPT-2, ...)."""
     n = model.config.get_text_config().num_hidden_layers
-    for module in backbone(model).modules():
+    for module in model.base_model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
     raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
@@ -128,7 +128,7 @@ def reward_forward(
             extra["packed_layout"] = packed_layout
         else:
             attention_mask = packed_attention_mask(self, packed_layout, input_ids.device)
-    hidden = backbone(self)(
+    hidden = self.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
     ).last_hidden_state  # (N, T, H)
     if last_index is None:
