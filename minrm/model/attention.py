@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface, PreTrainedModel
 
 from minrm.distributed import print0
@@ -68,11 +69,12 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
             k = torch.cat([keys[part[s.shared_start]][:, :, :n], k], 2)
             v = torch.cat([values[part[s.shared_start]][:, :, :n], v], 2)
         nq, nk = q.shape[2], k.shape[2]
-        mask = None  # plain causal
-        if nq != nk or (window is not None and nk > window):
+        if window is None or nk <= window:  # causal, the last query aligned to the last key: no mask built
+            mask = causal_lower_right(nq, nk) if nq != nk else None
+        else:
             j = torch.arange(nk, device=q.device)
             i = torch.arange(nk - nq, nk, device=q.device)[:, None]  # each query's place among the keys
-            mask = (j <= i) if window is None else (j <= i) & (j > i - window)
+            mask = (j <= i) & (j > i - window)
             if groups > 1 and q.is_cuda:  # with a mask and grouped heads, CUDA's SDPA falls back to math
                 k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         out = F.scaled_dot_product_attention(
