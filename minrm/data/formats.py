@@ -99,9 +99,8 @@ def _messages(value, what: str, default_role: str | None) -> list[dict]:
     if isinstance(value, str) and default_role:
         value = [{"role": default_role, "content": value}]
     if not isinstance(value, list):
-        raise ValueError(
-            f"`{what}` must be a list of messages{' or a string' if default_role else ''}, got {type(value).__name__}"
-        )
+        kind = "a list of messages or a string" if default_role else "a list of messages"
+        raise ValueError(f"`{what}` must be {kind}, got {type(value).__name__}")
     if not value:
         raise ValueError(f"`{what}` is an empty conversation")
     out = []
