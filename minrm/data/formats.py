@@ -9,6 +9,7 @@ is the longest run of ids all the sequences start with). Layouts: a pair (`chose
 and `scores`: i is preferred to j when its score is higher; equal scores make no comparison).
 """
 
+import itertools
 import json
 import math
 import os
@@ -54,8 +55,7 @@ def detect_format(row: dict, keys: dict) -> str:
     if keys["prompt"] in row:
         return "prompt"
     first = row.get(keys["responses"]) or row.get(keys["chosen"])
-    if _listed(first):  # a list of responses: the format is the first one's
-        first = first[0]
+    first = first[0] if _listed(first) else first  # a list of responses: the format is the first one's
     return "plain" if isinstance(first, str) else "conversational"
 
 
@@ -99,8 +99,8 @@ def _messages(value, what: str, default_role: str | None) -> list[dict]:
     if isinstance(value, str) and default_role:
         value = [{"role": default_role, "content": value}]
     if not isinstance(value, list):
-        kind = "a list of messages or a string" if default_role else "a list of messages"
-        raise ValueError(f"`{what}` must be {kind}, got {type(value).__name__}")
+        either = " or a string" if default_role else ""
+        raise ValueError(f"`{what}` must be a list of messages{either}, got {type(value).__name__}")
     if not value:
         raise ValueError(f"`{what}` is an empty conversation")
     out = []
@@ -151,10 +151,9 @@ def _check_comparisons(labels: list, responses: list, scores: list[float]) -> No
         if len(scores) == 1:
             raise ValueError("no comparison: one response (a row needs two with different scores)")
         raise ValueError(f"no comparison: all {len(scores)} responses have the same score ({scores[0]:g})")
-    for i in range(len(responses)):
-        for j in range(i + 1, len(responses)):
-            if scores[i] != scores[j] and responses[i] == responses[j]:
-                raise ValueError(f"{labels[i]} and {labels[j]} are identical")
+    for i, j in itertools.combinations(range(len(responses)), 2):
+        if scores[i] != scores[j] and responses[i] == responses[j]:
+            raise ValueError(f"{labels[i]} and {labels[j]} are identical")
 
 
 def _plain_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[list[int]]]:

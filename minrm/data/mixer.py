@@ -68,9 +68,8 @@ def spread(indices: list[int], scores: list[float], most: int) -> list[int]:
 
 
 def fit_row(row: dict, max_prompt: int, max_response: int, most: int | None) -> dict:
-    """The length filter and --max_responses_per_prompt on a tokenized row. `status`: "bad" (a
-    problem), "prompt" (over max_prompt tokens: dropped), "comparison" (dropped: none left once the
-    responses over max_response tokens are), "" (kept). `too_long`/`cut` count the responses removed."""
+    """The length filter and --max_responses_per_prompt on a tokenized row. `status`: "" (kept) or why it is dropped:
+    "bad", "prompt" (too long), "comparison" (none left within max_response). `too_long`, `cut`: responses removed."""
     if row["problem"] or len(row["prompt"]) > max_prompt:
         return {**row, "status": "bad" if row["problem"] else "prompt", "too_long": 0, "cut": 0}
     fit = [i for i, ids in enumerate(row["responses"]) if len(ids) <= max_response]
