@@ -55,7 +55,7 @@ def main() -> None:
         build_or_load_cache(args, tokenizer)
         built = time.perf_counter() - start
         start = time.perf_counter()
-        cached = datasets.load_from_disk(build_or_load_cache(args, tokenizer))["train"]
+        cached = datasets.Dataset.from_file(os.path.join(build_or_load_cache(args, tokenizer), "train.arrow"))
         loaded = time.perf_counter() - start
         sequences = [ids for responses in cached[:1000]["responses"] for ids in responses]
         tokens = sum(map(len, sequences)) / len(sequences)

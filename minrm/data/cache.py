@@ -1,10 +1,11 @@
-"""The cache of the tokenized, checked, mixed datasets (`mixer.build_side`), saved with `save_to_disk` in a
+"""The cache of the tokenized, checked, mixed datasets (`mixer.build_side`), saved as an Arrow file per split in a
 folder named by a hash of every input that shapes it, and how the processes of a run, on one node or many,
 build it once and share it (docs/data.md, "Cache")."""
 
 import hashlib
 import json
 import os
+import pickle
 import resource
 import secrets
 import shutil
@@ -12,6 +13,7 @@ import socket
 import time
 
 import datasets
+from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedTokenizerBase
 
 from minrm.data import toy
@@ -19,12 +21,11 @@ from minrm.data.mixer import build_side, column_keys, read_raw
 from minrm.distributed import Dist, post, print0, wait_for_post
 
 # Bump when a change to the code above changes what a cached dataset holds.
-TRANSFORM_VERSION = 2
+TRANSFORM_VERSION = 3
 
 
 def _source_hash(name: str, split: str) -> str:
-    """What identifies a dataset's content: a local file's bytes, the toy generator's code, or
-    the fingerprint `datasets` gives a Hub dataset (it covers the resolved revision)."""
+    """A hash of a dataset's content: a local file's bytes, the toy generator's code, or a Hub dataset's fingerprint."""
     path = toy.__file__ if name == toy.TOY else name
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -43,19 +44,11 @@ def cache_key(args, tokenizer: PreTrainedTokenizerBase) -> str:
             sources[f"{name} [{split}]"] = _source_hash(name, split)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    vocab_hash = hashlib.sha256(vocab.encode()).hexdigest()
-    fields = (
-        "dataset_mixer_list dataset_mixer_list_splits dataset_mixer_eval_list dataset_mixer_eval_list_splits "
-        "max_token_length max_prompt_token_length skip_bad_rows eval_fraction seed"
-    ).split()
-    ingredients = {
-        "version": TRANSFORM_VERSION,
-        "sources": sources,
-        "args": {f: getattr(args, f) for f in fields},
-        "columns": column_keys(args),
-        "max_responses_per_prompt": args.max_responses_per_prompt,
-        "tokenizer": [vocab_hash, tokenizer.chat_template, str(tokenizer.special_tokens_map), len(tokenizer)],
-    }
+    fields = ("dataset_mixer_list dataset_mixer_list_splits dataset_mixer_eval_list dataset_mixer_eval_list_splits "
+              "max_token_length max_prompt_token_length max_responses_per_prompt skip_bad_rows eval_fraction seed")
+    tokens = [vocab, tokenizer.chat_template, str(tokenizer.special_tokens_map), len(tokenizer)]  # hashed below
+    ingredients = dict(version=TRANSFORM_VERSION, sources=sources, columns=column_keys(args), tokenizer=tokens)
+    ingredients["args"] = {f: getattr(args, f) for f in fields.split()}
     return hashlib.sha256(json.dumps(ingredients, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -92,7 +85,9 @@ def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase, key: str | Non
     # Written aside under a name no other builder (process, node) can pick, then renamed: a crash
     # never leaves half a cache, and two builders never write into the same folder.
     tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-    dd.save_to_disk(tmp)
+    os.makedirs(tmp)
+    for split, rows in dd.items():
+        _save_rows(rows, os.path.join(tmp, f"{split}.arrow"))
     with open(os.path.join(tmp, "minrm_log.json"), "w") as f:
         json.dump(log, f)
     try:
@@ -109,9 +104,17 @@ def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase, key: str | Non
     return path
 
 
+def _save_rows(rows: datasets.Dataset, path: str, chunk: int = 1000) -> None:
+    """The rows as one Arrow file, `chunk` rows at a time, each read through maps of its own (unpickling reopens a
+    dataset's files): the pages a process reads through a map stay in its RSS until the map is closed."""
+    with ArrowWriter(features=rows.features, path=path) as writer:
+        for start in range(0, len(rows), chunk):
+            fresh = pickle.loads(pickle.dumps(rows)) if rows.cache_files else rows  # closes the last chunk's maps
+            writer.write_table(fresh.with_format("arrow")[start : start + chunk])
+
+
 def _peak_memory() -> str:
-    """The peak resident memory of this process and of its largest finished child (a tokenizing
-    worker): the OS's count (ru_maxrss), which includes the pages of memory-mapped files read."""
+    """The peak RSS (ru_maxrss: read pages of memory-mapped files included) of this process and its largest child."""
     gb = [resource.getrusage(who).ru_maxrss * 1024 / 1e9 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return f"peak memory {gb[0]:.2f} GB" + (f" (a tokenizing worker: {gb[1]:.2f} GB)" if gb[1] else "")
 
@@ -153,7 +156,8 @@ def load_datasets(
         if d.local_rank == 0:
             key = _find_or_build_and_post(args, tokenizer, key, d.rank)
         path = os.path.join(args.dataset_local_cache_dir, key)
-        dd = datasets.load_from_disk(path)
+        files = {split: os.path.join(path, f"{split}.arrow") for split in ("train", "eval")}
+        dd = {split: datasets.Dataset.from_file(f) for split, f in files.items() if os.path.isfile(f)}  # memory-mapped
         with open(os.path.join(path, "minrm_log.json")) as f:
             log = json.load(f)
     for line in log:
