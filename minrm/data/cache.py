@@ -105,12 +105,14 @@ def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase, key: str | Non
 
 
 def _save_rows(rows: datasets.Dataset, path: str, chunk: int = 1000) -> None:
-    """The rows as one Arrow file, `chunk` rows at a time, each read through maps of its own (unpickling reopens a
-    dataset's files): the pages a process reads through a map stay in its RSS until the map is closed."""
+    """The rows as one Arrow file, `chunk` rows (or 1%) at a time, each read through maps of its own (unpickling
+    reopens a dataset's files): the pages a process reads through a map stay in its RSS until the map is closed."""
+    chunk = max(chunk, -(-len(rows) // 100))  # at most 100 chunks: each opening reads every record batch's header
     with ArrowWriter(features=rows.features, path=path) as writer:
         for start in range(0, len(rows), chunk):
-            fresh = pickle.loads(pickle.dumps(rows)) if rows.cache_files else rows  # closes the last chunk's maps
-            writer.write_table(fresh.with_format("arrow")[start : start + chunk])
+            # The chunk's rows are selected first: pickling all the rows would copy their index every time.
+            part = pickle.loads(pickle.dumps(rows.select(range(start, min(start + chunk, len(rows))))))
+            writer.write_table(part.with_format("arrow")[:])  # `part` and its maps go with the next chunk
 
 
 def _peak_memory() -> str:
