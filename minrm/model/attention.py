@@ -35,19 +35,18 @@ class PackedLayout:
     call, and this one is a single leaf to them."""
 
     def __init__(self, segments: list[Segment]):
-        starts = {s.start for s in segments}
+        self.segments, self.length = segments, segments[-1].end
+        self.sizes = [s.end - s.start for s in segments]  # computed once a batch, read by every layer
+        self.by_start = {s.start: i for i, s in enumerate(segments)}  # the segment each start begins
         for s in segments:
-            if s.shared_end > s.shared_start and (s.shared_start not in starts or s.shared_end > s.start):
+            if s.shared_end > s.shared_start and (s.shared_start not in self.by_start or s.shared_end > s.start):
                 raise ValueError(f"{s}: a shared prompt must begin an earlier segment of the row")
-        self.segments = segments
-        self.length = segments[-1].end
 
     def key_ranges(self) -> torch.Tensor:
         """(3, L) int64 on the host, per query: its segment's start, shared_start, shared_end (the
         per-token form the FlexAttention and dense masks read)."""
         ranges = np.array([(s.start, s.shared_start, s.shared_end) for s in self.segments], dtype=np.int64)
-        lengths = [s.end - s.start for s in self.segments]
-        return torch.from_numpy(np.repeat(ranges, lengths, axis=0).T.copy())
+        return torch.from_numpy(np.repeat(ranges, self.sizes, axis=0).T.copy())
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -60,14 +59,12 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     groups = query.shape[1] // key.shape[1]
     # Views from one split per tensor: slicing each segment out of the whole row instead gives
     # every segment a row-sized gradient to zero and add in the backward (segments x L work).
-    sizes = [s.end - s.start for s in layout.segments]
-    part = {s.start: i for i, s in enumerate(layout.segments)}
-    queries, keys, values = (t.split(sizes, 2) for t in (query, key, value))
+    queries, keys, values = (t.split(layout.sizes, 2) for t in (query, key, value))
     outputs = []
     for s, q, k, v in zip(layout.segments, queries, keys, values):
         if n := s.shared_end - s.shared_start:  # the prompt, from the segment it begins
-            k = torch.cat([keys[part[s.shared_start]][:, :, :n], k], 2)
-            v = torch.cat([values[part[s.shared_start]][:, :, :n], v], 2)
+            k = torch.cat([keys[layout.by_start[s.shared_start]][:, :, :n], k], 2)
+            v = torch.cat([values[layout.by_start[s.shared_start]][:, :, :n], v], 2)
         nq, nk = q.shape[2], k.shape[2]
         if window is None or nk <= window:  # causal, the last query aligned to the last key: no mask built
             mask = causal_lower_right(nq, nk) if nq != nk else None
