@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from minrm import rewardbench
 from minrm.checks import check_model as check_loadable
-from minrm.config import PACKED_ATTENTIONS, Args
+from minrm.config import DATA_FILES, PACKED_ATTENTIONS, Args
 from minrm.data import formats
 from minrm.data.mixer import column_keys, json_or_none, read_raw, report_bad_rows
 from minrm.data.tokenizer import load_tokenizer
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--max_tokens_per_batch must be at least 1, got {args.max_tokens_per_batch}")
     if args.out and not args.out.endswith((".jsonl", ".parquet")):
         p.error(f"--out {args.out!r}: name a .jsonl or .parquet file")
-    if args.data.endswith((".jsonl", ".json", ".parquet")) and not os.path.isfile(args.data):
+    if args.data.endswith(DATA_FILES) and not os.path.isfile(args.data):
         p.error(f"--data {args.data!r}: no such file")
     if args.benchmark and args.sections:
         p.error("--sections and --benchmark: give one (a benchmark has its own sections)")
@@ -132,9 +132,9 @@ def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
     fmt = formats.detect_format(first, keys)
 
     def tokenize(row):
-        parsed = json_or_none(row) or {}
-        subset, row_id = parsed.get(args.subset_key), parsed.get("id")  # RewardBench pairs Ties rows by id
-        out = formats.tokenize_row(row, fmt, keys, tokenizer)
+        parsed = json_or_none(row)  # a line parsed once; None (not a JSON object): tokenize_row says why
+        out = formats.tokenize_row(parsed or row, fmt, keys, tokenizer)
+        subset, row_id = (parsed or {}).get(args.subset_key), (parsed or {}).get("id")  # RewardBench pairs Ties by id
         return {**out, "subset": None if subset is None else str(subset), "id": None if row_id is None else str(row_id)}
 
     mine = raw.select(range(d.rank, len(raw), d.world_size))

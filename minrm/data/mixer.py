@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
+from minrm.config import DATA_FILES
 from minrm.data import formats, toy
 from minrm.data.files import read_local_file
 from minrm.distributed import print0
@@ -28,7 +29,7 @@ def read_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
     the word for its row numbers ("line" for JSON lines)."""
     if name == toy.TOY:
         return toy.toy_dataset(split), "row"
-    if name.endswith((".jsonl", ".json", ".parquet")):
+    if name.endswith(DATA_FILES):
         return read_local_file(name)
     try:
         ds = datasets.load_dataset(name, split=split)
