@@ -124,10 +124,6 @@ def gather_objects(obj, name: str, waiting_for: str) -> list:
     return out
 
 
-def barrier() -> None:
-    dist.barrier()
-
-
 # Signals through the process group's key-value store (torchrun's TCPStore): for waiting on work of
 # unbounded length (building the dataset cache) without a collective, whose timeout would kill it.
 

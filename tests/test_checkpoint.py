@@ -340,7 +340,8 @@ def test_export_round_trip(uninterrupted, eval_file, tmp_path):
     for key in final:
         assert torch.equal(final[key], exported[key]), key
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
-    assert "eval/rm/accuracy" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "eval/rm/accuracy" in card and "- loss: bradley_terry\n" in card  # the loss the model was trained with
     # And it scores the saved eval samples as the run did.
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)

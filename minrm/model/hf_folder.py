@@ -5,11 +5,12 @@ its upload to the Hub. The end of training writes it from the sharded model; `mi
 
 import os
 
+import torch.distributed as dist
 from huggingface_hub import HfApi, save_torch_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from minrm.distributed import Dist, barrier
+from minrm.distributed import Dist
 
 
 def save_hf_folder(
@@ -43,7 +44,7 @@ def save_hf_folder(
             with open(os.path.join(out_dir, "README.md"), "w") as f:
                 f.write(card)
     del state
-    barrier()
+    dist.barrier()
 
 
 def push_folder(folder: str, repo_id: str, revision: str) -> str:
@@ -68,8 +69,9 @@ def resolve_hub_repo(args) -> tuple[str, str]:
 
 
 HYPERPARAMETERS = (
-    "learning_rate lr_scheduler_type warm_up_steps per_device_train_batch_size gradient_accumulation_steps "
-    "num_train_epochs total_episodes max_token_length max_prompt_token_length max_grad_norm weight_decay eps seed"
+    "loss center_rewards_coefficient max_responses_per_prompt learning_rate lr_scheduler_type warm_up_steps "
+    "per_device_train_batch_size gradient_accumulation_steps num_train_epochs total_episodes max_token_length "
+    "max_prompt_token_length max_grad_norm weight_decay eps seed"
 ).split()
 CARD = """---
 base_model: {base}
@@ -79,7 +81,7 @@ tags: [reward-model, minrm]
 
 # {run_name}
 
-A pairwise (Bradley-Terry) reward model trained with minrm. Load it with \
+A reward model trained with minrm from preference pairs or ranked lists (the loss is below). Load it with \
 `AutoModelForSequenceClassification.from_pretrained`; the reward is the single logit.
 
 - Base model: `{base}`

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from minrm.distributed import Dist, barrier, broadcast_object, print0
+from minrm.distributed import Dist, broadcast_object, print0
 
 PREFIX = "step_"
 TMP_SUFFIX = ".tmp"
@@ -151,7 +151,7 @@ class CheckpointWriter:
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 where = {"step": trainer.step, "episode": trainer.episode, "world_size": self.d.world_size}
                 json.dump({**meta, **where, "metrics": trainer.metrics, "elapsed_s": trainer.elapsed_s}, f, indent=1)
-        barrier()
+        dist.barrier()
         if self.d.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the stager copies on its own stream, after the update
         states = _checkpoint_states(model, optimizer, trainer)
