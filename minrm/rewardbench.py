@@ -98,12 +98,12 @@ def ties_score(records: list[dict]) -> float:
     + 0.01 mean(tanh(ratio - 1))."""
     rows = {"ref": {}, "tied": {}}
     for r in records:
-        kind, _, number = str(r["id"]).partition(":")
-        if kind not in rows or not number.isdigit():
+        kind, _, prompt = str(r["id"]).partition(":")
+        if kind not in rows or not prompt.isdigit():
             raise SystemExit(f"minrm: error: Ties row {r['row']}: id {r['id']!r} is not 'ref:N' or 'tied:N'")
-        if int(number) in rows[kind]:
+        if int(prompt) in rows[kind]:
             raise SystemExit(f"minrm: error: Ties row {r['row']}: id {r['id']!r} is used by another row")
-        rows[kind][int(number)] = ranked(r["chosen_rewards"], r["rejected_rewards"])
+        rows[kind][int(prompt)] = ranked(r["chosen_rewards"], r["rejected_rewards"])
     ref, tied = rows["ref"], rows["tied"]
     # Published, these means are numpy's, which is nan for no prompts: here 0, as for no common prompts.
     both = [n for n in tied if n in ref and tied[n].spread is not None]

@@ -1,7 +1,7 @@
 """The offline default of `python -m minrm.train` with no flags, generated here (no network, no GPU): a
 word tokenizer, a tiny Llama config and synthetic "repeat the words" pairs. A response is good only if it
 copies *this* prompt, which a response-only classifier cannot learn, yet a 2-layer model does (eval accuracy
-~0.99) in about half a minute on two CPU cores. Its flag values and split sizes are in config.py.
+~0.99) in under a minute on two CPU cores. Its flag values and split sizes are in config.py.
 """
 
 from __future__ import annotations
