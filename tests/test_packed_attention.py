@@ -178,19 +178,23 @@ def test_block_mask_at_32k_tokens_stays_small():
     assert probe["rise"] < 64, probe
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize(("batching", "window"), cases())
-def test_segment_attention_with_grouped_heads_matches_the_dense_mask(batching, window):
+def test_segment_attention_with_grouped_heads_matches_the_dense_mask(batching, window, device):
     """4 query heads on 2 KV heads: the rejected responses, the scorer's responses and the windows
-    (an explicit mask per segment, keys expanded to the query heads) against softmax attention
-    written out with the mask above, in fp32."""
+    against softmax attention written out with the mask above, in fp32. Every case runs both kinds
+    of call: segments alone (SDPA) and groups of several padded to one grid (a mask per segment;
+    written out on CPU, SDPA on CUDA)."""
     packed, want = case(batching, window)
+    groups = [g for g, *_ in packed.plan(torch.device(device), window)[0]]
+    assert 1 in groups and max(groups) > 1, groups
     L, g = want.shape[0], torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, h, L, 8, generator=g) for h in (4, 2, 2))
+    q, k, v = (torch.randn(1, h, L, 8, generator=g).to(device) for h in (4, 2, 2))
     out, _ = segment_attention(None, q, k, v, None, scaling=0.3, packed_layout=packed, sliding_window=window)
     k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~want, float("-inf"))
+    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~want.to(device), float("-inf"))
     ref = (scores.softmax(-1) @ v).transpose(1, 2)  # (1, L, heads, head_dim)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6 if device == "cpu" else 1e-5)
 
 
 def test_layouts_the_attentions_cannot_run_are_refused():

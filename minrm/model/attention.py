@@ -36,49 +36,114 @@ class PackedLayout:
 
     def __init__(self, segments: list[Segment]):
         self.segments, self.length = segments, segments[-1].end
-        self.sizes = [s.end - s.start for s in segments]  # computed once a batch, read by every layer
-        self.by_start = {s.start: i for i, s in enumerate(segments)}  # the segment each start begins
+        starts = {s.start for s in segments}
         for s in segments:
-            if s.shared_end > s.shared_start and (s.shared_start not in self.by_start or s.shared_end > s.start):
+            if s.shared_end > s.shared_start and (s.shared_start not in starts or s.shared_end > s.start):
                 raise ValueError(f"{s}: a shared prompt must begin an earlier segment of the row")
+        self._plans = {}  # (device, window) -> its `segment_plan`
 
     def key_ranges(self) -> torch.Tensor:
         """(3, L) int64 on the host, per query: its segment's start, shared_start, shared_end (the
         per-token form the FlexAttention and dense masks read)."""
         ranges = np.array([(s.start, s.shared_start, s.shared_end) for s in self.segments], dtype=np.int64)
-        return torch.from_numpy(np.repeat(ranges, self.sizes, axis=0).T.copy())
+        return torch.from_numpy(np.repeat(ranges, [s.end - s.start for s in self.segments], axis=0).T.copy())
+
+    def plan(self, device: torch.device, window: int | None) -> tuple:
+        """The row's `segment_plan`, built by the first layer that asks and read by the others."""
+        if (device, window) not in self._plans:
+            self._plans[device, window] = segment_plan(self.segments, window, device)
+        return self._plans[device, window]
+
+
+# Segments share one attention call, padded to its longest queries and keys, while its score grid
+# (segments x queries x keys, per head) stays within GROUP_ENTRIES and GROUP_WASTE x the entries
+# they need. A longer segment goes alone.
+GROUP_ENTRIES, GROUP_WASTE = 1 << 16, 4
+
+
+def segment_plan(segments: list[Segment], window: int | None, device: torch.device) -> tuple:
+    """How `segment_attention` runs a packed row: the groups (g, mq, mk, mask), each one call of g
+    segments padded to mq queries and mk keys (the shared prompt's keys, then the segment's own) with
+    a (g, 1, mq, mk) mask, or None for a lone segment the window leaves whole (plain causal); the row
+    positions of the groups' queries and of their keys, group after group; and each token's place in
+    the groups' outputs laid end to end."""
+    start, end, shared_start, shared_end = np.array(segments, dtype=np.int64).T
+    nq, shared = end - start, shared_end - shared_start
+    nk = nq + shared
+    members, mk, need = [], 0, 0  # the last group's keys and the entries its segments need
+    for j in np.lexsort((-nk, -nq)).tolist():  # most queries first: a group's first sets its mq
+        area = (len(members[-1]) + 1) * nq[members[-1][0]] * max(mk, nk[j]) if members else 0
+        if members and area <= GROUP_ENTRIES and area <= GROUP_WASTE * (need + nq[j] * nk[j]):
+            members[-1].append(j)
+            mk, need = max(mk, nk[j]), need + nq[j] * nk[j]
+        else:
+            members.append([j])
+            mk, need = nk[j], nq[j] * nk[j]
+    groups, q_rows, k_rows, out_rows = [], [], [], np.empty(end[-1], np.int64)
+    for g in map(np.array, members):
+        mq, mk = int(nq[g[0]]), int(nk[g].max())
+        i, c = np.arange(mq), np.arange(mk)
+        own, real = start[g, None] + i, i < nq[g, None]  # (g, mq)
+        out_rows[own[real]] = sum(map(len, q_rows)) + np.flatnonzero(real)
+        q_rows.append(np.where(real, own, start[g, None]).ravel())  # a padding query's output is dropped
+        keys = np.where(c < shared[g, None], shared_start[g, None] + c, start[g, None] + c - shared[g, None])
+        k_rows.append(np.where(c < nk[g, None], keys, start[g, None]).ravel())  # padding keys are masked
+        groups.append((len(g), mq, mk, group_mask(nq[g], nk[g], mq, mk, window, device)))
+    q_rows, k_rows = (torch.from_numpy(np.concatenate(rows)).to(device) for rows in (q_rows, k_rows))
+    return groups, q_rows, k_rows, torch.from_numpy(out_rows).to(device)
+
+
+def group_mask(nq: np.ndarray, nk: np.ndarray, mq: int, mk: int, window: int | None, device) -> torch.Tensor | None:
+    """(g, 1, mq, mk): each segment's queries see its keys up to their own place among them (the last
+    query at the last key) and within the window; a padding query sees the first key (no empty row)."""
+    if len(nq) == 1 and (window is None or nk[0] <= window):
+        return None
+    i, c = np.arange(mq)[:, None], np.arange(mk)
+    place = i + (nk - nq)[:, None, None]  # (g, mq, 1): each query's place among its segment's keys
+    mask = (c <= place) & (c < nk[:, None, None]) & (place - c < (window or mk))
+    mask = np.where(i < nq[:, None, None], mask, c == 0)
+    return torch.from_numpy(mask[:, None]).to(device)
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over a packed row (1, heads, L, head_dim), one segment at a time: its queries attend
-    causally to the shared prompt's keys and their own, laid end to end. sum(l^2) work, not L^2."""
+    """Attention over a packed row (1, heads, L, head_dim), segment by segment: each segment's queries
+    attend causally to the shared prompt's keys and their own, laid end to end. Segments of like
+    sizes run as one padded call (`segment_plan`): sum(l^2) work, give or take the padding, not L^2."""
     layout = kwargs["packed_layout"]  # a packed batch's (batching.collate)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("packed rows cannot run logit softcapping or attention sinks; use --batching padded")
-    window = kwargs.get("sliding_window")
-    groups = query.shape[1] // key.shape[1]
-    # Views from one split per tensor: slicing each segment out of the whole row instead gives
-    # every segment a row-sized gradient to zero and add in the backward (segments x L work).
-    queries, keys, values = (t.split(layout.sizes, 2) for t in (query, key, value))
+    groups, q_rows, k_rows, out_rows = layout.plan(query.device, kwargs.get("sliding_window"))
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    # One gather per tensor into the groups' padded order, then views: one scatter back in the backward.
+    queries = query[0].index_select(1, q_rows).split([g * mq for g, mq, _, _ in groups], 1)
+    keys, values = (t[0].index_select(1, k_rows).split([g * mk for g, _, mk, _ in groups], 1) for t in (key, value))
     outputs = []
-    for s, q, k, v in zip(layout.segments, queries, keys, values):
-        if n := s.shared_end - s.shared_start:  # the prompt, from the segment it begins
-            k = torch.cat([keys[layout.by_start[s.shared_start]][:, :, :n], k], 2)
-            v = torch.cat([values[layout.by_start[s.shared_start]][:, :, :n], v], 2)
-        nq, nk = q.shape[2], k.shape[2]
-        if window is None or nk <= window:  # causal, the last query aligned to the last key: no mask built
-            mask = causal_lower_right(nq, nk) if nq != nk else None
+    for (g, mq, mk, mask), q, k, v in zip(groups, queries, keys, values):
+        q = q.view(heads, g, mq, dim).transpose(0, 1)
+        k, v = (t.view(kv_heads, g, mk, dim).transpose(0, 1) for t in (k, v))
+        if g > 1 and not q.is_cuda:  # small by GROUP_ENTRIES: SDPA's CPU kernel is several times slower
+            out = written_out_attention(q, k, v, mask, scaling)
         else:
-            j = torch.arange(nk, device=q.device)
-            i = torch.arange(nk - nq, nk, device=q.device)[:, None]  # each query's place among the keys
-            mask = (j <= i) & (j > i - window)
-            if groups > 1 and q.is_cuda:  # with a mask and grouped heads, CUDA's SDPA falls back to math
-                k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
-        )
-        outputs.append(out.transpose(1, 2))
-    return torch.cat(outputs, 1), None  # (1, L, heads, head_dim), contiguous
+            if mask is None and mq != mk:  # a lone segment with a shared prompt: causal, aligned to its end
+                mask = causal_lower_right(mq, mk)
+            elif mask is not None and heads != kv_heads and q.is_cuda:  # else CUDA's SDPA falls back to math
+                k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=k.shape[1] != heads
+            )
+        outputs.append(out.transpose(1, 2).reshape(g * mq, heads, dim))
+    return torch.cat(outputs).index_select(0, out_rows)[None], None  # (1, L, heads, head_dim)
+
+
+def written_out_attention(q, k, v, mask: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """softmax(q k^T scale, masked) v for (g, heads, mq, dim) queries on (g, kv_heads, mk, dim) keys
+    and values, each KV head serving its run of query heads; the softmax in fp32, as eager attention."""
+    g, heads, mq, dim = q.shape
+    kv_heads, mk = k.shape[1], k.shape[2]
+    scores = q.reshape(g, kv_heads, heads // kv_heads * mq, dim) @ k.transpose(2, 3) * (scaling or dim**-0.5)
+    scores = scores.view(g, kv_heads, heads // kv_heads, mq, mk).float().masked_fill(~mask[:, :, None], -torch.inf)
+    weights = scores.softmax(-1).to(q.dtype).view(g, kv_heads, heads // kv_heads * mq, mk)
+    return (weights @ v).view(g, heads, mq, dim)
 
 
 AttentionInterface.register(SEGMENTS, segment_attention)
