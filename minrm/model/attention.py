@@ -175,7 +175,7 @@ def written_out_attention(q, k, v, mask: torch.Tensor, scaling: float | None) ->
     g, heads, mq, dim = q.shape
     kv_heads, mk = k.shape[1], k.shape[2]
     scores = q.reshape(g, kv_heads, heads // kv_heads * mq, dim) @ k.transpose(2, 3) * (scaling or dim**-0.5)
-    scores = scores.view(g, kv_heads, heads // kv_heads, mq, mk).float().masked_fill(~mask[:, :, None], -torch.inf)
+    scores = scores.view(g, kv_heads, heads // kv_heads, mq, mk).float().where(mask[:, :, None], -torch.inf)
     weights = scores.softmax(-1).to(q.dtype).view(g, kv_heads, heads // kv_heads * mq, mk)
     return (weights @ v).view(g, heads, mq, dim)
 
