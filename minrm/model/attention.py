@@ -37,147 +37,51 @@ class PackedLayout:
     def __init__(self, segments: list[Segment]):
         self.segments, self.length = segments, segments[-1].end
         self.sizes = [s.end - s.start for s in segments]
-        starts = {s.start for s in segments}
+        self.at = {s.start: j for j, s in enumerate(segments)}  # the segment that starts at a position
         for s in segments:
-            if s.shared_end > s.shared_start and (s.shared_start not in starts or s.shared_end > s.start):
+            if s.shared_end > s.shared_start and (s.shared_start not in self.at or s.shared_end > s.start):
                 raise ValueError(f"{s}: a shared prompt must begin an earlier segment of the row")
-        self._plans = {}  # (device, window) -> its `segment_plan`
 
     def key_ranges(self) -> torch.Tensor:
         """(3, L) int64 on the host, per query: its segment's start, shared_start, shared_end (the
         per-token form the FlexAttention and dense masks read)."""
-        ranges = np.array([(s.start, s.shared_start, s.shared_end) for s in self.segments], dtype=np.int64)
-        return torch.from_numpy(np.repeat(ranges, self.sizes, axis=0).T.copy())
-
-    def plan(self, device: torch.device, window: int | None, head_work: int) -> tuple:
-        """The row's `segment_plan`, built by the first layer that asks and read by the others."""
-        key = device, window, head_work
-        if key not in self._plans:
-            self._plans[key] = segment_plan(self.segments, window, head_work, device)
-        return self._plans[key]
-
-
-# Segments whose scores take at most GROUP_WORK multiply-adds (queries x keys x heads x head dim)
-# share attention calls: there a call costs more than its arithmetic (a toy's 40-token responses,
-# not a 20M model's). A call's segments are padded to its longest queries and keys, its score grid
-# (segments x queries x keys) at most GROUP_ENTRIES. A costlier segment goes alone.
-GROUP_WORK, GROUP_ENTRIES = 1 << 18, 1 << 16
-
-
-def segment_plan(segments: list[Segment], window: int | None, head_work: int, device: torch.device) -> tuple:
-    """How `segment_attention` runs a packed row: `alone`, the segments that run by themselves, each
-    (segment, the segment its shared prompt begins or -1, mask); `groups`, the calls shared by short
-    segments, each (g, mq, mk, mask): g segments padded to mq queries and mk keys (the shared prompt's
-    keys, then the segment's own); the grouped segments in row order; the row positions of the
-    groups' queries and keys, group after group; and their tokens' places in the groups' outputs."""
-    start, end, shared_start, shared_end = np.array(segments, dtype=np.int64).T
-    nq, shared = end - start, shared_end - shared_start
-    nk = nq + shared
-    short, members, mk = nq * nk * head_work <= GROUP_WORK, [], 0  # mk: the last group's most keys
-    for j in np.lexsort((-nk, -nq)).tolist():  # most queries first: a group's first sets its mq
-        if members and short[j] and short[members[-1][0]]:
-            mk = max(mk, nk[j])
-            if (len(members[-1]) + 1) * nq[members[-1][0]] * mk <= GROUP_ENTRIES:
-                members[-1].append(j)
-                continue
-        members.append([j])
-        mk = nk[j]
-    alone, groups, q_rows, k_rows = [], [], [], []
-    place, row = np.empty(end[-1], np.int64), 0  # each grouped token's row in the groups' outputs
-    for g in map(np.array, members):
-        mq, mk = int(nq[g[0]]), int(nk[g].max())
-        mask = group_mask(nq[g], nk[g], mq, mk, window, device)
-        if len(g) == 1:
-            j = int(g[0])
-            prompt = int(np.searchsorted(start, shared_start[j])) if shared[j] else -1
-            alone.append((j, prompt, causal_lower_right(mq, mk) if mask is None and mq != mk else mask))
-            continue
-        i, c = np.arange(mq), np.arange(mk)
-        own, real = start[g, None] + i, i < nq[g, None]
-        place[own[real]] = row + np.flatnonzero(real)
-        row += len(g) * mq
-        q_rows.append(np.where(real, own, start[g, None]).ravel())  # a padding query's output is dropped
-        keys = np.where(c < shared[g, None], shared_start[g, None] + c, start[g, None] + c - shared[g, None])
-        k_rows.append(np.where(c < nk[g, None], keys, start[g, None]).ravel())  # padding keys are masked
-        groups.append((len(g), mq, mk, mask))
-    if not groups:
-        return alone, [], [], None, None, None
-    in_group = np.ones(len(segments), bool)
-    in_group[[j for j, _, _ in alone]] = False
-    rows = (np.concatenate(q_rows), np.concatenate(k_rows), place[np.repeat(in_group, nq)])
-    return alone, groups, np.flatnonzero(in_group).tolist(), *(torch.from_numpy(r).to(device) for r in rows)
-
-
-def group_mask(nq: np.ndarray, nk: np.ndarray, mq: int, mk: int, window: int | None, device) -> torch.Tensor | None:
-    """(g, 1, mq, mk): each segment's queries see its keys up to their own place among them (the last
-    query at the last key) and within the window; a padding query sees the first key (no empty row).
-    None for a lone segment the window leaves whole."""
-    if len(nq) == 1 and (window is None or nk[0] <= window):
-        return None
-    i, c = np.arange(mq)[:, None], np.arange(mk)
-    place = i + (nk - nq)[:, None, None]  # (g, mq, 1): each query's place among its segment's keys
-    mask = (c <= place) & (c < nk[:, None, None]) & (place - c < (window or mk))
-    mask = np.where(i < nq[:, None, None], mask, c == 0)
-    return torch.from_numpy(mask[:, None]).to(device)
+        ranges = torch.tensor([(s.start, s.shared_start, s.shared_end) for s in self.segments])
+        return ranges.repeat_interleave(torch.tensor(self.sizes), 0).T.contiguous()
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over a packed row (1, heads, L, head_dim), segment by segment: each segment's queries
-    attend causally to the shared prompt's keys and their own, laid end to end; short segments share
-    padded calls (`segment_plan`). sum(l^2) work, give or take the padding, not L^2."""
-    layout = kwargs["packed_layout"]  # a packed batch's (batching.collate)
+    attend causally to the shared prompt's keys and their own, laid end to end, in one SDPA call.
+    sum(l^2) work, not L^2."""
+    layout, window = kwargs["packed_layout"], kwargs.get("sliding_window")  # a packed batch's (batching.collate)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("packed rows cannot run logit softcapping or attention sinks; use --batching padded")
-    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
-    plan = layout.plan(query.device, kwargs.get("sliding_window"), heads * dim)
-    alone, groups, grouped, q_rows, k_rows, out_rows = plan
     # Views from one split per tensor: slicing each segment out of the whole row instead gives
     # every segment a row-sized gradient to zero and add in the backward (segments x L work).
     queries, keys, values = (t.split(layout.sizes, 2) for t in (query, key, value))
-    outputs = [None] * len(layout.sizes)
-    for j, prompt, mask in alone:
-        q, k, v = queries[j], keys[j], values[j]
-        if prompt >= 0:  # the shared prompt's keys, from the segment it begins
-            n = layout.segments[j].shared_end - layout.segments[j].shared_start
+    outputs = []
+    for s, q, k, v in zip(layout.segments, queries, keys, values):
+        if s.shared_end > s.shared_start:  # the shared prompt's keys first, from the segment it begins
+            prompt, n = layout.at[s.shared_start], s.shared_end - s.shared_start
             k, v = torch.cat([keys[prompt][:, :, :n], k], 2), torch.cat([values[prompt][:, :, :n], v], 2)
-        outputs[j] = sdpa(q, k, v, mask, scaling).transpose(1, 2)
-    if groups:  # one gather per tensor, token-major (the projections' layout), then views per group
-        sizes = [g * mq for g, mq, _, _ in groups], [g * mk for g, _, mk, _ in groups]
-        qs = query[0].transpose(0, 1).index_select(0, q_rows).split(sizes[0])
-        ks, vs = (t[0].transpose(0, 1).index_select(0, k_rows).split(sizes[1]) for t in (key, value))
-        group_outputs = []
-        for (g, mq, mk, mask), q, k, v in zip(groups, qs, ks, vs):
-            q, k, v = q.view(g, mq, heads, dim), k.view(g, mk, kv_heads, dim), v.view(g, mk, kv_heads, dim)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            # Small by GROUP_ENTRIES: written out on CPU, where SDPA's kernel is several times slower.
-            out = sdpa(q, k, v, mask, scaling) if q.is_cuda else written_out_attention(q, k, v, mask, scaling)
-            group_outputs.append(out.transpose(1, 2).reshape(g * mq, heads, dim))
-        tokens = torch.cat(group_outputs).index_select(0, out_rows).split([layout.sizes[j] for j in grouped])
-        for j, out in zip(grouped, tokens):
-            outputs[j] = out[None]
+        outputs.append(sdpa(q, k, v, window, scaling).transpose(1, 2))
     return torch.cat(outputs, 1), None  # (1, L, heads, head_dim)
 
 
-def sdpa(q, k, v, mask, scaling: float | None) -> torch.Tensor:
-    """SDPA, causal where `mask` is None; with a mask and grouped KV heads on CUDA, k and v expanded to
-    the query heads (else CUDA's SDPA falls back to its math kernel)."""
-    heads = q.shape[1]
-    if isinstance(mask, torch.Tensor) and k.shape[1] != heads and q.is_cuda:
-        k, v = k.repeat_interleave(heads // k.shape[1], 1), v.repeat_interleave(heads // k.shape[1], 1)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=k.shape[1] != heads
-    )
-
-
-def written_out_attention(q, k, v, mask: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    """softmax(q k^T scale, masked) v for (g, heads, mq, dim) queries on (g, kv_heads, mk, dim) keys
-    and values, each KV head serving its run of query heads; the softmax in fp32, as eager attention."""
-    g, heads, mq, dim = q.shape
-    kv_heads, mk = k.shape[1], k.shape[2]
-    scores = q.reshape(g, kv_heads, heads // kv_heads * mq, dim) @ k.transpose(2, 3) * (scaling or dim**-0.5)
-    scores = scores.view(g, kv_heads, heads // kv_heads, mq, mk).float().where(mask[:, :, None], -torch.inf)
-    weights = scores.softmax(-1).to(q.dtype).view(g, kv_heads, heads // kv_heads * mq, mk)
-    return (weights @ v).view(g, heads, mq, dim)
+def sdpa(q, k, v, window: int | None, scaling: float | None) -> torch.Tensor:
+    """SDPA of a segment's queries on its keys, the last query at the last key: causal from the lower
+    right (torch's bias, no mask built), or a mask when a sliding window cuts the keys."""
+    nq, nk = q.shape[2], k.shape[2]
+    mask = causal_lower_right(nq, nk) if nq != nk else None
+    if window is not None and nk > window:
+        place = torch.arange(nq, device=q.device)[:, None] + nk - nq  # each query's place among the keys
+        distance = place - torch.arange(nk, device=q.device)
+        mask = (distance >= 0) & (distance < window)
+    gqa = k.shape[1] != q.shape[1]
+    if isinstance(mask, torch.Tensor) and gqa and q.is_cuda:  # else CUDA's SDPA falls back to its math kernel
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa)
 
 
 AttentionInterface.register(SEGMENTS, segment_attention)
@@ -256,14 +160,19 @@ def mask_window(config) -> int | str | None:
 def packed_attention_mask(model: PreTrainedModel, layout: PackedLayout, device: torch.device):
     """A packed row's mask on `device` (`mask_rule`, the window included): a BlockMask from the
     segments' tiles for FlexAttention, never L x L; a dense (1, 1, L, L) bool mask for SDPA, additive
-    for eager. Transformers passes a 4-D mask to the attention functions as it is."""
-    window = mask_window(model.config.get_text_config())
-    allowed = mask_rule(layout.key_ranges().to(device, non_blocking=True), window)
-    L = layout.length
-    if model.config._attn_implementation == "flex_attention":
+    for eager. Transformers passes a 4-D mask to the attention functions as it is. What the mask reads
+    is built on the host and copied in one transfer, from pinned memory to a GPU (no wait)."""
+    window, L = mask_window(model.config.get_text_config()), layout.length
+    flex = model.config._attn_implementation == "flex_attention"
+    host = [layout.key_ranges(), *(torch.from_numpy(t) for t in (block_lists(layout, window) if flex else ()))]
+    flat = torch.cat([t.flatten().long() for t in host])
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat
+    key_ranges, *lists = (t.view(h.shape) for t, h in zip(flat.split([h.numel() for h in host]), host))
+    allowed = mask_rule(key_ranges, window)
+    if flex:
         from torch.nn.attention.flex_attention import BlockMask
 
-        lists = [torch.from_numpy(t)[None, None].to(device, non_blocking=True) for t in block_lists(layout, window)]
+        lists = [t.int()[None, None] for t in lists]
         return BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=BLOCK, mask_mod=allowed, seq_lengths=(L, L))
     idx = torch.arange(L, device=device)
     mask = allowed(None, None, idx[:, None], idx[None, :])[None, None]  # (1, 1, L, L)
