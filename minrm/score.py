@@ -26,8 +26,7 @@ from transformers import PreTrainedModel
 from minrm import rewardbench
 from minrm.checks import check_model as check_loadable
 from minrm.config import DATA_FILES, PACKED_ATTENTIONS, Args
-from minrm.data import formats
-from minrm.data.mixer import column_keys, json_or_none, read_raw, report_bad_rows
+from minrm.data.mixer import report_bad_rows, tokenize_dataset
 from minrm.data.tokenizer import load_tokenizer
 from minrm.distributed import Dist, gather_objects, init_distributed, print0
 from minrm.model.reward import prepare, read_model
@@ -124,27 +123,15 @@ def load_reward_model(args, tokenizer, device: torch.device) -> PreTrainedModel:
 def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
     """This rank's rows (every world_size-th) as {"row", "subset", "id", "prompt", "responses", "scores", "margin"},
     and log lines. Every rank gathers all ranks' bad rows, so all stop together with the same list, or skip them."""
-    raw, unit = read_raw(args.data, args.split)
-    if "row" not in raw.column_names:
-        raw = raw.add_column("row", list(range(len(raw))))
-    keys = column_keys(args)
-    first = next((r for r in (json_or_none(x) for x in raw.select(range(min(len(raw), 100)))) if r), {})
-    fmt = formats.detect_format(first, keys)
-
-    def tokenize(row):
-        parsed = json_or_none(row)  # a line parsed once; None (not a JSON object): tokenize_row says why
-        out = formats.tokenize_row(parsed or row, fmt, keys, tokenizer)
-        subset, row_id = (parsed or {}).get(args.subset_key), (parsed or {}).get("id")  # RewardBench pairs Ties by id
-        return {**out, "subset": None if subset is None else str(subset), "id": None if row_id is None else str(row_id)}
-
-    mine = raw.select(range(d.rank, len(raw), d.world_size))
-    num_proc = max(1, min(os.cpu_count() or 1, len(mine) // 5000))  # a pool pays off for thousands of rows
-    rows = mine.map(tokenize, remove_columns=[c for c in mine.column_names if c != "row"], num_proc=num_proc).to_list()
+    extra = {"subset": args.subset_key, "id": "id"}  # RewardBench pairs Ties by id
+    ds, unit = tokenize_dataset(args.data, args.split, tokenizer, args, extra, shard=(d.rank, d.world_size))
+    rows = ds.to_list()
     bad = [(args.data, unit, r["row"], r["problem"]) for r in rows if r["problem"]]
-    bad = sorted(itertools.chain(*gather_objects(bad, "score/read", "read and tokenize its rows")), key=lambda b: b[2])
-    log = [f"score: {args.data} [{args.split}]: {len(raw)} rows, format {fmt!r}, {len(bad)} bad"]
+    gathered = gather_objects((len(rows), bad), "score/read", "read and tokenize its rows")
+    total, bad = sum(n for n, _ in gathered), sorted(itertools.chain(*(b for _, b in gathered)), key=lambda b: b[2])
+    log = [f"score: {args.data} [{args.split}]: {total} rows, {len(bad)} bad"]
     log += report_bad_rows(bad, args.skip_bad_rows)
-    if len(bad) == len(raw):
+    if len(bad) == total:
         raise SystemExit(f"minrm: error: {args.data} has no row to score")
     return [r for r in rows if not r["problem"]], log
 

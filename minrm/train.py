@@ -29,7 +29,7 @@ from minrm.data import cache, mixer
 from minrm.data.tokenizer import load_tokenizer
 from minrm.distributed import print0
 from minrm.model import hf_folder, liger, reward
-from minrm.training import batching, checkpoint, failsafe, optim, sharding
+from minrm.training import batching, checkpoint, failsafe, optim
 from minrm.training.evaluate import evaluate
 from minrm.training.loss import LOSS, STATS, row_statistics
 from minrm.training.tracking import Tracker, summary_line
@@ -39,47 +39,45 @@ class NonFinite(Exception):
     """A step's loss or gradient norm is NaN or infinite; raised before its update is applied."""
 
 
-def forward_backward(model, batch, args: Args, row_scale: float, response_scale: float) -> torch.Tensor:
-    """One micro-batch's forward and backward; returns its rows' `STATS`, summed, on the device. The
-    scales are world size / the step's rows (responses, for the centering): FSDP averages the ranks'
-    gradients, so the step's gradient is the mean's over all its rows, however they were cut."""
+def forward_backward(model, batch, args: Args, rows: int, responses: int | None = None) -> torch.Tensor:
+    """One micro-batch's forward and backward; returns its rows' `STATS`, summed, on the device. FSDP
+    sums the ranks' gradients (`shard_model`), so dividing by the step's rows over all ranks (and its
+    responses, for the centering) gives the gradient of the step's mean loss, however it was cut."""
     inputs, prefs = batch
     rewards = model(**inputs)  # (R,) fp32, row by row
     stats = row_statistics(rewards, prefs, args.loss)  # (N, len(STATS))
-    objective = stats[:, LOSS].sum() * row_scale
+    objective = stats[:, LOSS].sum() / rows
     if args.center_rewards_coefficient:  # pulls rewards towards 0 (arXiv:2312.09244)
-        objective = objective + args.center_rewards_coefficient * rewards.square().sum() * response_scale
+        objective = objective + args.center_rewards_coefficient * rewards.square().sum() / responses
     objective.backward()
     return stats.detach().sum(0)
 
 
-def train_step(model, optimizer, batches: list, args: Args, scales: tuple[float, float], stop, saver, d):
+def train_step(model, optimizer, batches: list, args: Args, stop, saver, d):
     """One optimizer step over this rank's micro-batches. Returns the step's metrics (means over
     every rank's rows), whether any rank got a stop signal, and the global gradient norm; raises
     NonFinite, before the update, when the loss or the gradient norm is NaN or infinite."""
+    rows = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
+    responses = None
+    if args.center_rewards_coefficient:  # the step's responses over all ranks
+        responses = int(distributed.all_reduce_sum(torch.tensor(sum(len(b[0]["last_index"]) for b in batches))))
     sums = torch.zeros(len(STATS), device=d.device)  # stays on the device: no sync per micro-batch
     for k, batch in enumerate(batches):
         # Gradients are reduce-scattered after every micro-batch and accumulate in fp32 shards
         # (skipping it would keep a whole unsharded fp32 gradient on every rank until the last
         # one). With HSDP only the all-reduce across nodes waits for the last micro-batch.
         model.set_requires_all_reduce(k == len(batches) - 1)
-        sums += forward_backward(model, batching.to_device(batch, d.device), args, *scales)
-    # The step's one collective (every rank calls it), before the update: the metrics' sums, whether
-    # a rank got a stop signal (so that every rank stops after the same step), the squared grad norm.
-    reduced = torch.cat([sums.double(), sums.new_tensor([stop.requested, 0.0], dtype=torch.float64)])
-    reduced[-1] = optim.grad_square_sum(model)
-    dist.all_reduce(reduced)
-    *totals, stop_votes, square = reduced.tolist()
-    rows = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
-    metrics = {name: total / rows for name, total in zip(STATS, totals)}
-    norm = math.sqrt(square)  # the global gradient norm, before clipping
+        sums += forward_backward(model, batching.to_device(batch, d.device), args, rows, responses)
+    metrics = dict(zip(STATS, (distributed.all_reduce_sum(sums) / rows).tolist()))
+    norm = optim.grad_norm(model)  # over every rank's shards, before clipping
+    stopping = distributed.all_reduce_max(int(stop.requested), d.device) > 0  # every rank stops after this step
     if bad := [f"{k} = {v}" for k, v in {"loss": metrics["loss"], "grad_norm": norm}.items() if not math.isfinite(v)]:
         raise NonFinite(f"{', '.join(bad)}; its update was not applied")
     optim.clip_grads_(model, norm, args.max_grad_norm)
     saver.wait_staged()  # a save in flight must have copied the state before this update changes it
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return metrics, stop_votes > 0, norm
+    return metrics, stopping, norm
 
 
 def main(args: Args) -> dict:
@@ -130,8 +128,6 @@ def main(args: Args) -> dict:
         eval_steps = {max(1, round(k * num_training_steps / args.num_evals)) for k in range(1, args.num_evals + 1)}
     print0(json.dumps({"args": dataclasses.asdict(args), "derived": derived}, indent=1))
     print0(f"train: {num_training_steps} steps of {batch_size} rows; {derived['unused_episodes']} rows unused")
-    # Responses per row: the reward centering's mean is over the step's responses, on every rank.
-    num_responses = batching.responses_per_row(train_set)
 
     # ------------------------------------------------------------------------------------------
     # Model, kernels, sharding, optimizer
@@ -141,9 +137,9 @@ def main(args: Args) -> dict:
     model = reward.skeleton(args, tokenizer, cuda=d.device.type == "cuda")
     architecture = type(model).__name__  # before FSDP2 renames the class
     print0(liger.apply_liger_kernel(model, args.use_liger_kernel, args.strict_kernels, d.device))
-    print0(sharding.shard_model(model, reward.transformer_blocks(model), d, args.mixed_precision))
+    print0(reward.shard_model(model, d, args.mixed_precision))
     full = distributed.rank0_alone(lambda: reward.read_model(args, tokenizer), "model", "rank 0 to read the model")
-    sharding.fill_from_rank0(model, full, d)
+    reward.fill_from_rank0(model, full, d)
     del full
     optimizer = optim.build_optimizer(model, args)
 
@@ -187,10 +183,8 @@ def main(args: Args) -> dict:
             chunks = batching.split_to(chunks, distributed.all_reduce_max(len(chunks), d.device))
         batches = [batching.collate([rows[i] for i in c], tokenizer.pad_token_id, args.batching) for c in chunks]
         forwards += len(batches)
-        responses = batching.step_responses(num_responses, step, batch_size, args.seed)
         try:
-            scales = (d.world_size / batch_size, d.world_size / responses)
-            step_metrics, stop_votes, norm = train_step(model, optimizer, batches, args, scales, stop, saver, d)
+            step_metrics, stop_votes, norm = train_step(model, optimizer, batches, args, stop, saver, d)
         except NonFinite as e:
             failsafe.exit_nonfinite(str(e), step + 1, lr, saver, run_dir, d)
         episode += batch_size
@@ -217,7 +211,7 @@ def main(args: Args) -> dict:
         # Save a checkpoint every `checkpoint_every` steps and on a stop signal: all ranks write their
         # shards, in the background (training/checkpoint.py), and never non-finite weights.
         if stop_votes or (checkpoint_every and (step + 1) % checkpoint_every == 0):
-            if bad := failsafe.nonfinite_weights(model, d.device):
+            if bad := failsafe.nonfinite_weights(model):
                 failsafe.exit_nonfinite(bad, step + 1, lr, saver, run_dir, d)
             state = checkpoint.TrainerState(step + 1, episode, metrics, time.monotonic() - started)
             saver.save(state, model, optimizer, meta)
@@ -232,7 +226,7 @@ def main(args: Args) -> dict:
     # gather; rank 0 writes while the others wait in a barrier: bounded by the write, within
     # --timeout_minutes.
     saver.wait()
-    if bad := failsafe.nonfinite_weights(model, d.device):
+    if bad := failsafe.nonfinite_weights(model):
         failsafe.exit_nonfinite(bad, num_training_steps, metrics["train/rm/lr"], saver, run_dir, d)
     hf_folder.save_hf_folder(model, tokenizer, architecture, run_dir, d, card=hf_folder.model_card(args, metrics))
     print0(f"saved the model to {run_dir}")

@@ -40,11 +40,10 @@ from transformers import AutoModelForSequenceClassification
 
 from minrm.config import PACKED_ATTENTIONS
 from minrm.distributed import init_distributed
-from minrm.model.reward import prepare, transformer_blocks
+from minrm.model.reward import prepare, shard_model
 from minrm.train import forward_backward
-from minrm.training.batching import BATCHINGS, collate, shared_prefix, to_device
+from minrm.training.batching import BATCHINGS, collate, to_device
 from minrm.training.optim import build_optimizer
-from minrm.training.sharding import shard_model
 from scripts.bench_inputs import SIZES, file_pairs, model_config, synthetic_pairs
 from scripts.bench_ranked import run_ranked
 
@@ -59,7 +58,7 @@ def as_rows(pairs: list[dict]) -> list[dict]:
 
 
 def shared_prefix_length(pair: dict) -> int:
-    return shared_prefix(as_rows([pair])[0])
+    return len(pair["prompt"])  # the synthetic pairs' prompt ids begin both sequences
 
 
 def attended_pairs(pairs: list[dict], batching: str) -> int:
@@ -105,7 +104,7 @@ def build(d, size: str, packed_attention: str = "auto", modes=MODES):
     if any(m != "bare" for m in modes):
         flags = types.SimpleNamespace(gradient_checkpointing=False, batching="packed", packed_attention=packed_attention)
         minrm = prepare(plain if "bare" not in modes else copy.deepcopy(plain), flags, cuda)
-        shard_model(minrm, transformer_blocks(minrm), d, "no")  # FSDP2 in the weights' own dtype
+        shard_model(minrm, d, "no")  # FSDP2 in the weights' own dtype
         adamw = types.SimpleNamespace(learning_rate=1e-4, eps=1e-5, weight_decay=0.01)
         step = torch.optim.SGD(minrm.parameters(), lr=1e-4) if cuda else build_optimizer(minrm, adamw)
         for m in BATCHINGS:
@@ -161,7 +160,7 @@ def train_step(models: dict, optimizers: dict, attention: dict, pairs: list[dict
         (-F.logsigmoid(chosen - rejected).mean()).backward()
     else:
         batch = to_device(collate(as_rows(pairs), 0, mode), device)
-        forward_backward(model, batch, LOSS_FLAGS, row_scale=1 / len(pairs), response_scale=0.0)
+        forward_backward(model, batch, LOSS_FLAGS, rows=len(pairs))
         computed = batch[0]["input_ids"].numel()
     sync()
     middle = time.perf_counter()

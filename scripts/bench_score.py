@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification
 from minrm.model.attention import use_packed_attention
 from minrm.model.reward import reward_forward
 from minrm.score import MAX_TOKENS, score_rows
-from minrm.training.batching import micro_batches, pad_right, row_tokens
+from minrm.training.batching import computed_tokens, micro_batches, pad_right, row_sizes
 from scripts.bench_inputs import SIZES, VOCAB, model_config, synthetic_lengths
 
 
@@ -64,7 +64,7 @@ def hf_padded(model, rows: list[dict], device: torch.device) -> tuple[list[float
 def minrm_score(model, rows: list[dict], device: torch.device, max_tokens: int) -> tuple[list[float], int]:
     """minrm.score's forward of the rows (collation included); rewards and computed tokens."""
     rewards, _ = score_rows(model, rows, "shared_prefix", max_tokens, 0, device, tqdm(disable=True))
-    return [x for r in rewards for x in r], sum(row_tokens(r, "shared_prefix") for r in rows)
+    return [x for r in rewards for x in r], sum(computed_tokens(*row_sizes(r), "shared_prefix") for r in rows)
 
 
 def time_scoring(rows: list[dict], size: str, max_tokens: int) -> dict:

@@ -3,6 +3,7 @@ micro-batch through each attention that runs packed rows, no attention across pa
 token-budget micro-batches, and the same training metrics through the trainer (one process and two
 under FSDP)."""
 
+import math
 import re
 
 import datasets
@@ -13,9 +14,10 @@ from transformers import AutoModelForSequenceClassification, Gemma2Config, GptOs
 
 from minrm.checks import check_model
 from minrm.config import parse_args
+from minrm.data.mixer import fit_row
 from minrm.model.attention import SEGMENTS, packing_problem, use_packed_attention
 from minrm.model.reward import reward_forward
-from minrm.training.batching import check_token_budget, collate, micro_batches, shared_prefix, split_to, to_device
+from minrm.training.batching import check_token_budget, collate, micro_batches, split_to, to_device
 from minrm.training.loss import LOSS, row_statistics
 from tests.conftest import read_metrics, run_minrm, tiny_llama_config
 
@@ -46,8 +48,13 @@ def varied_pairs() -> list[dict]:
         pair(turn + ids(21) + turn, ids(2), ids(1)),
     ]
     broken = pair(ids(6), ids(5), ids(7))
-    broken["prompt"] = ids(6)  # not a prefix: shared_prefix lays out both full sequences
-    return pairs + [broken]
+    broken["prompt"] = ids(6)  # not a prefix: the data's length filter makes it [], and every batching lays out
+    return pairs + [fit(broken)]  # both full sequences
+
+
+def fit(row: dict) -> dict:
+    """A row as the data's length filter leaves it, with no limits (its prompt the prefix all responses share)."""
+    return fit_row({**row, "problem": ""}, math.inf, math.inf, None)
 
 
 def tiny_model(attention: str | None = None, config=None):
@@ -80,7 +87,7 @@ def rewards_loss_grads(model, pairs, batching, device="cpu"):
 
 def test_shared_prefix_checks_the_prefix():
     pairs = varied_pairs()
-    assert [shared_prefix(p) for p in pairs] == [len(p["prompt"]) for p in pairs[:-1]] + [0]
+    assert [fit(p)["prompt"] for p in pairs] == [p["prompt"] for p in pairs] and pairs[-1]["prompt"] == []
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
@@ -373,7 +380,7 @@ def exploded_pairs_loss(rewards_of_row: list[torch.Tensor], rows: list[dict]) ->
 )
 def test_k_response_rows_match_hf_and_exploded_pairs(batching, attention, tokenizer):
     rows = k_rows(tokenizer)
-    assert all(shared_prefix(row) == len(row["prompt"]) > 0 for row in rows)
+    assert all(fit(row)["prompt"] == row["prompt"] and row["prompt"] for row in rows)
     reference = tiny_model()
     expected = [hf_rewards(reference, row["responses"]) for row in rows]
     exploded_pairs_loss(expected, rows).backward()

@@ -26,8 +26,7 @@ from minrm.config import parse_args
 from minrm.data import toy
 from minrm.data.tokenizer import load_tokenizer
 from minrm.distributed import Dist
-from minrm.model.reward import read_model, skeleton, transformer_blocks
-from minrm.training.sharding import fill_from_rank0, shard_model
+from minrm.model.reward import fill_from_rank0, read_model, shard_model, skeleton, toy_model_config
 from tests.conftest import ROOT, tiny_llama_config, write_pairs
 from tests.train_probe import save_loaded
 
@@ -100,7 +99,7 @@ def one_process_toy(tmp_path_factory):
     args = parse_args(["--seed", str(SEED), "--batching", "padded"])
     tokenizer = load_tokenizer(args)
     model = skeleton(args, tokenizer)
-    shard_model(model, transformer_blocks(model), d, None)
+    shard_model(model, d, None)
     fill_from_rank0(model, read_model(args, tokenizer), d)
     save_loaded(model, d, str(out))
     dist.destroy_process_group()
@@ -116,7 +115,7 @@ def loaded_and_expected(request, big_model_dir):
         out = request.getfixturevalue("two_processes")[0]
         return out, todays_loading(big_model_dir[0], vocab, pad_id)
     out = request.getfixturevalue("one_process_toy")
-    return out, todays_loading(toy.toy_model_config(len(tok)), vocab, pad_id)
+    return out, todays_loading(toy_model_config(len(tok)), vocab, pad_id)
 
 
 def test_loaded_weights_are_bitwise_todays(loaded_and_expected):

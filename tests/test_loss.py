@@ -107,7 +107,7 @@ def test_centering_adds_its_coefficient_times_the_mean_square_reward():
     model.r = torch.nn.Parameter(rewards.clone())
     model.forward = lambda **inputs: model.r * 1.0
     args = SimpleNamespace(loss="bradley_terry", center_rewards_coefficient=0.3)
-    forward_backward(model, ({}, prefs), args, row_scale=1 / len(ROWS), response_scale=1 / len(rewards))
+    forward_backward(model, ({}, prefs), args, rows=len(ROWS), responses=len(rewards))
     plain = rewards.clone().requires_grad_(True)
     row_statistics(plain, prefs)[:, STATS.index("loss")].mean().backward()
     # d/dr of C x mean(r^2) is 2 C r / R, on top of the ranking loss's gradient.

@@ -32,9 +32,8 @@ from minrm.data import cache as dataset_cache
 from minrm.data.cache import build_datasets, build_or_load_cache, cache_key, load_datasets
 from minrm.data.tokenizer import load_tokenizer
 from minrm.distributed import Dist, init_distributed, print0
-from minrm.model.reward import transformer_blocks
+from minrm.model.reward import shard_model
 from minrm.training.failsafe import nonfinite_weights
-from minrm.training.sharding import shard_model
 from tests.conftest import ROOT, read_metrics, run_minrm, tiny_llama_config, write_pairs
 
 # 48 pairs, 8 per optimizer step (2x2 run: 1 pair x 4 processes x GA 2; 1 process: 4 x GA 2): 6 steps.
@@ -163,8 +162,8 @@ def count_one_nan() -> None:
     model = AutoModelForSequenceClassification.from_config(tiny_llama_config(100, pad_token_id=0))
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[5, 3] = float("nan")
-    shard_model(model, transformer_blocks(model), d, None)
-    print0(f"nonfinite: {nonfinite_weights(model, d.device)}")
+    shard_model(model, d, None)
+    print0(f"nonfinite: {nonfinite_weights(model)}")
     dist.destroy_process_group()
 
 

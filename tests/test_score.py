@@ -19,11 +19,10 @@ from minrm.data import formats, toy
 from minrm.data.formats import CHAT_TEMPLATES
 from minrm.distributed import Dist
 from minrm.model.attention import use_packed_attention
-from minrm.model.reward import prepare, read_model, reward_forward, transformer_blocks
+from minrm.model.reward import prepare, read_model, reward_forward, shard_model
 from minrm.score import check_model, parse_args, score_rows, summarize, train_args
-from minrm.training.batching import collate, micro_batches, row_tokens, shared_prefix
+from minrm.training.batching import collate, computed_tokens, micro_batches, row_sizes
 from minrm.training.loss import STATS
-from minrm.training.sharding import shard_model
 from tests.conftest import ROOT, minrm_command, run_minrm, tiny_llama_config
 
 VOCAB = 100
@@ -132,12 +131,12 @@ def test_rewards_equal_hf_forward_for_every_batching_and_budget(batching, attent
         for b in batches:  # within the budget, or a row alone
             tokens = collate([rows[i] for i in b], 0, batching)[0]["input_ids"].numel()
             assert tokens <= budget or len(b) == 1
-            assert len(b) > 1 or tokens == row_tokens(rows[b[0]], batching)
+            assert len(b) > 1 or tokens == computed_tokens(*row_sizes(rows[b[0]]), batching)
         got, _ = score_rows(model, rows, batching, budget, 0, torch.device("cpu"), tqdm(disable=True))
         for g, e in zip(got, expected_rewards):
             torch.testing.assert_close(torch.tensor(g), torch.tensor(e), rtol=0, atol=1e-5)
     if batching == "shared_prefix":  # each prompt once: the row of 4 responses holds one prompt
-        assert row_tokens(rows[1], batching) == 17 + 3 + 30 + 5 + 8
+        assert computed_tokens(*row_sizes(rows[1]), batching) == 17 + 3 + 30 + 5 + 8
 
 
 def test_gpu_loading_keeps_the_score_head_in_fp32_as_training(tmp_path, tokenizer):
@@ -162,7 +161,7 @@ def test_gpu_loading_keeps_the_score_head_in_fp32_as_training(tmp_path, tokenize
     try:
         trained = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float32)
         d = Dist(0, 1, 0, torch.device("cpu"), init_device_mesh("cpu", (1,)))
-        shard_model(trained, transformer_blocks(trained), d, "bf16")
+        shard_model(trained, d, "bf16")
         trained.forward = types.MethodType(reward_forward, trained)
         theirs = rewards(trained.eval())
     finally:
@@ -325,7 +324,7 @@ def test_score_bench_counts_tokens_and_agrees_with_hf():
     from scripts import bench_score
 
     rows = bench_score.synthetic_rows("multiturn", 3, 4, seed=0)
-    assert all(len(r["responses"]) == 4 and shared_prefix(r) for r in rows)
+    assert all(len(r["responses"]) == 4 and all(s[: len(r["prompt"])] == r["prompt"] for s in r["responses"]) for r in rows)
     result = bench_score.time_scoring(rows, "9m", max_tokens=300)  # about one row per batch
     timed = [[rows[i] for i in b] for b in micro_batches(rows, "shared_prefix", max_tokens=300, longest_first=True)[1:]]
     padded = sum(4 * len(b) * max(len(s) for r in b for s in r["responses"]) for b in timed)

@@ -66,7 +66,7 @@ def save_loaded(model, d, out: str) -> None:
 
 def main(out: str, argv: list[str]) -> None:
     record = {"load": None, "steps": []}
-    skeleton, fill_from_rank0, set_lr = train.reward.skeleton, train.sharding.fill_from_rank0, train.optim.set_lr
+    skeleton, fill_from_rank0, set_lr = train.reward.skeleton, train.reward.fill_from_rank0, train.optim.set_lr
     start = {}
 
     def skeleton_probe(*args, **kwargs):
@@ -83,7 +83,7 @@ def main(out: str, argv: list[str]) -> None:
         record["steps"].append([])
         return set_lr(optimizer, lr)
 
-    train.reward.skeleton, train.sharding.fill_from_rank0, train.optim.set_lr = skeleton_probe, fill_probe, set_lr_probe
+    train.reward.skeleton, train.reward.fill_from_rank0, train.optim.set_lr = skeleton_probe, fill_probe, set_lr_probe
     train.main(train.parse_args(argv))  # destroys the process group at the end
     with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
         json.dump(record, f)

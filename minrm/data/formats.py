@@ -163,18 +163,29 @@ def _plain_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[li
     return os.path.commonprefix(responses), responses  # commonprefix compares lists element by element
 
 
-def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """One row (a JSON file's unparsed, `{"json", "row"}` from files.py) to the prompt's ids, each response's
-    whole sequence, its score (1.0 chosen, 0.0 rejected), the `margin` (0.0 when none) and `problem` (a bad
-    row's, in words; its ids empty). Training and the scorer read rows through this one function."""
+def parse_row(row: dict) -> dict:
+    """A row as a dict: a JSON file's unparsed line (`{"json", "row"}` from files.py) parsed, any other
+    row as it is; ValueError, in words, when the line is not a JSON object."""
+    if "json" not in row or len(row) > 2:
+        return row
     try:
-        if "json" in row and len(row) <= 2:
-            try:
-                row = json.loads(row["json"])
-            except json.JSONDecodeError as e:
-                raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"a line must hold a JSON object, got {type(row).__name__}")
+        parsed = json.loads(row["json"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"a line must hold a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase, extra: dict) -> dict:
+    """One row (`parse_row`'s input) to the prompt's ids, each response's whole sequence, its score (1.0
+    chosen, 0.0 rejected), the `margin` (0.0 when none), `problem` (a bad row's, in words; its ids empty)
+    and the `extra` columns ({name: column}, as text or None). Training and the scorer read rows through
+    this one function."""
+    out = {name: None for name in extra}
+    try:
+        row = parse_row(row)
+        out |= {name: None if row.get(column) is None else str(row[column]) for name, column in extra.items()}
         names, labels, values, scores = _responses(row, keys)
         margin = 0.0 if row.get(keys["margin"]) is None else _number(row[keys["margin"]], keys["margin"])
         if fmt == "plain":
@@ -186,6 +197,6 @@ def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizer
             _check_comparisons(labels, conversations, scores)
             prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, return_dict=False)
             responses = tokenizer.apply_chat_template(conversations, return_dict=False)  # all in one call
-        return {"prompt": prompt, "responses": responses, "scores": scores, "margin": margin, "problem": ""}
+        return out | {"prompt": prompt, "responses": responses, "scores": scores, "margin": margin, "problem": ""}
     except ValueError as e:
-        return {"prompt": [], "responses": [], "scores": [], "margin": 0.0, "problem": str(e)}
+        return out | {"prompt": [], "responses": [], "scores": [], "margin": 0.0, "problem": str(e)}

@@ -6,7 +6,7 @@ A tokenized row is a prompt with K responses and the comparisons among them: `pr
 """
 
 import collections
-import json
+import math
 import os
 import re
 
@@ -25,20 +25,22 @@ from minrm.distributed import print0
 
 
 def read_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
-    """One dataset of the mixer list (a local file read by `files.py`, the toy data or a Hub dataset) and
-    the word for its row numbers ("line" for JSON lines)."""
+    """One dataset of the mixer list (a local file read by `files.py`, the toy data or a Hub dataset) with
+    each row's number in `row`, and the word for those numbers ("line" for JSON lines)."""
+    unit = "row"
     if name == toy.TOY:
-        return toy.toy_dataset(split), "row"
-    if name.endswith(DATA_FILES):
-        return read_local_file(name)
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except (OSError, ValueError) as e:  # not found, offline, unknown split
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"minrm: error: dataset {name} [{split}] cannot be loaded ({reason})") from None
-    if len(ds) == 0:
-        raise SystemExit(f"minrm: error: dataset {name} [{split}] has no rows")
-    return ds, "row"
+        ds = toy.toy_dataset(split)
+    elif name.endswith(DATA_FILES):
+        ds, unit = read_local_file(name)
+    else:
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except (OSError, ValueError) as e:  # not found, offline, unknown split
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"minrm: error: dataset {name} [{split}] cannot be loaded ({reason})") from None
+        if len(ds) == 0:
+            raise SystemExit(f"minrm: error: dataset {name} [{split}] has no rows")
+    return ds if "row" in ds.column_names else ds.add_column("row", list(range(len(ds)))), unit
 
 
 def take_indices(n: int, amount: str, seed: int) -> list[int]:
@@ -69,7 +71,8 @@ def spread(indices: list[int], scores: list[float], most: int) -> list[int]:
 
 
 def fit_row(row: dict, max_prompt: int, max_response: int, most: int | None) -> dict:
-    """The length filter and --max_responses_per_prompt on a tokenized row. `status`: "" (kept) or why it is dropped:
+    """The length filter and --max_responses_per_prompt on a tokenized row, whose `prompt` becomes the ids
+    every response begins with (or []). `status`: "" (kept) or why it is dropped:
     "bad", "prompt" (too long), "comparison" (none left within max_response). `too_long`, `cut`: responses removed."""
     if row["problem"] or len(row["prompt"]) > max_prompt:
         return {**row, "status": "bad" if row["problem"] else "prompt", "too_long": 0, "cut": 0}
@@ -78,34 +81,43 @@ def fit_row(row: dict, max_prompt: int, max_response: int, most: int | None) -> 
     if len({row["scores"][i] for i in fit}) < 2:
         return {**row, "status": "comparison", "too_long": too_long, "cut": 0}
     keep = spread(fit, row["scores"], most) if most is not None and len(fit) > most else fit
-    row = {**row, "responses": [row["responses"][i] for i in keep], "scores": [row["scores"][i] for i in keep]}
+    prompt, responses = row["prompt"], [row["responses"][i] for i in keep]
+    # The prompt's ids begin every response, each with a tail, unless the chat template renders the
+    # prompt differently inside the conversation: such a row shares no prefix, and its prompt is [].
+    if not all(len(s) > len(prompt) and s[: len(prompt)] == prompt for s in responses):
+        prompt = []
+    row = {**row, "prompt": prompt, "responses": responses, "scores": [row["scores"][i] for i in keep]}
     return {**row, "status": "", "too_long": too_long, "cut": len(fit) - len(keep)}
 
 
-def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, args) -> tuple[datasets.Dataset, str]:
-    """Every row of one dataset tokenized, checked and length-filtered (`fit_row`): the row's ids,
-    scores and margin, its `row` number, `problem` ("" if good), `status`, `too_long` and `cut`."""
+def tokenize_dataset(
+    name: str, split: str, tokenizer: PreTrainedTokenizerBase, args, extra: dict | None = None, shard=(0, 1)
+) -> tuple[datasets.Dataset, str]:
+    """Every row of one dataset (of its `shard`: every n-th from the i-th) tokenized, checked and
+    length-filtered (`fit_row`; the scorer's `args` have no limits): the row's ids, scores and margin,
+    its `row` number, `problem` ("" if good), `status`, `too_long`, `cut` and the `extra` columns."""
     raw, unit = read_raw(name, split)
-    if "row" not in raw.column_names:
-        raw = raw.add_column("row", list(range(len(raw))))
-    keys = column_keys(args)
-    sample = [r for r in (json_or_none(x) for x in raw.select(range(min(len(raw), 100)))) if r]
+    keys, extra = column_keys(args), extra or {}
+    sample = [r for r in (parsed_or_none(x) for x in raw.select(range(min(len(raw), 100)))) if r]
     fmt = formats.detect_format(sample[0] if sample else {}, keys)
     check_columns(name, sample, keys, fmt, tokenizer)
-    limits = (args.max_prompt_token_length, args.max_token_length, args.max_responses_per_prompt)
+    limits = [getattr(args, f, None) for f in ("max_prompt_token_length", "max_token_length")]
+    limits = [math.inf if n is None else n for n in limits] + [getattr(args, "max_responses_per_prompt", None)]
 
     def tokenize(row):
-        return fit_row(formats.tokenize_row(row, fmt, keys, tokenizer), *limits)
+        return fit_row(formats.tokenize_row(row, fmt, keys, tokenizer, extra), *limits)
 
     int32, float64, string = (datasets.Value(t) for t in ("int32", "float64", "string"))
     ids = datasets.List(int32)  # half the disk of Arrow's default int64
     features = {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "margin": float64}
     features |= {"scores": datasets.List(float64), "problem": string, "status": string, "too_long": int32, "cut": int32}
+    raw = raw.select(range(shard[0], len(raw), shard[1])) if shard[1] > 1 else raw
     # A pool costs a second or two to start: worth it only for thousands of rows. The map writes
     # its output beside its input (a local file's, in files.py's scratch folder): on disk.
     num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 5000))
     remove = [c for c in raw.column_names if c != "row"]
-    ds = raw.map(tokenize, remove_columns=remove, features=datasets.Features(features), num_proc=num_proc)
+    features = datasets.Features(features | {name: string for name in extra})
+    ds = raw.map(tokenize, remove_columns=remove, features=features, num_proc=num_proc)
     print0(f"data: {name} [{split}]: {len(ds)} rows, format {fmt!r}, tokenized with {num_proc} processes")
     return ds, unit
 
@@ -127,15 +139,12 @@ def check_columns(name: str, sample: list[dict], keys: dict, fmt: str, tokenizer
         )
 
 
-def json_or_none(row: dict) -> dict | None:
-    """The row as a dict (parsing a .jsonl line), or None when it is not valid JSON."""
-    if "json" not in row:
-        return row
+def parsed_or_none(row: dict) -> dict | None:
+    """The row as a dict (`formats.parse_row`), or None when it is not a JSON object."""
     try:
-        parsed = json.loads(row["json"])
-    except json.JSONDecodeError:
+        return formats.parse_row(row)
+    except ValueError:
         return None
-    return parsed if isinstance(parsed, dict) else None
 
 
 def report_bad_rows(bad: list[tuple[str, str, int, str]], skip: bool) -> list[str]:
@@ -218,6 +227,5 @@ def show_pair(row: dict, tokenizer: PreTrainedTokenizerBase) -> str:
     prompt, best = row["prompt"], max(row["scores"])
     lines = [f"prompt: {paint(prompt, (34, 36))}"]
     for ids, score in zip(row["responses"], row["scores"]):
-        tail = ids[len(prompt) :] if ids[: len(prompt)] == prompt else ids  # a template may not repeat the prompt
-        lines.append(f"{score:g}: {paint(tail, (32, 33) if score == best else (31, 35))}")
+        lines.append(f"{score:g}: {paint(ids[len(prompt) :], (32, 33) if score == best else (31, 35))}")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import random
 
 import datasets
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from minrm.config import SPLIT_SIZES, TOY
 from minrm.data.formats import CHAT_TEMPLATES
@@ -50,28 +50,6 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=256,  # = max_position_embeddings below
         clean_up_tokenization_spaces=False,
         chat_template=CHAT_TEMPLATES["tulu"],
-    )
-
-
-def toy_model_config(vocab_size: int) -> LlamaConfig:
-    """A ~100k-parameter Llama: big enough for the copy check, fast on CPU."""
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # exercises the GQA code path cheaply
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        num_labels=1,
-        # 5x the Llama default: with std 0.02 the q/k product starts near zero
-        # and the token-matching attention takes several epochs to appear.
-        initializer_range=0.1,
-        bos_token_id=1,  # ids match toy_tokenizer's vocab order
-        eos_token_id=2,
-        pad_token_id=None,  # the trainer adds <pad> and resizes
     )
 
 

@@ -1,20 +1,52 @@
 """The reward model: a Hugging Face `*ForSequenceClassification` with one output, dropout off, a
-re-drawn score head, and a forward that pools at each sequence's last real token. `skeleton` builds
-the model that trains (on the meta device, set up by `prepare`); `read_model` reads its weights: rank
-0 broadcasts them into every rank's shards (training/sharding.py), the scorer prepares and runs it.
+re-drawn score head, and a forward that pools at each sequence's last real token. Training builds it
+on the meta device (`skeleton`), shards it with FSDP2 (`shard_model`) and fills the shards from the
+weights rank 0 reads (`read_model`, `fill_from_rank0`); the scorer reads and runs it whole.
 """
 
 import math
 import types
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from minrm.config import TOY
-from minrm.data.toy import toy_model_config, toy_tokenizer
+from minrm.data.toy import toy_tokenizer
+from minrm.distributed import Dist
 from minrm.model.attention import SEGMENTS, PackedLayout, packed_attention_mask, use_packed_attention
+
+
+def toy_model_config(vocab_size: int) -> LlamaConfig:
+    """A ~100k-parameter Llama: big enough for the copy check, fast on CPU."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # exercises the GQA code path cheaply
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        num_labels=1,
+        # 5x the Llama default: with std 0.02 the q/k product starts near zero
+        # and the token-matching attention takes several epochs to appear.
+        initializer_range=0.1,
+        bos_token_id=1,  # ids match toy_tokenizer's vocab order
+        eos_token_id=2,
+        pad_token_id=None,  # the trainer adds <pad> and resizes
+    )
 
 
 def model_config(args):
@@ -56,27 +88,23 @@ def skeleton(args, tokenizer: PreTrainedTokenizerBase, cuda: bool = False) -> Pr
 
 
 def read_model(args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The model with its weights, in `dtype` on the CPU (the score head in fp32, read as stored): an
-    added <pad>'s embedding drawn from the old rows' mean and covariance, and the score head re-drawn
-    from N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325) unless --init_score_head False."""
+    """The model with its weights, in `dtype` on the CPU with the score head in fp32 (a bf16 head rounds
+    every reward to bf16: ties), as the reference reads it (`from_pretrained(num_labels=1)`): an added
+    <pad>'s embedding drawn from the old rows' mean and covariance, and the score head re-drawn from
+    N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325) unless --init_score_head False."""
     torch.manual_seed(args.seed)
-    config = model_config(args)
     if args.model_name_or_path == TOY:
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_config(model_config(args), dtype=torch.float32)
     else:
-        with torch.device("meta"):  # the class transformers picks for this config
-            cls = type(AutoModelForSequenceClassification.from_config(config, trust_remote_code=args.trust_remote_code))
-        # transformers loads a class's `_keep_in_fp32_modules_strict` in fp32 when the rest is in a lower
-        # precision; a subclass names the head without touching the model's class.
-        cls = type(cls.__name__, (cls,), {"_keep_in_fp32_modules_strict": [r"^score\."], "__module__": cls.__module__})
-        model = cls.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             args.model_name_or_path,
-            config=config,
+            config=model_config(args),
             revision=args.model_revision,
             trust_remote_code=args.trust_remote_code,
             dtype=dtype,  # fp32 master weights in training; FSDP2 casts to bf16 for compute (--mixed_precision)
         )
     _fit_tokenizer(model, tokenizer, mean_resizing=True)
+    model.score.float()
     if args.init_score_head:
         std = 1 / math.sqrt(model.config.get_text_config().hidden_size + 1)
         generator = torch.Generator().manual_seed(args.seed)
@@ -86,17 +114,62 @@ def read_model(args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = to
 
 
 def prepare(model: PreTrainedModel, args, cuda: bool = False) -> PreTrainedModel:
-    """Set a reward model up to run: dropout off, gradient checkpointing if asked, the attention that
-    runs packed rows (`cuda`: FlexAttention is available), and `reward_forward`."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    """Set a reward model up to run: gradient checkpointing if asked, the attention that runs packed
+    rows (`cuda`: FlexAttention is available), and `reward_forward`."""
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.batching != "padded":
         use_packed_attention(model, args.packed_attention, cuda)
     model.forward = types.MethodType(reward_forward, model)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2: the model sharded over the processes, then filled from rank 0's weights
+
+
+def shard_model(model: PreTrainedModel, d: Dist, mixed_precision: str | None) -> str:
+    """FSDP2: one unit per transformer block, one for the score head, then the root, which owns the embeddings
+    and final norm and gathers them in its pre-forward hook (so the reward is computed in the root's forward).
+    --mixed_precision bf16 (None: bf16 with CUDA) gathers parameters in bf16 and reduce-scatters gradients
+    into fp32 shards: master weights and AdamW state stay fp32. Returns a log line."""
+    precision = mixed_precision or ("bf16" if d.device.type == "cuda" else "no")
+    low = torch.bfloat16 if precision == "bf16" else None
+    mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+    # The last block and the head stay gathered after the forward: their backward runs first (torchtitan's rule).
+    layers = transformer_blocks(model)
+    for i, block in enumerate(layers):
+        fully_shard(block, mesh=d.mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    # The head is gathered in fp32 whatever the policy: rewards are not rounded to bf16 (its R x H input is cast up).
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    fully_shard(model.score, mesh=d.mesh, mp_policy=fp32, reshard_after_forward=False)
+    fully_shard(model, mesh=d.mesh, mp_policy=mp)
+    # FSDP sums the ranks' gradients instead of averaging them: the loss is divided by the step's rows
+    # over all ranks where it is computed (train.forward_backward), so the gradient is the mean's.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain sums (gloo has no pre-scaled sum)
+    kind = "HSDP (replicate x shard)" if d.mesh.ndim == 2 else "FSDP"
+    return f"shard: {kind} over {d.world_size} processes, --mixed_precision {precision}"
+
+
+@torch.no_grad()
+def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, d: Dist) -> None:
+    """Give the sharded skeleton (built on the meta device) storage, then the weights of `full`, the model
+    rank 0 read (None elsewhere). DCP broadcasts one tensor at a time, each rank keeping its shard."""
+    model.to_empty(device=d.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full.state_dict() if d.is_main else {}, options=options)
+    # Non-persistent buffers (e.g. rotary `inv_freq`) are in no state dict: broadcast whole, as rank 0 built them.
+    persistent = model.state_dict().keys()
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            if d.is_main:
+                buffer.copy_(full.get_buffer(name))
+            dist.broadcast(buffer, src=0)
+
+
 
 
 def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:

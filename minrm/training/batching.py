@@ -1,9 +1,9 @@
 """From tokenized rows to model input: which rows a rank takes at each step, how they are cut into
 micro-batches, and the collator that lays a micro-batch out for the model.
 
-A row is a prompt with K >= 2 responses and the comparisons among them (data/formats.py): `{"prompt": ids,
-"responses": [ids, ...], "scores": [...], "margin": float}`, each response a whole sequence (the
-prompt's ids first), response i preferred to j when scores[i] > scores[j]. A pair is K = 2 with
+A row is a prompt with K >= 2 responses and the comparisons among them (data/mixer.py): `{"prompt": ids,
+"responses": [ids, ...], "scores": [...], "margin": float}`, each response a whole sequence that begins
+with the prompt's ids, response i preferred to j when scores[i] > scores[j]. A pair is K = 2 with
 scores [1, 0]. docs/batching.md says what each layout computes and why the rewards are the same.
 """
 
@@ -46,16 +46,6 @@ def step_indices(step: int, rank: int, world_size: int, per_device: int, accumul
     return [i for start in starts for i in stream_indices(start, per_device, n, seed)]
 
 
-def responses_per_row(ds: datasets.Dataset) -> np.ndarray:
-    """K of every row of a tokenized dataset, read from its Arrow column without decoding the rows."""
-    return pc.list_value_length(ds.with_format("arrow")[:]["responses"]).to_numpy()
-
-
-def step_responses(responses_per_row: np.ndarray, step: int, batch_size: int, seed: int) -> int:
-    """The responses of optimizer step `step`, over all ranks' rows."""
-    return int(responses_per_row[stream_indices(step * batch_size, batch_size, len(responses_per_row), seed)].sum())
-
-
 def rows_at(ds: datasets.Dataset, indices: list[int]) -> list[dict]:
     """Rows `indices` of a tokenized dataset, as dicts."""
     columns = ds[indices]
@@ -66,43 +56,44 @@ def rows_at(ds: datasets.Dataset, indices: list[int]) -> list[dict]:
 # Cutting into micro-batches, by rows or by a token budget
 
 
-def shared_prefix(row: dict) -> int:
-    """How many leading tokens a row's responses can share: the prompt's ids when they start every
-    response and leave each a non-empty tail, else 0 (the responses are then laid out whole, as
-    when a chat template renders the prompt differently inside the conversation)."""
-    n = len(row["prompt"])
-    return n if all(len(s) > n and s[:n] == row["prompt"] for s in row["responses"]) else 0
-
-
-def row_tokens(row: dict, batching: str) -> int:
-    """Tokens the model computes for a row alone: K x its longest response padded, their sum
-    packed, the sum less K - 1 prompts with the prompt shared."""
+def row_sizes(row: dict) -> np.ndarray:
+    """What a row's cost is made of: its K sequences, the longest's length, their tokens in all, and
+    the tokens of the K - 1 copies of its prompt that shared_prefix lays out once."""
     lengths = [len(s) for s in row["responses"]]
+    return np.array([len(lengths), max(lengths), sum(lengths), (len(lengths) - 1) * len(row["prompt"])])
+
+
+def computed_tokens(seqs, longest, total, repeats, batching: str):
+    """Tokens the model computes for rows of these sizes (summed over the rows, the longest their
+    longest; numbers, or numpy arrays of one value per row): every sequence padded to the longest
+    (padded), all their tokens (packed), less the repeated prompts (shared_prefix)."""
     if batching == "padded":
-        return len(lengths) * max(lengths)
-    return sum(lengths) - (len(lengths) - 1) * (shared_prefix(row) if batching == "shared_prefix" else 0)
+        return seqs * longest
+    return total - repeats if batching == "shared_prefix" else total
 
 
 def micro_batches(
     rows: list[dict], batching: str, max_rows: int | None = None, max_tokens: int | None = None, longest_first=False
 ) -> list[list[int]]:
     """The rows' indices cut into micro-batches of at most `max_rows` rows and `max_tokens` computed
-    tokens (padding included), in order or `longest_first` (the scorer: little padding, and the
-    largest batch first, so a budget too large for the memory fails at once). A row over the
-    budget goes alone. The loss and metrics are means over rows, whatever the cut."""
-    cost = [row_tokens(row, batching) for row in rows] if max_tokens or longest_first else None
-    order = sorted(range(len(rows)), key=cost.__getitem__, reverse=True) if longest_first else range(len(rows))
-    out, chunk, tokens, seqs, longest = [], [], 0, 0, 0
+    tokens, in order or `longest_first` (the scorer: little padding, and the largest batch first, so
+    a budget too large for the memory fails at once). A row over the budget goes alone. The loss and
+    metrics are means over rows, whatever the cut."""
+    sizes = [row_sizes(row) for row in rows]
+    order = range(len(rows))
+    if longest_first:
+        order = sorted(order, key=lambda i: computed_tokens(*sizes[i], batching), reverse=True)
+    out, total = [], None
     for i in order:
-        k, width = len(rows[i]["responses"]), max(map(len, rows[i]["responses"]))
-        if max_tokens:
-            grown = (seqs + k) * max(longest, width) if batching == "padded" else tokens + cost[i]
-        if chunk and (len(chunk) == max_rows or (max_tokens and grown > max_tokens)):
-            out.append(chunk)
-            chunk, tokens, seqs, longest = [], 0, 0, 0
-        chunk.append(i)
-        tokens, seqs, longest = tokens + (cost[i] if cost else 0), seqs + k, max(longest, width)
-    return out + [chunk] if chunk else out
+        if out:
+            grown = np.r_[total[0] + sizes[i][0], max(total[1], sizes[i][1]), total[2:] + sizes[i][2:]]
+            if len(out[-1]) != max_rows and not (max_tokens and computed_tokens(*grown, batching) > max_tokens):
+                out[-1].append(i)
+                total = grown
+                continue
+        out.append([i])
+        total = sizes[i]
+    return out
 
 
 def split_to(chunks: list[list], k: int) -> list[list]:
@@ -118,8 +109,7 @@ def split_to(chunks: list[list], k: int) -> list[list]:
 
 
 def check_token_budget(ds: datasets.Dataset | None, max_tokens: int | None, batching: str, what: str) -> None:
-    """Refuse, before training, a --max_tokens_per_batch that the costliest row alone exceeds (its
-    prompt taken as shared in shared_prefix, as it is whenever the template renders it as a prefix)."""
+    """Refuse, before training, a --max_tokens_per_batch that the costliest row alone exceeds."""
     if not max_tokens or ds is None:
         return
     table = ds.with_format("arrow")[:]
@@ -127,12 +117,9 @@ def check_token_budget(ds: datasets.Dataset | None, max_tokens: int | None, batc
     lengths = pc.list_value_length(responses.flatten()).to_numpy()
     row_of = pc.list_parent_indices(responses).to_numpy()
     k = np.bincount(row_of, minlength=len(table))
-    if batching == "padded":
-        need = k * np.maximum.reduceat(lengths, np.r_[0, np.cumsum(k)[:-1]])
-    else:
-        need = np.bincount(row_of, weights=lengths, minlength=len(table)).astype(np.int64)
-        if batching == "shared_prefix":
-            need -= (k - 1) * pc.list_value_length(table["prompt"]).to_numpy()
+    longest = np.maximum.reduceat(lengths, np.r_[0, np.cumsum(k)[:-1]])
+    total = np.bincount(row_of, weights=lengths, minlength=len(table)).astype(np.int64)
+    need = computed_tokens(k, longest, total, (k - 1) * pc.list_value_length(table["prompt"]).to_numpy(), batching)
     i = int(need.argmax())
     if need[i] > max_tokens:
         raise SystemExit(
@@ -164,7 +151,7 @@ def collate(rows: list[dict], pad_id: int, batching: str) -> tuple[dict, Prefere
     else:
         ids, positions, segments = [], [], []
         for row in rows:
-            n = shared_prefix(row) if batching == "shared_prefix" else 0
+            n = len(row["prompt"]) if batching == "shared_prefix" else 0  # the ids every response begins with
             first = len(ids)
             for k, seq in enumerate(row["responses"]):
                 tail = seq[n:] if k else seq  # the first response carries the prompt; the others see it there

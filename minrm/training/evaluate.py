@@ -7,6 +7,7 @@ import math
 
 import datasets
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedTokenizerBase
 
 from minrm.distributed import Dist, all_reduce_max, all_reduce_sum
@@ -40,6 +41,11 @@ def evaluate(model, eval_set: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
             if d.is_main and len(samples) < num_samples:
                 samples += sample_rows(part, rewards.tolist(), tokenizer)[: num_samples - len(samples)]
     *totals, rows = all_reduce_sum(sums).tolist()
+    # A no-grad forward leaves the units that skip resharding after it (root, head, last block)
+    # gathered: shard them again, so that what follows sees each rank's shard, not the whole tensor.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     model.train()
     return {f"eval/rm/{name}": total / rows for name, total in zip(STATS, totals)}, samples
 

@@ -13,10 +13,10 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-from minrm.distributed import Dist, all_reduce_sum, print0
+from minrm.distributed import Dist, print0
 from minrm.training.checkpoint import CheckpointWriter, find_latest
-from minrm.training.optim import counted_shards
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A second signal within this many seconds is the same request delivered twice (SLURM signals every process
@@ -91,12 +91,11 @@ def resume_command(run_name: str) -> str:
 # Non-finite values
 
 
-def nonfinite_weights(model: torch.nn.Module, device: torch.device) -> str:
-    """How many weights are NaN or infinite, each counted once over all ranks' shards; '' when none
-    (all ranks call this)."""
-    zero = torch.zeros((), dtype=torch.int64, device=device)  # int64: exact past fp32's 2^24
-    count = sum(((~torch.isfinite(t)).sum() for t in counted_shards(p.detach() for p in model.parameters())), zero)
-    n = int(all_reduce_sum(count).item())
+def nonfinite_weights(model: torch.nn.Module) -> str:
+    """How many weights are NaN or infinite, each counted once over all ranks' shards (DTensor's sum
+    over a sharded parameter reduces over the ranks); '' when none (all ranks call this)."""
+    count = sum((~torch.isfinite(p.detach())).sum() for p in model.parameters())  # int64: exact past 2^24
+    n = int(count.full_tensor() if isinstance(count, DTensor) else count)
     return f"{n} weights are NaN or infinite after the update" if n else ""
 
 

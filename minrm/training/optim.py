@@ -10,7 +10,7 @@ reaches the end value (README, "Where minrm differs").
 import math
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
 POLYNOMIAL_END_LR = 1e-7  # transformers' default lr_end for the polynomial schedule
 
@@ -51,11 +51,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def grad_square_sum(model: torch.nn.Module) -> torch.Tensor:
-    """This rank's share of the squared global gradient norm (fp64, on the device): summed over all
-    ranks it is the square of the norm over every shard once."""
-    grads = counted_shards(p.grad for p in model.parameters() if p.grad is not None)
-    return torch.nn.utils.get_total_norm(grads).double().square()
+def grad_norm(model: torch.nn.Module) -> float:
+    """The global gradient norm: torch's norm of the DTensor gradients, reduced over every rank's
+    shards (each value counted once, replicas under HSDP included)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
 
 
 def clip_grads_(model: torch.nn.Module, norm: float, max_norm: float) -> None:
@@ -63,17 +63,3 @@ def clip_grads_(model: torch.nn.Module, norm: float, max_norm: float) -> None:
     if max_norm > 0:
         params = [p for p in model.parameters() if p.grad is not None]
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
-
-
-def counted_shards(tensors) -> list[torch.Tensor]:
-    """The local shards of `tensors` that this rank counts, so that a sum over all ranks counts every value
-    once: FSDP's shards are disjoint; under HSDP each node holds a replica, and only the first one counts."""
-    out = []
-    for t in tensors:
-        if isinstance(t, DTensor):
-            coordinate = t.device_mesh.get_coordinate()
-            if any(isinstance(how, Replicate) and i != 0 for how, i in zip(t.placements, coordinate)):
-                continue
-            t = t.to_local()
-        out.append(t)
-    return out

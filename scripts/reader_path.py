@@ -1,0 +1,60 @@
+"""The lines a newcomer reads to follow one optimizer step of the default run (`python -m minrm.train`:
+the toy, shared_prefix, one CPU process) and one JSONL line to tokens, per file: the code lines
+(non-blank, non-comment, docstrings included) of each function and class on the path, as the
+issue tracker counts them. The lists below are the path; keep them in step with the code.
+
+    python -m scripts.reader_path
+"""
+
+import ast
+import importlib
+import inspect
+import re
+
+# (module, names on the path); a name may be Class or function; "main" counts train.main whole.
+STEP = {
+    "minrm.train": ["forward_backward", "train_step", "main"],
+    "minrm.training.batching": ["stream_indices", "_epoch_order", "step_indices", "rows_at", "shared_prefix",
+                                "micro_batches", "collate", "to_device"],
+    "minrm.model.reward": ["reward_forward", "prepare", "shard_model"],
+    "minrm.model.attention": ["Segment", "PackedLayout", "segment_attention", "sdpa", "use_packed_attention"],
+    "minrm.training.loss": ["Preferences", "row_statistics"],
+    "minrm.training.optim": ["lr_multiplier", "set_lr", "grad_norm", "clip_grads_"],
+}  # fmt: skip
+JSONL = {
+    "minrm.data.files": ["read_local_file", "_to_dataset", "_batches", "_jsonl_rows"],
+    "minrm.data.mixer": ["read_raw", "tokenize_dataset", "fit_row"],
+    "minrm.data.formats": ["detect_format", "parse_row", "tokenize_row", "_responses", "_messages", "_conversations",
+                           "_number", "_check_comparisons"],
+}  # fmt: skip
+
+
+def code_lines(text: str) -> int:
+    return sum(1 for line in text.splitlines() if line.strip() and not re.match(r"\s*#", line))
+
+
+def count(path: dict) -> list[tuple[str, int, list[str]]]:
+    rows = []
+    for name, functions in path.items():
+        module = importlib.import_module(name)
+        tree = ast.parse(inspect.getsource(module))
+        defined = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        source = inspect.getsource(module).splitlines()
+        found = [f for f in functions if f in defined]
+        lines = sum(code_lines("\n".join(source[defined[f].lineno - 1 : defined[f].end_lineno])) for f in found)
+        rows.append((module.__file__.split("minrm/", 1)[-1], lines, [f for f in functions if f not in defined]))
+    return rows
+
+
+def table(title: str, path: dict) -> str:
+    rows = count(path)
+    out = [f"{title}", "| file | lines |", "|---|---|"]
+    out += [f"| {f} | {n}{' (missing: ' + ', '.join(m) + ')' if m else ''} |" for f, n, m in rows]
+    out.append(f"| {len(rows)} files | {sum(n for _, n, _ in rows)} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(table("One optimizer step of the default run", STEP))
+    print()
+    print(table("A JSONL line to tokens", JSONL))
