@@ -163,15 +163,15 @@ def _optional(kind: type):
     return parse
 
 
-def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(
-        Args,
-        prog="python -m minrm.train",
-        description="Train a reward model. Flags follow open-instruct's reward_modeling.py. A YAML file of "
-        "`flag: value` lines may come first (python -m minrm.train config.yaml [--flag value ...]); flags after "
-        "it override it.",
-        allow_abbrev=False,
-    )
+TRAIN_HELP = (
+    "Train a reward model. Flags follow open-instruct's reward_modeling.py. A YAML file of `flag: value` lines may "
+    "come first (python -m minrm.train config.yaml [--flag value ...]); flags after it override it."
+)
+
+
+def build_parser(cls=Args, prog: str = "python -m minrm.train", description: str = TRAIN_HELP) -> HfArgumentParser:
+    """The command line of a command whose flags are the dataclass `cls`: every command reads its flags this way."""
+    parser = HfArgumentParser(cls, prog=prog, description=description, allow_abbrev=False)
     # HfArgumentParser makes each flag from its field; three forms minrm keeps are changed on what it made
     # (`_actions`: argparse's list of the flags, which it has no public accessor for):
     # - a list flag given alone is empty (`--dataset_mixer_eval_list` turns the toy's eval off); it makes nargs="+";
@@ -312,6 +312,16 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args = Args(**vars(parser.parse_args(argv)))
     validate(args)
     return args
+
+
+def parse_command(cls, argv: list[str] | None, prog: str, positional: tuple[str, ...] = ()):
+    """A command's flags (the dataclass `cls`) from `argv`; its first arguments may be the `positional`
+    fields' values without their flags (`python -m minrm.score MODEL --data FILE`)."""
+    argv, given = list(sys.argv[1:] if argv is None else argv), []
+    for name in positional:
+        if argv and not argv[0].startswith("-"):
+            given += [f"--{name}", argv.pop(0)]
+    return cls(**vars(build_parser(cls, prog, cls.__doc__).parse_args(given + argv)))
 
 
 def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **kwargs):

@@ -4,11 +4,12 @@ on one process whatever the checkpoint's world size:
     python -m minrm.export output/my_run/checkpoints/step_200 output/my_run_step_200
 """
 
-import argparse
+from dataclasses import dataclass
 
 import torch.distributed as dist
+from transformers.hf_argparser import HfArg
 
-from minrm.config import Args
+from minrm.config import Args, parse_command
 from minrm.data.tokenizer import load_tokenizer
 from minrm.distributed import init_distributed
 from minrm.model.hf_folder import model_card, save_hf_folder
@@ -33,10 +34,17 @@ def export_checkpoint(checkpoint: str, out_dir: str, max_shard_size: str = "5GB"
     print(f"exported {checkpoint} (step {meta['step']}) to {out_dir}")
 
 
+@dataclass
+class ExportArgs:
+    """Write a checkpoint as the Hugging Face folder the end of training writes: python -m minrm.export CHECKPOINT
+    OUT_DIR."""
+
+    checkpoint: str = HfArg(help="A checkpoint folder, e.g. OUTPUT_DIR/RUN_NAME/checkpoints/step_100.")
+    out_dir: str = HfArg(help="The Hugging Face folder to write.")
+    max_shard_size: str = HfArg(default="5GB", help="safetensors shard size.")
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m minrm.export", description=export_checkpoint.__doc__)
-    parser.add_argument("checkpoint", help="a checkpoint folder, e.g. OUTPUT_DIR/RUN_NAME/checkpoints/step_100")
-    parser.add_argument("out_dir", help="the Hugging Face folder to write")
-    parser.add_argument("--max_shard_size", default="5GB", help="safetensors shard size (default: 5GB)")
-    export_checkpoint(**vars(parser.parse_args()))
+    args = parse_command(ExportArgs, None, "python -m minrm.export", positional=("checkpoint", "out_dir"))
+    export_checkpoint(**vars(args))
     dist.destroy_process_group()

@@ -10,11 +10,12 @@ reward is strictly above every rejected one. Each process holds the whole model 
 sorted by length into forwards of `--max_tokens_per_batch` tokens; rank 0 writes them in file order.
 """
 
-import argparse
 import itertools
 import json
 import os
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,16 +23,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 from transformers import PreTrainedModel
+from transformers.hf_argparser import HfArg
 
 from minrm import rewardbench
 from minrm.checks import check_model as check_loadable
-from minrm.config import DATA_FILES, PACKED_ATTENTIONS, Args
+from minrm.config import BATCHINGS, DATA_FILES, PACKED_ATTENTIONS, Args, fail, parse_command
+from minrm.data.batching import collate, micro_batches, to_device
 from minrm.data.mixer import report_bad_rows, tokenize_dataset
 from minrm.data.tokenizer import load_tokenizer
 from minrm.distributed import Dist, gather_objects, init_distributed, print0
+from minrm.model.loss import STATS, row_statistics
 from minrm.model.reward import prepare, read_model
-from minrm.training.batching import BATCHINGS, collate, micro_batches, to_device
-from minrm.training.loss import STATS, row_statistics
 
 # The flags the scorer passes on to minrm.train's loading of the tokenizer and the model.
 TRAIN_FLAGS = ("tokenizer_name_or_path", "chat_template_name", "add_bos", "trust_remote_code", "model_revision",
@@ -39,35 +41,44 @@ TRAIN_FLAGS = ("tokenizer_name_or_path", "chat_template_name", "add_bos", "trust
 MAX_TOKENS = {"cuda": 16384, "cpu": 4096}  # --max_tokens_per_batch's default
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minrm.score", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("model", help="a folder (minrm's export or any HF reward model) or a Hub id")
-    p.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file or a Hub dataset id")
-    p.add_argument("--split", help="split of a Hub dataset (default train; a --benchmark's: filtered, test)")
-    p.add_argument("--out", help="write every row's rewards to this .jsonl or .parquet file, the summary beside it")
-    p.add_argument("--subset_key", default="subset", help="column of a row's category (absent: no table)")
-    p.add_argument("--sections", help="JSON file {section: [categories]} or {section: {category: weight}}")
-    p.add_argument("--benchmark", choices=rewardbench.SPLITS, help="score as RewardBench 1 or 2 publish it")
-    p.add_argument("--batching", choices=BATCHINGS, default="shared_prefix", help="as minrm.train's; same rewards")
-    p.add_argument("--packed_attention", choices=PACKED_ATTENTIONS, default="auto", help="as minrm.train's")
-    p.add_argument("--max_tokens_per_batch", type=int, help="computed tokens per forward (default 16384 GPU, 4096 CPU)")
-    p.add_argument("--skip_bad_rows", action="store_true", help="leave bad rows out, counted by reason")
-    for key in ("chosen", "rejected", "prompt", "responses", "scores", "margin"):
-        p.add_argument(f"--{key}_key", default=key, help=f"column of the {key}, as minrm.train's --{key}_key")
-    p.add_argument("--tokenizer_name_or_path", help="tokenizer (default: the model's)")
-    p.add_argument("--chat_template_name", help="chat template, as minrm.train's (and its default)")
-    p.add_argument("--add_bos", action="store_true", help="prepend bos to the chat template")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow the Hub repository's code to run")
-    p.add_argument("--model_revision", help="revision of the model on the Hub")
-    args = p.parse_args(argv)
+@dataclass
+class ScoreArgs:
+    """Score preference rows with a reward model: python -m minrm.score MODEL --data FILE [--flag value ...]."""
+
+    model: str = HfArg(help="A folder (minrm's export or any HF reward model) or a Hub id; the first argument.")
+    data: str = HfArg(help="A .jsonl/.json/.parquet file or a Hub dataset id.")
+    split: str | None = HfArg(default=None, help="Split of a Hub dataset (default train; a --benchmark's: its own).")
+    out: str | None = HfArg(default=None, help="Write every row's rewards to this .jsonl or .parquet, the summary beside it.")
+    subset_key: str = HfArg(default="subset", help="Column of a row's category (absent: no table).")
+    sections: str | None = HfArg(default=None, help="JSON file {section: [categories]} or {section: {category: weight}}.")
+    benchmark: Literal[tuple(rewardbench.SPLITS)] | None = HfArg(default=None, help="Score as RewardBench 1 or 2 publish it.")
+    batching: Literal[BATCHINGS] = HfArg(default="shared_prefix", help="As minrm.train's; the same rewards.")
+    packed_attention: Literal[PACKED_ATTENTIONS] = HfArg(default="auto", help="As minrm.train's.")
+    max_tokens_per_batch: int | None = HfArg(default=None, help="Computed tokens per forward (default 16384 GPU, 4096 CPU).")
+    skip_bad_rows: bool = HfArg(default=False, help="Leave bad rows out, counted by reason.")
+    chosen_key: str = HfArg(default="chosen", help="Column of the chosen response(s), as minrm.train's.")
+    rejected_key: str = HfArg(default="rejected", help="Column of the rejected response(s).")
+    prompt_key: str = HfArg(default="prompt", help="Column of an explicit prompt.")
+    responses_key: str = HfArg(default="responses", help="Column of a list of responses with scores.")
+    scores_key: str = HfArg(default="scores", help="Their scores: higher is preferred.")
+    margin_key: str = HfArg(default="margin", help="Column of a row's margin.")
+    tokenizer_name_or_path: str | None = HfArg(default=None, help="Tokenizer (default: the model's).")
+    chat_template_name: str | None = HfArg(default=None, help="Chat template, as minrm.train's (and its default).")
+    add_bos: bool = HfArg(default=False, help="Prepend bos to the chat template.")
+    trust_remote_code: bool = HfArg(default=False, help="Allow the Hub repository's code to run.")
+    model_revision: str | None = HfArg(default=None, help="Revision of the model on the Hub.")
+
+
+def parse_args(argv: list[str] | None = None) -> ScoreArgs:
+    args = parse_command(ScoreArgs, argv, "python -m minrm.score", positional=("model",))
     if args.max_tokens_per_batch is not None and args.max_tokens_per_batch < 1:
-        p.error(f"--max_tokens_per_batch must be at least 1, got {args.max_tokens_per_batch}")
+        fail("max_tokens_per_batch", f"must be at least 1, got {args.max_tokens_per_batch}")
     if args.out and not args.out.endswith((".jsonl", ".parquet")):
-        p.error(f"--out {args.out!r}: name a .jsonl or .parquet file")
+        fail("out", f"{args.out!r}: name a .jsonl or .parquet file")
     if args.data.endswith(DATA_FILES) and not os.path.isfile(args.data):
-        p.error(f"--data {args.data!r}: no such file")
+        fail("data", f"{args.data!r}: no such file")
     if args.benchmark and args.sections:
-        p.error("--sections and --benchmark: give one (a benchmark has its own sections)")
+        fail("sections", "and --benchmark: give one (a benchmark has its own sections)")
     args.split = args.split or rewardbench.SPLITS.get(args.benchmark, "train")
     args.sections = read_sections(args.sections) if args.sections else None
     return args

@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from minrm import checks, distributed
 from minrm.config import Args, parse_args
-from minrm.data import cache, mixer
+from minrm.data import batching, cache, mixer
 from minrm.data.tokenizer import load_tokenizer
 from minrm.distributed import print0
 from minrm.model import hf_folder, liger, reward
-from minrm.training import batching, checkpoint, failsafe, optim
+from minrm.model.loss import LOSS, STATS, row_statistics
+from minrm.training import checkpoint, failsafe, optim
 from minrm.training.evaluate import evaluate
-from minrm.training.loss import LOSS, STATS, row_statistics
 from minrm.training.tracking import Tracker, summary_line
 
 

@@ -38,11 +38,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from minrm.config import PACKED_ATTENTIONS
+from minrm.config import BATCHINGS, PACKED_ATTENTIONS
+from minrm.data.batching import collate, to_device
 from minrm.distributed import init_distributed
 from minrm.model.reward import prepare, shard_model
 from minrm.train import forward_backward
-from minrm.training.batching import BATCHINGS, collate, to_device
 from minrm.training.optim import build_optimizer
 from scripts.bench_inputs import SIZES, file_pairs, model_config, synthetic_pairs
 from scripts.bench_ranked import run_ranked

@@ -77,9 +77,9 @@ def file_pairs(path: str, tokenizer_name: str | None, n: int) -> list[dict]:
     """The first n pairs of a preference file in any format minrm reads, tokenized as minrm does
     (chat template `tulu`; the toy tokenizer unless `tokenizer_name` is given)."""
     from minrm.config import parse_args
+    from minrm.data.batching import rows_at
     from minrm.data.mixer import build_side
     from minrm.data.tokenizer import load_tokenizer
-    from minrm.training.batching import rows_at
 
     flags = ["--dataset_mixer_list", path, "1.0", "--max_token_length", "2048", "--max_prompt_token_length", "2048"]
     flags += ["--chat_template_name", "tulu"]  # the same format whatever the tokenizer carries

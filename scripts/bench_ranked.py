@@ -22,8 +22,9 @@ import time
 import numpy as np
 import torch
 
-from minrm.training.batching import BATCHINGS, collate, to_device
-from minrm.training.loss import LOSS, row_statistics
+from minrm.config import BATCHINGS
+from minrm.data.batching import collate, to_device
+from minrm.model.loss import LOSS, row_statistics
 
 WAYS = ("rows", "pairs", "pairs_padded")
 

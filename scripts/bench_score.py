@@ -23,10 +23,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
+from minrm.data.batching import computed_tokens, micro_batches, pad_right, row_sizes
 from minrm.model.attention import use_packed_attention
 from minrm.model.reward import reward_forward
 from minrm.score import MAX_TOKENS, score_rows
-from minrm.training.batching import computed_tokens, micro_batches, pad_right, row_sizes
 from scripts.bench_inputs import SIZES, VOCAB, model_config, synthetic_lengths
 
 

@@ -14,11 +14,11 @@ import re
 # (module, names on the path); a name may be Class or function; "main" counts train.main whole.
 STEP = {
     "minrm.train": ["forward_backward", "train_step", "main"],
-    "minrm.training.batching": ["stream_indices", "_epoch_order", "step_indices", "rows_at", "shared_prefix",
+    "minrm.data.batching": ["stream_indices", "_epoch_order", "step_indices", "rows_at", "shared_prefix",
                                 "micro_batches", "collate", "to_device"],
     "minrm.model.reward": ["reward_forward", "prepare", "shard_model"],
     "minrm.model.attention": ["Segment", "PackedLayout", "segment_attention", "sdpa", "use_packed_attention"],
-    "minrm.training.loss": ["Preferences", "row_statistics"],
+    "minrm.model.loss": ["Preferences", "row_statistics"],
     "minrm.training.optim": ["lr_multiplier", "set_lr", "grad_norm", "clip_grads_"],
 }  # fmt: skip
 JSONL = {

@@ -14,11 +14,11 @@ from transformers import AutoModelForSequenceClassification, Gemma2Config, GptOs
 
 from minrm.checks import check_model
 from minrm.config import parse_args
+from minrm.data.batching import check_token_budget, collate, micro_batches, split_to, to_device
 from minrm.data.mixer import fit_row
 from minrm.model.attention import SEGMENTS, packing_problem, use_packed_attention
+from minrm.model.loss import LOSS, row_statistics
 from minrm.model.reward import reward_forward
-from minrm.training.batching import check_token_budget, collate, micro_batches, split_to, to_device
-from minrm.training.loss import LOSS, row_statistics
 from tests.conftest import read_metrics, run_minrm, tiny_llama_config
 
 PAD, VOCAB = 0, 100

@@ -9,10 +9,10 @@ from transformers import AutoTokenizer
 
 from minrm.config import parse_args
 from minrm.data import toy
+from minrm.data.batching import collate, stream_indices
 from minrm.data.formats import CHAT_TEMPLATES
 from minrm.data.mixer import take_indices
 from minrm.data.tokenizer import load_tokenizer
-from minrm.training.batching import collate, stream_indices
 from tests.conftest import build_dataset, write_pairs
 
 

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.fsdp import fully_shard
 
+from minrm.data.batching import stream_indices
 from minrm.training import failsafe
-from minrm.training.batching import stream_indices
 from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from minrm.training.batching import collate
-from minrm.training.loss import STATS, row_statistics
+from minrm.data.batching import collate
+from minrm.model.loss import STATS, row_statistics
 
 # Rows of different K in one batch, with ties; rewards chosen by hand (float32-exact).
 ROWS = [

@@ -9,9 +9,9 @@ from transformers import AutoModelForSequenceClassification, Qwen2Config
 
 from minrm.config import parse_args
 from minrm.data import toy
+from minrm.data.batching import collate, pad_right
 from minrm.data.tokenizer import load_tokenizer
 from minrm.model.reward import prepare, read_model, reward_forward
-from minrm.training.batching import collate, pad_right
 from tests.conftest import tiny_llama_config
 
 PAD = 0

@@ -14,17 +14,9 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from transformers import AutoModelForSequenceClassification
 
-from minrm.model.attention import (
-    BLOCK,
-    PackedLayout,
-    Segment,
-    block_lists,
-    mask_rule,
-    segment_attention,
-    use_packed_attention,
-)
+from minrm.data.batching import PackedLayout, Segment, collate
+from minrm.model.attention import BLOCK, block_lists, mask_rule, segment_attention, use_packed_attention
 from minrm.model.reward import reward_forward
-from minrm.training.batching import collate
 from tests.conftest import ROOT, tiny_llama_config
 
 WINDOWS = [None, 8, 300]
@@ -149,7 +141,7 @@ MEMORY_PROBE = """
 import json, torch
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import AutoModelForSequenceClassification
-from minrm.training.batching import collate
+from minrm.data.batching import collate
 from minrm.model.attention import packed_attention_mask
 from tests.conftest import tiny_llama_config
 model = AutoModelForSequenceClassification.from_config(tiny_llama_config(8))

@@ -16,13 +16,13 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from minrm.data import formats, toy
+from minrm.data.batching import collate, computed_tokens, micro_batches, row_sizes
 from minrm.data.formats import CHAT_TEMPLATES
 from minrm.distributed import Dist
 from minrm.model.attention import use_packed_attention
+from minrm.model.loss import STATS
 from minrm.model.reward import prepare, read_model, reward_forward, shard_model
 from minrm.score import check_model, parse_args, score_rows, summarize, train_args
-from minrm.training.batching import collate, computed_tokens, micro_batches, row_sizes
-from minrm.training.loss import STATS
 from tests.conftest import ROOT, minrm_command, run_minrm, tiny_llama_config
 
 VOCAB = 100

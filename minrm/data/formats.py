@@ -177,15 +177,15 @@ def parse_row(row: dict) -> dict:
     return parsed
 
 
-def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase, extra: dict) -> dict:
+def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase, extra: dict | None = None) -> dict:
     """One row (`parse_row`'s input) to the prompt's ids, each response's whole sequence, its score (1.0
     chosen, 0.0 rejected), the `margin` (0.0 when none), `problem` (a bad row's, in words; its ids empty)
     and the `extra` columns ({name: column}, as text or None). Training and the scorer read rows through
     this one function."""
-    out = {name: None for name in extra}
+    out = {name: None for name in extra or {}}
     try:
         row = parse_row(row)
-        out |= {name: None if row.get(column) is None else str(row[column]) for name, column in extra.items()}
+        out |= {name: None if row.get(column) is None else str(row[column]) for name, column in (extra or {}).items()}
         names, labels, values, scores = _responses(row, keys)
         margin = 0.0 if row.get(keys["margin"]) is None else _number(row[keys["margin"]], keys["margin"])
         if fmt == "plain":

@@ -4,49 +4,17 @@ from the segments on GPU, `segment_attention` (segment by segment) elsewhere, or
 through the model's own attention for a model that cannot swap its attention function.
 """
 
-from typing import NamedTuple
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface, PreTrainedModel
 
+from minrm.data.batching import PackedLayout
 from minrm.distributed import print0
 
 SEGMENTS = "minrm_segments"
 BLOCK = 128  # FlexAttention's tile: the block mask lists which BLOCK x BLOCK tiles to compute
-
-
-class Segment(NamedTuple):
-    """The queries [start, end) of a packed row. They see the keys [start, q] (causal) and all of
-    [shared_start, shared_end): the prompt they share with an earlier segment, which begins with it
-    (empty when the segment holds its own prompt). Positions run on from the prompt's end."""
-
-    start: int
-    end: int
-    shared_start: int = 0
-    shared_end: int = 0
-
-
-class PackedLayout:
-    """The segments of one packed row, in order; they tile the row. A plain object rather than a
-    list: FSDP2's hooks walk every list, tuple and dataclass in every block's arguments, at every
-    call, and this one is a single leaf to them."""
-
-    def __init__(self, segments: list[Segment]):
-        self.segments, self.length = segments, segments[-1].end
-        self.sizes = [s.end - s.start for s in segments]
-        self.at = {s.start: j for j, s in enumerate(segments)}  # the segment that starts at a position
-        for s in segments:
-            if s.shared_end > s.shared_start and (s.shared_start not in self.at or s.shared_end > s.start):
-                raise ValueError(f"{s}: a shared prompt must begin an earlier segment of the row")
-
-    def key_ranges(self) -> torch.Tensor:
-        """(3, L) int64 on the host, per query: its segment's start, shared_start, shared_end (the
-        per-token form the FlexAttention and dense masks read)."""
-        ranges = torch.tensor([(s.start, s.shared_start, s.shared_end) for s in self.segments])
-        return ranges.repeat_interleave(torch.tensor(self.sizes), 0).T.contiguous()
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

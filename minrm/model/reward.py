@@ -22,9 +22,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from minrm.config import TOY
+from minrm.data.batching import PackedLayout
 from minrm.data.toy import toy_tokenizer
 from minrm.distributed import Dist
-from minrm.model.attention import SEGMENTS, PackedLayout, packed_attention_mask, use_packed_attention
+from minrm.model.attention import SEGMENTS, packed_attention_mask, use_packed_attention
 
 
 def toy_model_config(vocab_size: int) -> LlamaConfig:

@@ -10,9 +10,9 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedTokenizerBase
 
+from minrm.data.batching import collate, micro_batches, rows_at, split_to, to_device
 from minrm.distributed import Dist, all_reduce_max, all_reduce_sum
-from minrm.training.batching import collate, micro_batches, rows_at, split_to, to_device
-from minrm.training.loss import STATS, row_statistics
+from minrm.model.loss import STATS, row_statistics
 
 
 @torch.no_grad()

@@ -8,17 +8,13 @@ scores [1, 0]. docs/batching.md says what each layout computes and why the rewar
 """
 
 import functools
+from typing import NamedTuple
 
 import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
 from torch.nn.utils.rnn import pad_sequence
-
-from minrm.model.attention import PackedLayout, Segment
-from minrm.training.loss import Preferences
-
-BATCHINGS = ("padded", "packed", "shared_prefix")
 
 # ----------------------------------------------------------------------------------------------
 # Which rows: the training stream, and each rank's share of a step
@@ -130,6 +126,47 @@ def check_token_budget(ds: datasets.Dataset | None, max_tokens: int | None, batc
 
 # ----------------------------------------------------------------------------------------------
 # The collator
+
+
+class Segment(NamedTuple):
+    """The queries [start, end) of a packed row. They see the keys [start, q] (causal) and all of
+    [shared_start, shared_end): the prompt they share with an earlier segment, which begins with it
+    (empty when the segment holds its own prompt). Positions run on from the prompt's end."""
+
+    start: int
+    end: int
+    shared_start: int = 0
+    shared_end: int = 0
+
+
+class PackedLayout:
+    """The segments of one packed row, in order; they tile the row. A plain object rather than a
+    list: FSDP2's hooks walk every list, tuple and dataclass in every block's arguments, at every
+    call, and this one is a single leaf to them."""
+
+    def __init__(self, segments: list[Segment]):
+        self.segments, self.length = segments, segments[-1].end
+        self.sizes = [s.end - s.start for s in segments]
+        self.at = {s.start: j for j, s in enumerate(segments)}  # the segment that starts at a position
+        for s in segments:
+            if s.shared_end > s.shared_start and (s.shared_start not in self.at or s.shared_end > s.start):
+                raise ValueError(f"{s}: a shared prompt must begin an earlier segment of the row")
+
+    def key_ranges(self) -> torch.Tensor:
+        """(3, L) int64 on the host, per query: its segment's start, shared_start, shared_end (the
+        per-token form the FlexAttention and dense masks read)."""
+        ranges = torch.tensor([(s.start, s.shared_start, s.shared_end) for s in self.segments])
+        return ranges.repeat_interleave(torch.tensor(self.sizes), 0).T.contiguous()
+
+
+class Preferences(NamedTuple):
+    """A batch's rows as a (N, K) grid over its flat rewards (R,), K the batch's most responses."""
+
+    index: torch.Tensor  # (N, K) long: each response's reward in the flat rewards; -1 pads a shorter row
+    scores: torch.Tensor  # (N, K): higher is preferred; -inf on padding
+    margin: torch.Tensor  # (N,): subtracted from every reward difference of the row (Llama 2's margin loss)
+
+
 
 
 def collate(rows: list[dict], pad_id: int, batching: str) -> tuple[dict, Preferences]:

@@ -17,21 +17,13 @@ rows; for pairs the reference's metrics. `best_of_n_accuracy`: the row's best-sc
 its highest reward, strictly (with one chosen response: it beats every other).
 """
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
+from minrm.data.batching import Preferences
+
 STATS = ("accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin", "best_of_n_accuracy")
 LOSS = STATS.index("loss")
-
-
-class Preferences(NamedTuple):
-    """A batch's rows as a (N, K) grid over its flat rewards (R,), K the batch's most responses."""
-
-    index: torch.Tensor  # (N, K) long: each response's reward in the flat rewards; -1 pads a shorter row
-    scores: torch.Tensor  # (N, K): higher is preferred; -inf on padding
-    margin: torch.Tensor  # (N,): subtracted from every reward difference of the row (Llama 2's margin loss)
 
 
 def row_statistics(rewards: torch.Tensor, prefs: Preferences, loss: str = "bradley_terry") -> torch.Tensor:
