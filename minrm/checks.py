@@ -10,9 +10,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 
-from minrm.config import DATA_FILES, TOY, fail, load_or_exit
-from minrm.data.formats import CHAT_TEMPLATES
-from minrm.model.attention import check_flex, packing_problem
+from minrm.config import CHAT_TEMPLATES, DATA_FILES, TOY, fail, load_or_exit
 
 
 def _check_source(flag: str, name: str, model: bool, neither: str = "an existing folder nor a valid Hub id") -> None:
@@ -79,7 +77,62 @@ def check_model(args, flag: str = "model_name_or_path"):
     if os.path.isdir(name) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
         fail(flag, f"the folder {name} has no weights (*.safetensors or *.bin files)")
     if args.batching != "padded":
-        if problem := packing_problem(config):
-            fail(f"batching {args.batching}", f"{config.model_type} {problem}; use --batching padded")
-        check_flex(config, args.packed_attention, torch.cuda.is_available())
+        packed_attentions(config, args.packed_attention, torch.cuda.is_available(), args.batching)
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# What runs packed rows (--batching packed or shared_prefix), from the model's config alone
+
+SEGMENTS = "minrm_segments"  # the name model/attention.py registers its segment attention under
+
+
+def packed_attentions(config, choice: str, cuda: bool, batching: str = "shared_prefix") -> tuple[list[str], str | None]:
+    """The attentions that may run this model's packed rows, in the order to try them (`segments` is
+    model/attention.py's; none left: the model's own with a dense mask), and why `auto` passes over
+    FlexAttention; what cannot run is refused in one line naming the flag."""
+    config = config.get_text_config()
+    if problem := packing_problem(config):
+        fail(f"batching {batching}", f"{config.model_type} {problem}; use --batching padded")
+    mixed = mask_window(config) == "mixed"  # per-layer windows: only segment attention has them
+    if mixed and choice in ("flex_attention", "mask"):
+        fail(f"packed_attention {choice}", f"{config.model_type} mixes sliding-window and full attention layers, "
+             "which one mask cannot express; use --packed_attention auto or --batching padded")  # fmt: skip
+    no_flex = flex_problem(config, cuda)
+    if no_flex and choice == "flex_attention":
+        fail("packed_attention flex_attention", f"{no_flex}; use auto or segments")
+    if choice != "auto":
+        return {"flex_attention": ["flex_attention"], "segments": [SEGMENTS], "mask": []}[choice], None
+    return (["flex_attention"] if cuda and not mixed and not no_flex else []) + [SEGMENTS], no_flex
+
+
+def flex_problem(config, cuda: bool) -> str | None:
+    """Why FlexAttention cannot run this model here (None when it can). Inductor's CUDA kernel refuses
+    heads of fewer than 16 dims (`tl.dot`); its CPU one runs any."""
+    config = config.get_text_config()
+    qk = getattr(config, "qk_head_dim", None)  # multi-head latent attention: its own query/key size
+    qk = qk or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    smallest = min(qk, getattr(config, "v_head_dim", None) or qk)
+    if not cuda or smallest >= 16:
+        return None
+    return f"{config.model_type} has attention heads of {smallest} dims; FlexAttention's GPU kernel needs 16 or more"
+
+
+def packing_problem(config) -> str | None:
+    """Why packed rows cannot run this model (None when they can)."""
+    config = config.get_text_config()
+    if getattr(config, "attn_logit_softcapping", None):  # Gemma 2
+        return "softcaps its attention logits, which the packed attentions do not"
+    if config.model_type == "gpt_oss":  # sink logits per head, and layers that mix windows
+        return "has attention sinks, which the packed attentions do not run with its mixed sliding layers"
+    return None
+
+
+def mask_window(config) -> int | str | None:
+    """The sliding window one mask for every layer must apply: the config's when all layers slide,
+    None when none does, "mixed" when some layers slide and others attend in full."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+    if window is None or kinds == {"sliding_attention"}:
+        return window
+    return "mixed" if "sliding_attention" in kinds else None

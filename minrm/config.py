@@ -25,6 +25,33 @@ MIXED_PRECISIONS = ("bf16", "no")
 LOSSES = ("bradley_terry", "plackett_luce")
 DATA_FILES = (".jsonl", ".json", ".parquet")
 
+# Named chat templates. `tulu` is the Tulu 3 format: the last assistant turn ends with eos and
+# no newline, so the reward is read at the eos token.
+CHAT_TEMPLATES = {
+    "tulu": (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ '<|system|>\n' + m['content'] + '\n' }}"
+        "{% elif m['role'] == 'user' %}{{ '<|user|>\n' + m['content'] + '\n' }}"
+        "{% elif m['role'] == 'assistant' %}{{ '<|assistant|>\n' + m['content'] + eos_token }}"
+        "{% if not loop.last %}{{ '\n' }}{% endif %}{% endif %}"
+        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "zephyr": (
+        "{% for m in messages %}"
+        "{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
+        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "simple_chat": (
+        "{% for m in messages %}"
+        "{{ '\n\n' if not loop.first else '' }}{{ m['role'].capitalize() + ': ' + m['content'] }}"
+        "{% if loop.last and not add_generation_prompt %}{{ eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+
+
 # --model_name_or_path and a dataset mixer's NAME for minrm's offline toy model and data (`minrm.data.toy`).
 TOY = "minrm:toy"
 # The toy data's splits and their rows. One epoch of train is 1536 steps at the recipe's batch of 16;

@@ -42,8 +42,7 @@ from minrm.config import BATCHINGS, PACKED_ATTENTIONS
 from minrm.data.batching import collate, to_device
 from minrm.distributed import init_distributed
 from minrm.model.reward import prepare, shard_model
-from minrm.train import forward_backward
-from minrm.training.optim import build_optimizer
+from minrm.train import build_optimizer, forward_backward
 from scripts.bench_inputs import SIZES, file_pairs, model_config, synthetic_pairs
 from scripts.bench_ranked import run_ranked
 

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, Gemma2Config, GptOssConfig, MistralConfig, Qwen2Config
 
-from minrm.checks import check_model
+from minrm.checks import SEGMENTS, check_model, packing_problem
 from minrm.config import parse_args
 from minrm.data.batching import check_token_budget, collate, micro_batches, split_to, to_device
 from minrm.data.mixer import fit_row
-from minrm.model.attention import SEGMENTS, packing_problem, use_packed_attention
+from minrm.model.attention import use_packed_attention
 from minrm.model.loss import LOSS, row_statistics
 from minrm.model.reward import reward_forward
 from tests.conftest import read_metrics, run_minrm, tiny_llama_config

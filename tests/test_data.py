@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from minrm.config import parse_args
+from minrm.config import CHAT_TEMPLATES, parse_args
 from minrm.data import toy
 from minrm.data.batching import collate, stream_indices
-from minrm.data.formats import CHAT_TEMPLATES
 from minrm.data.mixer import take_indices
 from minrm.data.tokenizer import load_tokenizer
 from tests.conftest import build_dataset, write_pairs

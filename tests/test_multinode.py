@@ -22,6 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import torch.distributed as dist
@@ -32,7 +33,8 @@ from minrm.data import cache as dataset_cache
 from minrm.data.cache import build_datasets, build_or_load_cache, cache_key, load_datasets
 from minrm.data.tokenizer import load_tokenizer
 from minrm.distributed import Dist, init_distributed, print0
-from minrm.model.reward import shard_model
+from minrm.model.reward import prepare, shard_model
+from minrm.training.evaluate import evaluate
 from minrm.training.failsafe import nonfinite_weights
 from tests.conftest import ROOT, read_metrics, run_minrm, tiny_llama_config, write_pairs
 
@@ -147,10 +149,12 @@ def test_a_shared_cache_is_built_once_for_all_nodes(runs):
 
 
 def test_a_nan_weight_is_counted_once_over_the_replicas(tmp_path):
-    """One NaN in the model before sharding: under HSDP both replicas hold it, the count says 1.
+    """One NaN in the model before sharding: under HSDP both replicas hold it, the count says 1, and
+    still 1 after an eval (whose no-grad forward leaves the last block gathered on every rank).
     GLOO_SOCKET_IFNAME picks the interface of gloo's groups, and the log says so."""
     out = two_nodes([], tmp_path, module="tests.test_multinode", env={"GLOO_SOCKET_IFNAME": "lo"})
     assert "nonfinite: 1 weights are NaN or infinite after the update" in out
+    assert "after an eval: 1 weights are NaN or infinite after the update" in out
     assert "HSDP mesh (replicate 2 x shard 2)" in out and "gloo groups on interface lo (GLOO_SOCKET_IFNAME)" in out
 
 
@@ -162,8 +166,12 @@ def count_one_nan() -> None:
     model = AutoModelForSequenceClassification.from_config(tiny_llama_config(100, pad_token_id=0))
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[5, 3] = float("nan")
-    shard_model(model, d, None)
+    args = parse_args(["--per_device_eval_batch_size", "2"])
+    shard_model(prepare(model, args), d, None)
     print0(f"nonfinite: {nonfinite_weights(model)}")
+    row = {"prompt": [5, 6], "responses": [[5, 6, 7], [5, 6, 8]], "scores": [1.0, 0.0], "margin": 0.0}
+    evaluate(model, datasets.Dataset.from_list([row] * 8), load_tokenizer(args), d, args)
+    print0(f"nonfinite after an eval: {nonfinite_weights(model)}")
     dist.destroy_process_group()
 
 

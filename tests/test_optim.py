@@ -5,7 +5,7 @@ import torch
 from transformers import get_scheduler
 
 from minrm.config import SCHEDULERS, parse_args
-from minrm.training.optim import build_optimizer, lr_multiplier
+from minrm.train import build_optimizer, lr_multiplier
 
 
 @pytest.mark.parametrize("kind", SCHEDULERS)

@@ -15,9 +15,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from minrm.config import CHAT_TEMPLATES
 from minrm.data import formats, toy
 from minrm.data.batching import collate, computed_tokens, micro_batches, row_sizes
-from minrm.data.formats import CHAT_TEMPLATES
 from minrm.distributed import Dist
 from minrm.model.attention import use_packed_attention
 from minrm.model.loss import STATS

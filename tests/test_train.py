@@ -24,9 +24,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
-from minrm.config import TOY_RECIPE
+from minrm.config import CHAT_TEMPLATES, TOY_RECIPE
 from minrm.data import toy
-from minrm.data.formats import CHAT_TEMPLATES
 from minrm.plot import load_run, plot_runs, save_run_plot
 from minrm.training.tracking import ELAPSED
 from tests.conftest import read_metrics, run_minrm

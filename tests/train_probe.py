@@ -66,7 +66,7 @@ def save_loaded(model, d, out: str) -> None:
 
 def main(out: str, argv: list[str]) -> None:
     record = {"load": None, "steps": []}
-    skeleton, fill_from_rank0, set_lr = train.reward.skeleton, train.reward.fill_from_rank0, train.optim.set_lr
+    skeleton, fill_from_rank0, train_step = train.reward.skeleton, train.reward.fill_from_rank0, train.train_step
     start = {}
 
     def skeleton_probe(*args, **kwargs):
@@ -79,11 +79,11 @@ def main(out: str, argv: list[str]) -> None:
         save_loaded(model, d, out)
         model.register_forward_pre_hook(lambda *_: record["steps"][-1].append(tensor_kb()))
 
-    def set_lr_probe(optimizer, lr):
+    def step_probe(*args, **kwargs):
         record["steps"].append([])
-        return set_lr(optimizer, lr)
+        return train_step(*args, **kwargs)
 
-    train.reward.skeleton, train.reward.fill_from_rank0, train.optim.set_lr = skeleton_probe, fill_probe, set_lr_probe
+    train.reward.skeleton, train.reward.fill_from_rank0, train.train_step = skeleton_probe, fill_probe, step_probe
     train.main(train.parse_args(argv))  # destroys the process group at the end
     with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
         json.dump(record, f)

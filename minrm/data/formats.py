@@ -18,33 +18,6 @@ from transformers import PreTrainedTokenizerBase
 
 FORMATS = ("conversational", "prompt", "plain")
 
-# Named chat templates. `tulu` is the Tulu 3 format: the last assistant turn ends with eos and
-# no newline, so the reward is read at the eos token.
-CHAT_TEMPLATES = {
-    "tulu": (
-        "{% for m in messages %}"
-        "{% if m['role'] == 'system' %}{{ '<|system|>\n' + m['content'] + '\n' }}"
-        "{% elif m['role'] == 'user' %}{{ '<|user|>\n' + m['content'] + '\n' }}"
-        "{% elif m['role'] == 'assistant' %}{{ '<|assistant|>\n' + m['content'] + eos_token }}"
-        "{% if not loop.last %}{{ '\n' }}{% endif %}{% endif %}"
-        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-        "{% endfor %}"
-    ),
-    "zephyr": (
-        "{% for m in messages %}"
-        "{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
-        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-        "{% endfor %}"
-    ),
-    "simple_chat": (
-        "{% for m in messages %}"
-        "{{ '\n\n' if not loop.first else '' }}{{ m['role'].capitalize() + ': ' + m['content'] }}"
-        "{% if loop.last and not add_generation_prompt %}{{ eos_token }}{% endif %}"
-        "{% endfor %}"
-    ),
-}
-
-
 def _listed(value) -> bool:
     """A list of responses (strings or message lists), not one response's list of messages."""
     return isinstance(value, list) and bool(value) and all(isinstance(v, (str, list)) for v in value)

@@ -10,8 +10,7 @@ import re
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from minrm.config import TOY, load_or_exit
-from minrm.data.formats import CHAT_TEMPLATES
+from minrm.config import CHAT_TEMPLATES, TOY, load_or_exit
 from minrm.data.toy import toy_tokenizer
 
 

@@ -12,8 +12,7 @@ import datasets
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from minrm.config import SPLIT_SIZES, TOY
-from minrm.data.formats import CHAT_TEMPLATES
+from minrm.config import CHAT_TEMPLATES, SPLIT_SIZES, TOY
 
 # Closed vocabulary: every string the generator can emit is one token, so the
 # model never sees <unk> (any other word maps to it) and word identity is a

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface, PreTrainedModel
 
+from minrm.checks import SEGMENTS, mask_window, packed_attentions
+from minrm.config import fail
 from minrm.data.batching import PackedLayout
 from minrm.distributed import print0
 
-SEGMENTS = "minrm_segments"
 BLOCK = 128  # FlexAttention's tile: the block mask lists which BLOCK x BLOCK tiles to compute
 
 
@@ -59,70 +60,18 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
     """Switch the backbone to the attention that runs packed rows (--packed_attention; `auto`: flex on
     GPU where its kernel runs the model, else segments, else the model's own with a dense mask)."""
     say = print0 if log else lambda message: None
-    config = model.config.get_text_config()
-    if problem := packing_problem(config):
-        raise SystemExit(f"minrm: error: {config.model_type} {problem}; use --batching padded")
-    mixed = mask_window(config) == "mixed"  # per-layer windows: only segment_attention has them
-    if mixed and choice in ("flex_attention", "mask"):
-        raise SystemExit(
-            f"minrm: error: --packed_attention {choice}: {config.model_type} mixes sliding-window and full attention "
-            "layers, which one mask cannot express; use --packed_attention auto or --batching padded"
-        )
-    no_flex = check_flex(config, choice, cuda)
-    if choice == "auto":
-        names = (["flex_attention"] if cuda and not mixed and not no_flex else []) + [SEGMENTS]
-    else:
-        names = {"flex_attention": ["flex_attention"], "segments": [SEGMENTS], "mask": []}[choice]
+    names, no_flex = packed_attentions(model.config, choice, cuda)
     for name in names:
         try:
             model.set_attn_implementation(name)
         except (ImportError, ValueError) as e:
             say(f"model: attention {name} unavailable ({e})")
         if model.config._attn_implementation == name:
-            why = f" (not flex_attention: {no_flex})" if choice == "auto" and no_flex else ""
-            say(f"model: packed rows run attention {name}{why}")
+            say(f"model: packed rows run attention {name}{f' (not flex_attention: {no_flex})' if no_flex else ''}")
             return
-    if choice != "auto" and choice != "mask":
-        raise SystemExit(
-            f"minrm: error: --packed_attention {choice}: {config.model_type} cannot run it; "
-            "use --packed_attention auto or --batching padded"
-        )
+    if choice not in ("auto", "mask"):
+        fail("packed_attention", f"{choice}: {model.config.model_type} cannot run it; use auto or --batching padded")
     say(f"model: packed rows use a dense L x L mask with attention {model.config._attn_implementation}")
-
-
-def check_flex(config, choice: str, cuda: bool) -> str | None:
-    """Why FlexAttention cannot run this model here (None when it can); an explicit choice of it is
-    refused. Inductor's CUDA kernel refuses heads of fewer than 16 dims (`tl.dot`); its CPU one runs any."""
-    config = config.get_text_config()
-    qk = getattr(config, "qk_head_dim", None)  # multi-head latent attention: its own query/key size
-    qk = qk or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    smallest = min(qk, getattr(config, "v_head_dim", None) or qk)
-    if not cuda or smallest >= 16:
-        return None
-    problem = f"{config.model_type} has attention heads of {smallest} dims; FlexAttention's GPU kernel needs 16 or more"
-    if choice == "flex_attention":
-        raise SystemExit(f"minrm: error: --packed_attention flex_attention: {problem}; use auto or segments")
-    return problem
-
-
-def packing_problem(config) -> str | None:
-    """Why packed rows cannot run this model (None when they can)."""
-    config = config.get_text_config()
-    if getattr(config, "attn_logit_softcapping", None):  # Gemma 2
-        return "softcaps its attention logits, which the packed attentions do not"
-    if config.model_type == "gpt_oss":  # sink logits per head, and layers that mix windows
-        return "has attention sinks, which the packed attentions do not run with its mixed sliding layers"
-    return None
-
-
-def mask_window(config) -> int | str | None:
-    """The sliding window one mask for every layer must apply: the config's when all layers slide,
-    None when none does, "mixed" when some layers slide and others attend in full."""
-    window = getattr(config, "sliding_window", None)
-    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
-    if window is None or kinds == {"sliding_attention"}:
-        return window
-    return "mixed" if "sliding_attention" in kinds else None
 
 
 def packed_attention_mask(model: PreTrainedModel, layout: PackedLayout, device: torch.device):

@@ -43,6 +43,16 @@ class Tracker:
             table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
             self.wandb.log({"preference_sample_texts": table})
 
+    def log_eval(self, step: str, metrics: dict, samples: list[dict], write) -> None:
+        """An eval's metrics and sampled rows, logged, and written (`write`: a line of text) with three of the rows."""
+        self.log(metrics)
+        self.log_samples(int(step.split("/")[0]), samples)
+        write(f"eval {step} {summary_line(metrics)}")
+        for s in samples[:3]:
+            rewards = f"{s['chosen_reward']:+.3f} vs {s['rejected_reward']:+.3f}"
+            texts = f"{s['chosen_response'][:60]!r} / {s['rejected_response'][:60]!r}"
+            write(f"  {'ok ' if s['correct'] else 'bad'} {rewards}: {texts}")
+
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
