@@ -48,7 +48,9 @@ def forward_backward(model, batch, args: Args, row_scale: float, response_scale:
     stats = row_statistics(rewards, prefs, args.loss)  # (N, len(STATS))
     objective = stats[:, LOSS].sum() * row_scale
     if args.center_rewards_coefficient:  # pulls rewards towards 0 (arXiv:2312.09244)
-        objective = objective + args.center_rewards_coefficient * rewards.square().sum() * response_scale
+        valid = prefs.index >= 0  # every response counts, identical ones sharing a reward included
+        squares = torch.where(valid, rewards.square()[prefs.index], 0.0).sum()
+        objective = objective + args.center_rewards_coefficient * squares * response_scale
     objective.backward()
     return stats.detach().sum(0)
 

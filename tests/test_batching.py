@@ -3,6 +3,7 @@ micro-batch through each attention that runs packed rows, no attention across pa
 token-budget micro-batches, and the same training metrics through the trainer (one process and two
 under FSDP)."""
 
+import math
 import re
 
 import datasets
@@ -388,3 +389,54 @@ def test_k_response_rows_match_hf_and_exploded_pairs(batching, attention, tokeni
     if batching == "shared_prefix":  # each prompt once in the row
         n = sum(len(r["prompt"]) + sum(len(s) - len(r["prompt"]) for s in r["responses"]) for r in rows)
         assert inputs["input_ids"].numel() == n
+
+
+# ----------------------------------------------------------------------------------------------
+# Identical responses ranked apart (a pair whose chosen and rejected are the same text): one sequence
+
+
+def rows_with_identical_responses() -> list[dict]:
+    """An identical pair, a normal pair, a ranked row with a duplicate ranked apart (responses 0 and 2)
+    and one ranked level (3 and 4), and an identical pair whose prompt is not a prefix."""
+    g = torch.Generator().manual_seed(5)
+
+    def ids(n):
+        return torch.randint(1, VOCAB, (n,), generator=g).tolist()
+
+    prompt, a, b, c = ids(7), ids(5), ids(9), ids(3)
+    same = pair(prompt, a, a)
+    ranked = {"prompt": prompt, "responses": [prompt + s for s in (a, b, a, c, c)], "scores": [3.0, 2.0, 1.0, 0.0, 0.0]}
+    loose = pair(ids(4), b, b)
+    loose["prompt"] = ids(4)  # not a prefix: shared_prefix lays its one sequence out whole
+    return [same, pair(prompt, b, c), ranked, loose]
+
+
+@pytest.mark.parametrize(
+    ("batching", "attention"), [("padded", None), ("packed", "segments"), *[("shared_prefix", a) for a in ATTENTIONS]]
+)
+def test_identical_responses_are_one_sequence_and_tie_exactly(batching, attention):
+    rows = rows_with_identical_responses()
+    model = tiny_model(attention)
+    inputs, prefs = collate(rows, PAD, batching)
+    rewards = reward_forward(model, **inputs)
+    distinct = [[s for k, s in enumerate(r["responses"]) if s not in r["responses"][:k]] for r in rows]
+    assert len(rewards) == len(inputs["last_index"]) == sum(map(len, distinct)) == 1 + 2 + 3 + 1  # each once
+    grid = rewards[prefs.index]  # (N, K): each response's reward
+    for i, j, k in [(0, 0, 1), (2, 0, 2), (2, 3, 4), (3, 0, 1)]:
+        assert prefs.index[i, j] == prefs.index[i, k]
+        assert torch.equal(grid[i, j], grid[i, k])  # bitwise: one computation read twice
+    # Each response's reward is Hugging Face's own forward of its sequence.
+    for i, row in enumerate(rows):
+        expected = hf_rewards(tiny_model(), row["responses"])
+        torch.testing.assert_close(grid[i, : len(row["responses"])], expected, rtol=0, atol=1e-5)
+    # The tie in the metrics: an identical pair's loss is log 2, its accuracy 0; the ranked row's
+    # comparisons (by score) are 3 > 2, 3 > 1 (a tie: the same text), 3 > 0 (twice), 2 > 1, 2 > 0
+    # (twice), 1 > 0 (twice).
+    stats = row_statistics(rewards, prefs)
+    assert stats[0, LOSS].item() == pytest.approx(math.log(2), abs=1e-7) and stats[0, 0].item() == 0.0
+    r = grid[2].tolist()
+    wins = [r[i] > r[j] for i, j in [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4), (2, 3), (2, 4)]]
+    assert not wins[1] and stats[2, 0].item() == pytest.approx(sum(wins) / 9)
+    # The gradient of both responses flows into the one computed sequence.
+    stats[:, LOSS].mean().backward()
+    assert all(p.grad is not None for p in model.parameters())

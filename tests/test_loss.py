@@ -21,8 +21,9 @@ ROWS = [
 
 
 def batch(rows=ROWS):
-    """The rows through the collator (token ids do not matter), and their rewards laid out flat."""
-    tokens = [{"prompt": [1], "responses": [[1, 2]] * len(r["scores"]), **r} for r in rows]
+    """The rows through the collator, and their rewards laid out flat (the token ids do not matter, as long as a
+    row's responses differ: the collator computes identical ones once)."""
+    tokens = [{"prompt": [1], "responses": [[1, 2 + k] for k in range(len(r["scores"]))], **r} for r in rows]
     _, prefs = collate(tokens, 0, "packed")
     return torch.tensor([x for r in rows for x in r["rewards"]]), prefs
 

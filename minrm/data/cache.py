@@ -21,7 +21,7 @@ from minrm.data.mixer import build_side, column_keys, read_raw
 from minrm.distributed import Dist, post, print0, wait_for_post
 
 # Bump when a change to the code above changes what a cached dataset holds.
-TRANSFORM_VERSION = 3
+TRANSFORM_VERSION = 4
 
 
 def _source_hash(name: str, split: str) -> str:
