@@ -89,6 +89,7 @@ def main(args: Args) -> dict:
     # Setup
     checks.check_paths(args)  # what the flags name, on the file system, before any fetch
     checks.check_model(args)  # the model's config loads (folder or Hub), before any other fetch
+    checks.check_push_to_hub(args)  # a push that cannot happen is found now, not after the run
     d = distributed.init_distributed(args.timeout_minutes)
     # Every rank must agree on the run name (it names the output folder): rank 0's clock decides.
     args.run_name = distributed.broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
