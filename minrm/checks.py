@@ -1,12 +1,14 @@
 """What the flags point at, checked before anything expensive starts, each failure in one line: `check_paths` on the
-file system alone, then `check_model`, the run's first fetch. docs/errors.md lists every check and its message.
+file system alone, then `check_model`, the run's first fetch, and `check_push_to_hub`. docs/errors.md lists every
+check and its message.
 """
 
 import os
 import tempfile
 
 import torch
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig
 
@@ -79,6 +81,47 @@ def check_model(args, flag: str = "model_name_or_path"):
     if args.batching != "padded":
         packed_attentions(config, args.packed_attention, torch.cuda.is_available(), args.batching)
     return config
+
+
+def check_push_to_hub(args) -> None:
+    """With --push_to_hub, before any data or model work (the upload comes after the whole run): a token is found,
+    the Hub accepts it, and it may write to the repo as far as whoami tells (not a read-only token; a fine-grained
+    one with `repo.write` on the entity or the repo; --hf_entity an organisation the user can write to). Sets
+    --hf_entity to the token's user when not given, so the final upload needs no second look-up. Only the process
+    of rank 0, which uploads, asks the Hub (whoami is rate-limited)."""
+    if not args.push_to_hub or os.environ.get("RANK", "0") != "0":
+        return
+    how = "log in with `hf auth login`, set HF_TOKEN, or pass --push_to_hub False"
+    try:
+        me = HfApi().whoami()
+    except LocalTokenNotFoundError:
+        fail("push_to_hub", f"no Hugging Face token found, so the model could not be uploaded; {how}")
+    except OfflineModeIsEnabled:
+        fail("push_to_hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or pass --push_to_hub False")
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "no"
+        fail("push_to_hub", f"the Hub refused the token (HTTP {status}: {str(e).splitlines()[0]}); {how}")
+    except Exception as e:  # the network: httpx's errors, whatever the transport
+        fail("push_to_hub", f"cannot reach the Hub to check the token ({type(e).__name__}: {e}); retry, or {how}")
+    token = (me.get("auth") or {}).get("accessToken") or {}
+    entity = args.hf_entity or me["name"]
+    repo_id = f"{entity}/{args.hf_repo_id or 'open_instruct_dev'}"
+    name = f"the token {token.get('displayName', '')!r}"
+    if token.get("role") == "read":
+        write = "log in with a write token (`hf auth login`) or pass --push_to_hub False"
+        fail("push_to_hub", f"{name} is read-only; {write}")
+    if token.get("role") == "fineGrained":
+        scoped = (token.get("fineGrained") or {}).get("scoped") or []
+        writable = {s.get("entity", {}).get("name") for s in scoped if "repo.write" in s.get("permissions", [])}
+        if not writable & {entity, repo_id}:  # a user's or an organisation's repos, or this one repo
+            fail("push_to_hub", f"{name} (fine-grained) cannot write to {entity}'s repos; give it `repo.write` there")
+    if entity != me["name"]:
+        orgs = {org.get("name"): org for org in me.get("orgs") or []}
+        if entity not in orgs:
+            fail("hf_entity", f"{me['name']} is not a member of {entity}, so cannot create {repo_id}; check the name")
+        if orgs[entity].get("roleInOrg") == "read":
+            fail("hf_entity", f"{me['name']} can only read in {entity}; ask for write access, or upload elsewhere")
+    args.hf_entity = entity
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,13 +155,13 @@ def score_rows(model, rows: list[dict], batching: str, max_tokens: int, pad_id: 
     for batch in micro_batches(rows, batching, max_tokens=max_tokens, longest_first=True):
         inputs, prefs = to_device(collate([rows[i] for i in batch], pad_id, batching), device)
         rewards = model(**inputs)  # (the batch's responses,)
-        outputs.append((batch, rewards, row_statistics(rewards, prefs)))
+        # (N, K): each row's rewards by response, through the index (identical responses share one)
+        outputs.append((batch, rewards[prefs.index], row_statistics(rewards, prefs)))
         bar.update(len(batch))
     rewards, stats = [None] * len(rows), [None] * len(rows)
-    for batch, flat, values in outputs:
-        sizes = [len(rows[i]["responses"]) for i in batch]
-        for i, row_rewards, row_values in zip(batch, flat.cpu().split(sizes), values.tolist()):
-            rewards[i], stats[i] = row_rewards.tolist(), dict(zip(STATS, row_values))
+    for batch, grid, values in outputs:
+        for i, row_rewards, row_values in zip(batch, grid.tolist(), values.tolist()):
+            rewards[i], stats[i] = row_rewards[: len(rows[i]["responses"])], dict(zip(STATS, row_values))
     return rewards, stats
 
 

@@ -92,7 +92,9 @@ def forward_backward(model, batch, args: Args, rows: int, responses: int | None 
     stats = row_statistics(rewards, prefs, args.loss)  # (N, len(STATS))
     objective = stats[:, LOSS].sum() / rows
     if args.center_rewards_coefficient:  # pulls rewards towards 0 (arXiv:2312.09244)
-        objective = objective + args.center_rewards_coefficient * rewards.square().sum() / responses
+        valid = prefs.index >= 0  # every response counts, identical ones sharing a reward included
+        squares = torch.where(valid, rewards.square()[prefs.index], 0.0).sum()
+        objective = objective + args.center_rewards_coefficient * squares / responses
     objective.backward()
     return stats.detach().sum(0)
 
@@ -104,7 +106,7 @@ def train_step(model, optimizer, batches: list, args: Args, stop, saver, d):
     rows = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
     responses = None
     if args.center_rewards_coefficient:  # the step's responses over all ranks
-        responses = int(distributed.all_reduce_sum(torch.tensor(sum(len(b[0]["last_index"]) for b in batches))))
+        responses = int(distributed.all_reduce_sum(sum((prefs.index >= 0).sum() for _, prefs in batches)))
     sums = torch.zeros(len(STATS), device=d.device)  # stays on the device: no sync per micro-batch
     for k, batch in enumerate(batches):
         # Gradients are reduce-scattered after every micro-batch and accumulate in fp32 shards
@@ -133,6 +135,7 @@ def main(args: Args) -> dict:
     # Setup
     checks.check_paths(args)  # what the flags name, on the file system, before any fetch
     checks.check_model(args)  # the model's config loads (folder or Hub), before any other fetch
+    checks.check_push_to_hub(args)  # a push that cannot happen is found now, not after the run
     d = distributed.init_distributed(args.timeout_minutes)
     # Every rank must agree on the run name (it names the output folder): rank 0's clock decides.
     args.run_name = distributed.broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")

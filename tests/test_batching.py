@@ -3,6 +3,7 @@ micro-batch through each attention that runs packed rows, no attention across pa
 token-budget micro-batches, and the same training metrics through the trainer (one process and two
 under FSDP)."""
 
+import json
 import math
 import re
 
@@ -10,10 +11,18 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, Gemma2Config, GptOssConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Gemma2Config,
+    GptOssConfig,
+    MistralConfig,
+    Qwen2Config,
+)
 
 from minrm.checks import SEGMENTS, check_model, packing_problem
 from minrm.config import parse_args
+from minrm.data import toy
 from minrm.data.batching import check_token_budget, collate, micro_batches, split_to, to_device
 from minrm.data.mixer import fit_row
 from minrm.model.attention import use_packed_attention
@@ -395,3 +404,134 @@ def test_k_response_rows_match_hf_and_exploded_pairs(batching, attention, tokeni
     if batching == "shared_prefix":  # each prompt once in the row
         n = sum(len(r["prompt"]) + sum(len(s) - len(r["prompt"]) for s in r["responses"]) for r in rows)
         assert inputs["input_ids"].numel() == n
+
+
+# ----------------------------------------------------------------------------------------------
+# Identical responses ranked apart (a pair whose chosen and rejected are the same text): one sequence
+
+
+def rows_with_identical_responses() -> list[dict]:
+    """An identical pair, a normal pair, a ranked row with a duplicate ranked apart (responses 0 and 2)
+    and one ranked level (3 and 4), and an identical pair whose prompt is not a prefix."""
+    g = torch.Generator().manual_seed(5)
+
+    def ids(n):
+        return torch.randint(1, VOCAB, (n,), generator=g).tolist()
+
+    prompt, a, b, c = ids(7), ids(5), ids(9), ids(3)
+    same = pair(prompt, a, a)
+    ranked = {"prompt": prompt, "responses": [prompt + s for s in (a, b, a, c, c)], "scores": [3.0, 2.0, 1.0, 0.0, 0.0]}
+    loose = pair(ids(4), b, b)
+    loose["prompt"] = ids(4)  # not a prefix: shared_prefix lays its one sequence out whole
+    return [same, pair(prompt, b, c), ranked, loose]
+
+
+@pytest.mark.parametrize(
+    ("batching", "attention"), [("padded", None), ("packed", "segments"), *[("shared_prefix", a) for a in ATTENTIONS]]
+)
+def test_identical_responses_are_one_sequence_and_tie_exactly(batching, attention):
+    rows = rows_with_identical_responses()
+    model = tiny_model(attention)
+    inputs, prefs = collate(rows, PAD, batching)
+    rewards = reward_forward(model, **inputs)
+    distinct = [[s for k, s in enumerate(r["responses"]) if s not in r["responses"][:k]] for r in rows]
+    assert len(rewards) == len(inputs["last_index"]) == sum(map(len, distinct)) == 1 + 2 + 3 + 1  # each once
+    grid = rewards[prefs.index]  # (N, K): each response's reward
+    for i, j, k in [(0, 0, 1), (2, 0, 2), (2, 3, 4), (3, 0, 1)]:
+        assert prefs.index[i, j] == prefs.index[i, k]
+        assert torch.equal(grid[i, j], grid[i, k])  # bitwise: one computation read twice
+    # Each response's reward is Hugging Face's own forward of its sequence.
+    for i, row in enumerate(rows):
+        expected = hf_rewards(tiny_model(), row["responses"])
+        torch.testing.assert_close(grid[i, : len(row["responses"])], expected, rtol=0, atol=1e-5)
+    # The tie in the metrics: an identical pair's loss is log 2, its accuracy 0; the ranked row's
+    # comparisons (by score) are 3 > 2, 3 > 1 (a tie: the same text), 3 > 0 (twice), 2 > 1, 2 > 0
+    # (twice), 1 > 0 (twice).
+    stats = row_statistics(rewards, prefs)
+    assert stats[0, LOSS].item() == pytest.approx(math.log(2), abs=1e-7) and stats[0, 0].item() == 0.0
+    r = grid[2].tolist()
+    wins = [r[i] > r[j] for i, j in [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4), (2, 3), (2, 4)]]
+    assert not wins[1] and stats[2, 0].item() == pytest.approx(sum(wins) / 9)
+    # The gradient of both responses flows into the one computed sequence.
+    stats[:, LOSS].mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+IDENTICAL = (2, 5, 9)  # the pairs of identical_pairs_file whose rejected side is their chosen one
+
+
+@pytest.fixture(scope="module")
+def identical_pairs_file(tmp_path_factory) -> str:
+    """12 toy pairs in the Tulu format, 3 of them with the chosen conversation as the rejected one."""
+    rows = [dict(r) for r in toy.toy_dataset("train").select(range(12))]
+    for i in IDENTICAL:
+        rows[i]["rejected"] = rows[i]["chosen"]
+    path = tmp_path_factory.mktemp("identical") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def reference_metrics(model_dir: str, path: str) -> dict:
+    """The reference's loop written out: each pair's chosen and rejected conversations through the
+    chat template, the chosen ones then the rejected ones right-padded together into one batch (2B,
+    T), Hugging Face's own forward and pooling, then loss = -logsigmoid(r_c - r_r).mean(), accuracy =
+    (r_c > r_r).mean(). An identical pair is the same sequence twice: a tie (loss log 2, accuracy 0),
+    set equal here rather than left to this CPU's rounding of two copies in a padded batch."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    rows = [json.loads(line) for line in open(path)]
+    seqs = [tok.apply_chat_template(r[side], return_dict=False) for side in ("chosen", "rejected") for r in rows]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        chosen, rejected = model(input_ids=ids, attention_mask=mask).logits[:, 0].double().split(len(rows))
+    same = torch.tensor([r["chosen"] == r["rejected"] for r in rows])
+    assert same.nonzero().flatten().tolist() == list(IDENTICAL)
+    # No near tie elsewhere (the closest pair is 4e-5 apart; the layouts differ here by 1e-7): no coin flips.
+    assert (chosen - rejected)[~same].abs().min() > 1e-5
+    rejected = torch.where(same, chosen, rejected)
+    return {
+        "loss": -F.logsigmoid(chosen - rejected).mean().item(),
+        "accuracy": (chosen > rejected).double().mean().item(),
+        "chosen_rewards": chosen.mean().item(),
+        "rejected_rewards": rejected.mean().item(),
+        "reward_margin": (chosen - rejected).mean().item(),
+    }
+
+
+@pytest.mark.parametrize("batching", ["padded", *MODES])
+def test_identical_pairs_train_with_the_reference_metrics(batching, identical_pairs_file, tiny_model_dir, tmp_path):
+    """One optimizer step over all 12 pairs (2 micro-batches of 6) at learning rate 0, then an eval
+    of the same 12 pairs in batches of 5: both the reference's metrics, the identical pairs
+    included as ties; their sampled rewards equal and wrong; counted once in the data log."""
+    flags = [
+        "--model_name_or_path", tiny_model_dir,
+        "--dataset_mixer_list", identical_pairs_file, "1.0",
+        "--dataset_mixer_eval_list", identical_pairs_file, "1.0",
+        "--dataset_mixer_eval_list_splits", "train",
+        "--init_score_head", "False",
+        "--learning_rate", "0",
+        "--total_episodes", "12",
+        "--per_device_train_batch_size", "6",
+        "--gradient_accumulation_steps", "2",
+        "--per_device_eval_batch_size", "5",
+        "--num_evals", "1",
+        "--batching", batching,
+        "--output_dir", str(tmp_path),
+        "--run_name", "run",
+        "--no_plot",
+    ]  # fmt: skip
+    log = run_minrm(flags).stdout
+    line = f"data: train: {identical_pairs_file}: 3 kept rows rank identical responses apart"
+    assert log.count(line) == 1 and log.count(f"data: eval: {identical_pairs_file}: 3 kept rows rank") == 1
+    expected = reference_metrics(tiny_model_dir, identical_pairs_file)
+    train, evaluated = read_metrics(tmp_path / "run")
+    for name, value in expected.items():
+        assert train[f"train/rm/{name}"] == pytest.approx(value, abs=1e-5), name
+        assert evaluated[f"eval/rm/{name}"] == pytest.approx(value, abs=1e-5), name
+    samples = [json.loads(line) for line in open(tmp_path / "run" / "eval_samples.jsonl")]
+    assert len(samples) == 10  # the first 10 eval rows, in order
+    for i, s in enumerate(samples):
+        tied = s["chosen_reward"] == s["rejected_reward"]
+        assert tied == (i in IDENTICAL) and s["correct"] is (s["chosen_reward"] > s["rejected_reward"])

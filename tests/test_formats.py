@@ -71,7 +71,6 @@ BAD = [
     ({"chosen": [], "rejected": [user("a"), bot("b")]}, "empty conversation"),
     ({"chosen": [user("a"), user("b")], "rejected": [user("a"), bot("b")]}, "not the assistant's"),
     ({"chosen": [user("a"), bot("b")], "rejected": [user("c"), bot("b")]}, "different prompts"),
-    ({"chosen": [user("a"), bot("b")], "rejected": [user("a"), bot("b")]}, "identical"),
     (
         {
             "chosen": [user("a"), {"role": "assistant", "content": [{"type": "image"}]}],
@@ -97,11 +96,11 @@ def test_every_bad_row_kind_is_named_with_file_and_line(tmp_path):
 
 
 def test_skip_bad_rows_counts_per_reason(tmp_path, capsys):
-    same = {"chosen": [user("a"), bot("b")], "rejected": [user("a"), bot("b")]}
-    path = write_jsonl(tmp_path / "bad.jsonl", [CONVERSATION, same, same, "{oops"])
+    other = {"chosen": [user("a"), bot("b")], "rejected": [user("c"), bot("b")]}
+    path = write_jsonl(tmp_path / "bad.jsonl", [CONVERSATION, other, other, "{oops"])
     build(path, "--skip_bad_rows")
     out = capsys.readouterr().out
-    assert "skipped 2 bad rows: chosen and rejected are identical" in out
+    assert "skipped 2 bad rows: chosen and rejected have different prompts" in out
     assert "skipped 1 bad rows: invalid JSON" in out
     assert "4 rows, 3 bad, 0 dropped by the length filter" in out and "1 kept" in out
 
@@ -175,8 +174,6 @@ def test_rows_without_a_comparison_are_bad_rows(tmp_path):
     rows = [
         {"prompt": "q", "responses": ["a", "b"], "scores": [1, 1]},
         {"prompt": "q", "responses": [[bot("a")]], "scores": [3]},
-        {"prompt": "q", "responses": ["a", "b", "a"], "scores": [1, 0, 0]},
-        {"prompt": "q", "chosen": ["a", "b"], "rejected": ["c", "b"]},
         {"prompt": "q", "responses": ["a", "b"], "scores": [1]},
         {"prompt": "q", "responses": ["a", "b"], "scores": [1, "high"]},
         {"prompt": "q", "responses": ["a", "b"], "scores": [1, 0], "margin": "big"},
@@ -185,14 +182,12 @@ def test_rows_without_a_comparison_are_bad_rows(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     with pytest.raises(SystemExit) as e:
         build(path)
-    assert str(e.value).splitlines()[1:8] == [
+    assert str(e.value).splitlines()[1:6] == [
         f"  {path} line 1: no comparison: all 2 responses have the same score (1)",
         f"  {path} line 2: no comparison: one response (a row needs two with different scores)",
-        f"  {path} line 3: responses[0] and responses[2] are identical",
-        f"  {path} line 4: chosen[1] and rejected[1] are identical",
-        f"  {path} line 5: `scores` has 1 numbers for 2 responses",
-        f"  {path} line 6: `scores[1]` must be a finite number, got 'high'",
-        f"  {path} line 7: `margin` must be a finite number, got 'big'",
+        f"  {path} line 3: `scores` has 1 numbers for 2 responses",
+        f"  {path} line 4: `scores[1]` must be a finite number, got 'high'",
+        f"  {path} line 5: `margin` must be a finite number, got 'big'",
     ]
     (kept,) = build(path, "--skip_bad_rows")
     assert kept["scores"] == [2.0, 2.0, 0.0] and len(kept["responses"]) == 3
@@ -307,3 +302,31 @@ def test_two_processes_build_the_cache_once_and_a_rerun_loads_it(tmp_path, pairs
     second = run_minrm(flags)
     assert "data: loading the tokenized datasets from the cache" in second.stdout
     assert "built the cache" not in second.stdout
+
+
+def test_identical_responses_ranked_apart_are_kept_and_counted_once(tmp_path, capsys):
+    """A pair whose chosen and rejected are the same text, and ranked rows with a response repeated
+    under another score, are trained as the reference trains them (a tie, batching.collate): kept
+    whole, and counted in one line per dataset. Equal twins of one score are no tie and not counted."""
+    same = {"chosen": [user("a"), bot("b")], "rejected": [user("a"), bot("b")]}
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [CONVERSATION, same, CONVERSATION, same, same])
+    ranked = [
+        {"prompt": "copy: red", "responses": ["red", "dog", "red"], "scores": [1, 0, 0]},
+        {"prompt": "copy: red", "chosen": ["red", "dog"], "rejected": ["cat", "dog"]},
+        {"prompt": "copy: red", "responses": ["red", "red", "dog"], "scores": [2, 2, 0]},  # equal twins: no tie
+    ]
+    ranked = write_jsonl(tmp_path / "ranked.jsonl", ranked)
+    args = parse_args(["--dataset_mixer_list", pairs, "1.0", ranked, "1.0"])
+    kept = build_dataset(args.dataset_mixer_list, ["train"], load_tokenizer(args), args, "train")
+    assert len(kept) == 8
+    assert kept[1]["responses"][0] == kept[1]["responses"][1] and kept[1]["scores"] == [1.0, 0.0]
+    assert kept[5]["responses"][0] == kept[5]["responses"][2] and len(kept[5]["responses"]) == 3
+    assert kept[6]["responses"][1] == kept[6]["responses"][3] and kept[6]["scores"] == [1.0, 1.0, 0.0, 0.0]
+    out = capsys.readouterr().out
+    assert "5 rows, 0 bad, 0 dropped by the length filter" in out and "3 rows, 0 bad, 0 dropped" in out
+    assert out.count("identical responses apart") == 2  # once per dataset
+    assert f"data: train: {pairs}: 3 kept rows rank identical responses apart" in out
+    assert f"data: train: {ranked}: 2 kept rows rank identical responses apart" in out
+    # A dataset without any says nothing.
+    build(write_jsonl(tmp_path / "plain.jsonl", [CONVERSATION]))
+    assert "identical responses apart" not in capsys.readouterr().out

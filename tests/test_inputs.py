@@ -5,15 +5,18 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
+from huggingface_hub import HfApi
 
 from minrm import train
-from minrm.checks import check_model, check_paths
+from minrm.checks import check_model, check_paths, check_push_to_hub
 from minrm.config import parse_args
 from minrm.data.tokenizer import load_tokenizer
+from minrm.model import hf_folder
 from tests.conftest import ROOT, build_dataset
 
 CONVERSATION = {
@@ -180,3 +183,78 @@ def test_the_trainer_exits_with_the_line(tmp_path, tiny_model_dir):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"minrm: error: {bad} line 2: bytes that are not UTF-8")
     assert "Traceback" not in result.stderr and "optimizer steps" not in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# --push_to_hub: checked at start, and an upload that fails at the end says where the model is
+
+
+def test_push_without_a_token_stops_before_the_data(tmp_path):
+    """No token anywhere (HF_TOKEN unset, HF_HOME an empty folder): huggingface_hub's whoami raises
+    before any request, so this needs no network. One line, in seconds, before any dataset is read."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}
+    env |= {"OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    env.pop("HF_HUB_OFFLINE", None)
+    cmd = [sys.executable, "-m", "minrm.train", "--push_to_hub", "True", "--output_dir", str(tmp_path / "out")]
+    start = time.monotonic()
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and time.monotonic() - start < 60
+    assert result.stderr.strip().splitlines()[-1] == (
+        "minrm: error: --push_to_hub: no Hugging Face token found, so the model could not be uploaded; "
+        "log in with `hf auth login`, set HF_TOKEN, or pass --push_to_hub False"
+    )
+    assert "Traceback" not in result.stderr and "data:" not in result.stdout  # no dataset was read
+    assert not (tmp_path / "out").exists()
+
+
+def whoami(name="alice", role="write", orgs=(), scoped=None) -> dict:
+    """The parts of the Hub's /api/whoami-v2 answer the check reads."""
+    token = {"displayName": "mytoken", "role": role}
+    if scoped is not None:
+        token["fineGrained"] = {"global": [], "scoped": scoped}
+    return {"name": name, "orgs": [{"name": o, "roleInOrg": r} for o, r in orgs], "auth": {"accessToken": token}}
+
+
+def test_push_checks_what_the_token_may_write(monkeypatch):
+    real_whoami = HfApi.whoami
+    def check(answer, *flags):
+        monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: answer)
+        args = parse_args(["--push_to_hub", "True", *flags])
+        check_push_to_hub(args)
+        return args
+
+    assert check(whoami()).hf_entity == "alice"  # the upload at the end needs no second look-up
+    assert check(whoami(orgs=[("lab", "write")]), "--hf_entity", "lab").hf_entity == "lab"
+    user_scope = [{"entity": {"type": "user", "name": "alice"}, "permissions": ["repo.content.read", "repo.write"]}]
+    assert check(whoami(role="fineGrained", scoped=user_scope)).hf_entity == "alice"
+    repo_scope = [{"entity": {"type": "model", "name": "alice/rm"}, "permissions": ["repo.write"]}]
+    check(whoami(role="fineGrained", scoped=repo_scope), "--hf_repo_id", "rm")
+    cases = [
+        (whoami(role="read"), [], "--push_to_hub: the token 'mytoken' is read-only; log in with a write token"),
+        (whoami(role="fineGrained", scoped=[]), [], "--push_to_hub: the token 'mytoken' (fine-grained) cannot write to alice's repos"),
+        (whoami(role="fineGrained", scoped=repo_scope), [], "cannot write to alice's repos"),  # another repo
+        (whoami(), ["--hf_entity", "lab"], "--hf_entity: alice is not a member of lab, so cannot create lab/open_instruct_dev"),
+        (whoami(orgs=[("lab", "read")]), ["--hf_entity", "lab"], "--hf_entity: alice can only read in lab"),
+    ]  # fmt: skip
+    for answer, flags, message in cases:
+        assert message in refused(check, answer, *flags)
+    # huggingface_hub's own whoami, with a token but offline: refused before any request.
+    monkeypatch.setattr(HfApi, "whoami", real_whoami)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    assert "--push_to_hub: HF_HUB_OFFLINE is set" in refused(check_push_to_hub, parse_args(["--push_to_hub", "True"]))
+    check_push_to_hub(parse_args([]))  # without --push_to_hub, nothing is asked
+
+
+def test_a_failed_upload_says_where_the_model_is_and_how_to_upload_it(monkeypatch, tmp_path):
+    """The network gone at the end (offline mode here: huggingface_hub refuses the request itself):
+    one line with the folder and the command that uploads it later, status 1, no traceback."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    message = refused(hf_folder.push_folder, str(tmp_path), "alice/open_instruct_dev", "run1")
+    failed = "the upload to alice/open_instruct_dev (branch run1) failed (OfflineModeIsEnabled: "
+    assert message.startswith(f"minrm: error: --push_to_hub: {failed}")
+    assert message.endswith(
+        f"the model is saved in {tmp_path}. Upload it later with: "
+        f"hf upload alice/open_instruct_dev {tmp_path} --revision run1 --exclude 'checkpoints/*'"
+    )

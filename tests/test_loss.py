@@ -21,8 +21,9 @@ ROWS = [
 
 
 def batch(rows=ROWS):
-    """The rows through the collator (token ids do not matter), and their rewards laid out flat."""
-    tokens = [{"prompt": [1], "responses": [[1, 2]] * len(r["scores"]), **r} for r in rows]
+    """The rows through the collator, and their rewards laid out flat (the token ids do not matter, as long as a
+    row's responses differ: the collator computes identical ones once)."""
+    tokens = [{"prompt": [1], "responses": [[1, 2 + k] for k in range(len(r["scores"]))], **r} for r in rows]
     _, prefs = collate(tokens, 0, "packed")
     return torch.tensor([x for r in rows for x in r["rewards"]]), prefs
 
@@ -112,6 +113,33 @@ def test_centering_adds_its_coefficient_times_the_mean_square_reward():
     row_statistics(plain, prefs)[:, STATS.index("loss")].mean().backward()
     # d/dr of C x mean(r^2) is 2 C r / R, on top of the ranking loss's gradient.
     torch.testing.assert_close(model.r.grad, plain.grad + 2 * 0.3 * rewards / len(rewards), rtol=0, atol=1e-7)
+
+
+def test_identical_responses_share_one_reward_and_count_each():
+    """A row's identical responses are one computed reward (batching.collate); the loss, the metrics and
+    the centering's mean over responses are those of the reward computed once per response, and the
+    shared reward's gradient is the sum of the two responses' gradients."""
+    from types import SimpleNamespace
+
+    from minrm.train import forward_backward
+
+    rows = [{"prompt": [1], "responses": [[1, 2], [1, 3], [1, 2]], "scores": [2.0, 1.0, 0.0], "margin": 0.0}]
+    _, prefs = collate(rows, 0, "packed")
+    assert prefs.index.tolist() == [[0, 1, 0]]
+    model = torch.nn.Module()
+    model.r = torch.nn.Parameter(torch.tensor([0.5, -0.25]))
+    model.forward = lambda **inputs: model.r * 1.0
+    args = SimpleNamespace(loss="bradley_terry", center_rewards_coefficient=0.3)
+    stats = forward_backward(model, ({}, prefs), args, row_scale=1.0, response_scale=1 / 3)
+    each = torch.tensor([0.5, -0.25, 0.5], requires_grad=True)  # computed once per response
+    apart = prefs._replace(index=torch.tensor([[0, 1, 2]]))
+    expected = row_statistics(each, apart)
+    (expected[:, STATS.index("loss")].sum() + 0.3 * each.square().sum() / 3).backward()
+    torch.testing.assert_close(stats, expected.detach().sum(0), rtol=0, atol=1e-7)
+    # 0 over 1 right, 0 over 2 a tie (the same text), 1 over 2 wrong
+    assert stats[STATS.index("accuracy")].item() == pytest.approx(1 / 3)
+    grad = torch.stack([each.grad[0] + each.grad[2], each.grad[1]])
+    torch.testing.assert_close(model.r.grad, grad, rtol=0, atol=1e-7)
 
 
 def test_an_infinite_margin_gives_an_infinite_loss_not_nan():

@@ -194,7 +194,8 @@ WORDS = ["red cat", "red dog", "cat red", "blue owl sun", "red", "one two three"
 
 def rb2_file(path) -> list[dict]:
     """Rows as allenai/reward-bench-2's test split holds them: two per subset of the five best-of-4
-    ones, and two Ties `ref` rows (one correct answer; the `tied` rows hold several: formats.py's)."""
+    ones, and two Ties `ref` rows (one correct answer; the `tied` rows hold several: formats.py's);
+    two rows repeat a response."""
     rows = []
     subsets = ["Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]
     for i in range(12):
@@ -214,6 +215,10 @@ def rb2_file(path) -> list[dict]:
                 "additional_metadata": {"category": None, "valid": 1.0},
             }
         )
+    # The published rows may repeat a response: the chosen one among the rejected (row 1), or all four
+    # the same (row 4). Every row is scored; identical responses get one reward.
+    rows[1]["rejected"][1] = rows[1]["chosen"][0]
+    rows[4]["rejected"] = rows[4]["chosen"] * 3
     pq.write_table(pa.Table.from_pylist(rows), path)
     return rows
 
@@ -247,6 +252,10 @@ def test_command_scores_rewardbench2_as_published(tmp_path, tiny_model_dir):
         at_top = [i for i, x in enumerate(rewards) if x == max(rewards)]
         return 1 / len(at_top) if 0 in at_top else 0.0
 
+    # A rejected response equal to the chosen one: the same reward, and 1 / (the number at the top).
+    same = out[1]["chosen_rewards"] + out[1]["rejected_rewards"]
+    assert same[0] == same[2] and out[1]["credit"] == (1 / 2 if same[0] == max(same) else 0.0)
+    assert len(set(out[4]["chosen_rewards"] + out[4]["rejected_rewards"])) == 1 and out[4]["credit"] == 1 / 4
     scores = {}
     for subset in ["Factuality", "Precise IF", "Math", "Safety", "Focus"]:
         mine = [r for r in out if r["subset"] == subset]
@@ -260,3 +269,18 @@ def test_command_scores_rewardbench2_as_published(tmp_path, tiny_model_dir):
     assert summary["score"] == pytest.approx(sum(scores.values()) / 6) and summary["missing_subsets"] == []
     assert f"| Ties | 2 | {scores['Ties']:.4f} |" in result.stdout
     assert f"rewardbench2 score (the mean of the six subsets): {summary['score']:.4f}" in result.stdout
+
+
+def test_command_scores_an_identical_rewardbench1_pair_as_wrong(tmp_path, tiny_model_dir):
+    """RewardBench 1 counts a pair right when its chosen reward is strictly above the rejected one: a
+    pair whose two responses are the same text is scored (one reward for both), and wrong."""
+    rows = [
+        {"prompt": "copy: red cat", "chosen": "red cat", "rejected": "red cat", "subset": "shp", "id": 0},
+        {"prompt": "copy: red cat", "chosen": "red cat", "rejected": "red dog", "subset": "shp", "id": 1},
+    ]
+    (tmp_path / "rb1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = [tiny_model_dir, "--data", str(tmp_path / "rb1.jsonl"), "--chat_template_name", "tulu"]
+    run_minrm(flags + ["--benchmark", "rewardbench", "--out", str(tmp_path / "out.jsonl")], module="minrm.score")
+    tie, other = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert tie["chosen_rewards"] == tie["rejected_rewards"] and tie["credit"] == 0.0
+    assert other["credit"] == float(other["chosen_rewards"][0] > other["rejected_rewards"][0])

@@ -70,8 +70,10 @@ def test_best_of_n_rows_tokenize_as_their_pairs():
             assert out["responses"][0] == pair["responses"][0] and out["responses"][i] == pair["responses"][1], fmt
             if fmt != "plain":  # plain: the prompt is the run of ids all responses share
                 assert out["prompt"] == pair["prompt"], fmt
-    bad = formats.tokenize_row({"prompt": "a", "chosen": "b", "rejected": ["c", "b"]}, "prompt", keys, tokenizer)
-    assert bad["problem"] == "chosen and rejected[1] are identical"
+    # A rejected response equal to the chosen one is kept (a tie: collate computes it once).
+    row = {"prompt": "copy: red", "chosen": "red", "rejected": ["dog", "red"]}
+    tie = formats.tokenize_row(row, "prompt", keys, tokenizer)
+    assert tie["problem"] == "" and tie["responses"][0] == tie["responses"][2] != tie["responses"][1]
     two = formats.tokenize_row({"prompt": "a", "chosen": ["b", "c"], "rejected": "d"}, "prompt", keys, tokenizer)
     assert two["scores"] == [1.0, 1.0, 0.0]  # two chosen (RewardBench 2's Ties)
 
@@ -231,7 +233,7 @@ WORDS = ["red cat", "red dog", "cat red", "blue owl sun", "red", "one two three"
 
 def score_file(path) -> str:
     """Explicit-prompt rows with message lists: 2 and 4 responses, three categories, multi-turn
-    prompts, and one bad row (line 6)."""
+    prompts, a pair whose chosen and rejected are the same (line 4), and one bad row (line 6)."""
     rows = []
     for i in range(12):
         prompt = [SYSTEM, user("copy: red cat")] if i % 3 else [user("echo: sun"), bot("sun"), user("copy: red cat")]
@@ -239,7 +241,8 @@ def score_file(path) -> str:
         answers = [WORDS[(i + k) % len(WORDS)] for k in range(n)]
         rows.append({"prompt": prompt, "chosen": [bot(answers[0])], "rejected": [[bot(a)] for a in answers[1:]]})
         rows[-1]["subset"] = ["two", "four"][n == 4] if i < 9 else "mixed"
-    rows[5]["rejected"][0] = rows[5]["chosen"]  # identical to chosen
+    rows[3]["rejected"][0] = rows[3]["chosen"]  # identical to chosen: a tie, scored
+    rows[5]["rejected"][0] = [user("red")]  # a conversation that ends with the user's message: bad
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -296,7 +299,10 @@ def test_command_summary_and_table(scored):
     four = [ok for r, ok in zip(out, right) if r["subset"] in ("four", "mixed")]
     assert s["sections"]["Best of 4"] == pytest.approx(sum(four) / len(four))
     assert s["score"] == pytest.approx((s["sections"]["Pairs"] + s["sections"]["Best of 4"]) / 2)
-    assert "skipped 1 bad rows: chosen and rejected[N] are identical" in scored["stdout"]  # counted by reason
+    assert "skipped 1 bad rows: the last message of `rejected[N]` is the 'user''s" in scored["stdout"]  # by reason
+    # The identical pair (line 4): one reward for both, so a tie, wrong as the reference counts it.
+    tie = next(r for r in out if r["row"] == 4)
+    assert tie["chosen_rewards"] == tie["rejected_rewards"] and tie["correct"] is False
 
 
 def test_two_processes_give_the_one_process_output(scored):
@@ -314,7 +320,7 @@ def test_two_processes_give_the_one_process_output(scored):
 def test_bad_rows_stop_the_command_naming_file_and_line(scored):
     failed = scored["failed"]
     assert failed.returncode != 0
-    assert f"{scored['data']} line 6: chosen and rejected[0] are identical" in failed.stderr
+    assert f"{scored['data']} line 6: the last message of `rejected[0]` is the 'user''s" in failed.stderr
     assert "--skip_bad_rows" in failed.stderr and os.path.exists(scored["data"])
 
 

@@ -178,19 +178,27 @@ def collate(rows: list[dict], pad_id: int, batching: str) -> tuple[dict, Prefere
     - `shared_prefix`: each row laid out once, prompt + response 1 + response 2 + ...: response 1
       continues the prompt, each later one attends to the prompt and itself, positions running on
       from the prompt's end, so each reward equals the one of its full sequence alone.
-    `last_index` holds the flat position of each response's last token, where its reward is read.
+    `last_index` holds the flat position of each sequence's last token, where its reward is read.
+    A row's identical responses (a pair whose chosen and rejected are the same text) are one sequence,
+    computed once: `Preferences.index` points each at the same reward, an exact tie in every layout.
     """
-    seqs = [s for row in rows for s in row["responses"]]
+    distinct, index = [], []  # each row's distinct sequences; each response's reward among all of them
+    for row in rows:
+        first = {}  # sequence -> its reward's position
+        total = sum(map(len, distinct))
+        index.append(torch.tensor([first.setdefault(tuple(s), total + len(first)) for s in row["responses"]]))
+        distinct.append([list(s) for s in first])
+    seqs = [s for d in distinct for s in d]
     if batching == "padded":
         inputs = pad_right(seqs, pad_id)
         width = inputs["input_ids"].shape[1]
         inputs["last_index"] = torch.tensor([i * width + len(s) - 1 for i, s in enumerate(seqs)])
     else:
         ids, positions, segments = [], [], []
-        for row in rows:
+        for row, row_seqs in zip(rows, distinct):
             n = len(row["prompt"]) if batching == "shared_prefix" else 0  # the ids every response begins with
             first = len(ids)
-            for k, seq in enumerate(row["responses"]):
+            for k, seq in enumerate(row_seqs):
                 tail = seq[n:] if k else seq  # the first response carries the prompt; the others see it there
                 start = len(ids)
                 ids += tail
@@ -202,7 +210,7 @@ def collate(rows: list[dict], pad_id: int, batching: str) -> tuple[dict, Prefere
             "last_index": torch.tensor([s.end - 1 for s in segments]),
             "packed_layout": PackedLayout(segments),
         }
-    index = pad_sequence(torch.arange(len(seqs)).split([len(r["responses"]) for r in rows]), True, -1)
+    index = pad_sequence(index, True, -1)
     scores = pad_sequence([torch.tensor(r["scores"], dtype=torch.float32) for r in rows], True, -torch.inf)
     margin = torch.tensor([row.get("margin", 0.0) for row in rows], dtype=torch.float32)
     return inputs, Preferences(index, scores, margin)

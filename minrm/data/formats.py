@@ -9,7 +9,6 @@ is the longest run of ids all the sequences start with). Layouts: a pair (`chose
 and `scores`: i is preferred to j when its score is higher; equal scores make no comparison).
 """
 
-import itertools
 import json
 import math
 import os
@@ -118,15 +117,13 @@ def _texts(names: list, values: list) -> list[str]:
     return values
 
 
-def _check_comparisons(labels: list, responses: list, scores: list[float]) -> None:
-    """A row compares at least two responses; two identical responses are never ranked apart."""
+def _check_comparisons(scores: list[float]) -> None:
+    """A row compares at least two responses. Two identical responses ranked apart (a pair whose chosen and
+    rejected are the same text) are kept, as the reference keeps them: a tie (batching.collate)."""
     if len(set(scores)) < 2:
         if len(scores) == 1:
             raise ValueError("no comparison: one response (a row needs two with different scores)")
         raise ValueError(f"no comparison: all {len(scores)} responses have the same score ({scores[0]:g})")
-    for i, j in itertools.combinations(range(len(responses)), 2):
-        if scores[i] != scores[j] and responses[i] == responses[j]:
-            raise ValueError(f"{labels[i]} and {labels[j]} are identical")
 
 
 def _plain_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[list[int]]]:
@@ -163,11 +160,11 @@ def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizer
         margin = 0.0 if row.get(keys["margin"]) is None else _number(row[keys["margin"]], keys["margin"])
         if fmt == "plain":
             texts = _texts(names, values)
-            _check_comparisons(labels, texts, scores)
+            _check_comparisons(scores)
             prompt, responses = _plain_ids(texts, tokenizer)
         else:
             prompt_messages, conversations = _conversations(row, fmt, keys, names, labels, values)
-            _check_comparisons(labels, conversations, scores)
+            _check_comparisons(scores)
             prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, return_dict=False)
             responses = tokenizer.apply_chat_template(conversations, return_dict=False)  # all in one call
         return out | {"prompt": prompt, "responses": responses, "scores": scores, "margin": margin, "problem": ""}

@@ -72,14 +72,15 @@ def spread(indices: list[int], scores: list[float], most: int) -> list[int]:
 
 def fit_row(row: dict, max_prompt: int, max_response: int, most: int | None) -> dict:
     """The length filter and --max_responses_per_prompt on a tokenized row, whose `prompt` becomes the ids
-    every response begins with (or []). `status`: "" (kept) or why it is dropped:
-    "bad", "prompt" (too long), "comparison" (none left within max_response). `too_long`, `cut`: responses removed."""
+    every response begins with (or []). `status`: "" (kept) or why it is dropped: "bad", "prompt" (too long),
+    "comparison" (none left within max_response). `too_long`, `cut`: responses removed. `tie`: 1 when a kept
+    row ranks two identical responses apart (a tie, as the reference trains it)."""
     if row["problem"] or len(row["prompt"]) > max_prompt:
-        return {**row, "status": "bad" if row["problem"] else "prompt", "too_long": 0, "cut": 0}
+        return {**row, "status": "bad" if row["problem"] else "prompt", "too_long": 0, "cut": 0, "tie": 0}
     fit = [i for i, ids in enumerate(row["responses"]) if len(ids) <= max_response]
     too_long = len(row["responses"]) - len(fit)
     if len({row["scores"][i] for i in fit}) < 2:
-        return {**row, "status": "comparison", "too_long": too_long, "cut": 0}
+        return {**row, "status": "comparison", "too_long": too_long, "cut": 0, "tie": 0}
     keep = spread(fit, row["scores"], most) if most is not None and len(fit) > most else fit
     prompt, responses = row["prompt"], [row["responses"][i] for i in keep]
     # The prompt's ids begin every response, each with a tail, unless the chat template renders the
@@ -87,7 +88,9 @@ def fit_row(row: dict, max_prompt: int, max_response: int, most: int | None) -> 
     if not all(len(s) > len(prompt) and s[: len(prompt)] == prompt for s in responses):
         prompt = []
     row = {**row, "prompt": prompt, "responses": responses, "scores": [row["scores"][i] for i in keep]}
-    return {**row, "status": "", "too_long": too_long, "cut": len(fit) - len(keep)}
+    ranked = {(tuple(ids), score) for ids, score in zip(row["responses"], row["scores"])}
+    tie = len(ranked) > len({ids for ids, _ in ranked})  # a sequence with two scores
+    return {**row, "status": "", "too_long": too_long, "cut": len(fit) - len(keep), "tie": int(tie)}
 
 
 def tokenize_dataset(
@@ -110,7 +113,8 @@ def tokenize_dataset(
     int32, float64, string = (datasets.Value(t) for t in ("int32", "float64", "string"))
     ids = datasets.List(int32)  # half the disk of Arrow's default int64
     features = {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "margin": float64}
-    features |= {"scores": datasets.List(float64), "problem": string, "status": string, "too_long": int32, "cut": int32}
+    features |= {"scores": datasets.List(float64), "problem": string, "status": string}
+    features |= {"too_long": int32, "cut": int32, "tie": int32}
     raw = raw.select(range(shard[0], len(raw), shard[1])) if shard[1] > 1 else raw
     # A pool costs a second or two to start: worth it only for thousands of rows. The map writes
     # its output beside its input (a local file's, in files.py's scratch folder): on disk.
@@ -199,6 +203,11 @@ def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, 
             f"data: {what}: {name}: {responses} responses in the kept rows; "
             f"{_total(ds, 'too_long')} responses > {args.max_token_length} tokens dropped{cut}"
         )
+        if ties := _total(ds, "tie"):  # kept, as the reference keeps them
+            log.append(
+                f"data: {what}: {name}: {ties} kept rows rank identical responses apart (a chosen equal to a "
+                "rejected): each such comparison is a tie, trained as the reference does (loss log 2, accuracy 0)"
+            )
         if holdout > 0:
             order = np.random.default_rng(args.seed).permutation(len(kept))
             n_held = int(round(holdout * len(kept)))

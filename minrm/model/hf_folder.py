@@ -48,17 +48,27 @@ def save_hf_folder(
 
 
 def push_folder(folder: str, repo_id: str, revision: str) -> str:
-    """Upload `folder` to branch `revision` of the model repo `repo_id` (created if needed); returns its URL."""
+    """Upload `folder` to branch `revision` of the model repo `repo_id` (created if needed); returns its URL.
+    A failure (the network, the Hub) exits with one line that says where the model is saved and the command
+    that uploads it later: the run's work is kept, but the push that was asked for did not happen (status 1)."""
     api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    api.create_branch(repo_id, branch=revision, exist_ok=True)
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        revision=revision,
-        commit_message=f"minrm: {revision}",
-        ignore_patterns=["checkpoints/*"],  # the run folder also holds the resumable checkpoints
-    )
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=f"minrm: {revision}",
+            ignore_patterns=["checkpoints/*"],  # the run folder also holds the resumable checkpoints
+        )
+    except Exception as e:  # httpx's or the Hub's errors: the model on disk is what matters now
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise SystemExit(
+            f"minrm: error: --push_to_hub: the upload to {repo_id} (branch {revision}) failed ({type(e).__name__}: "
+            f"{reason}); the model is saved in {folder}. Upload it later with: "
+            f"hf upload {repo_id} {folder} --revision {revision} --exclude 'checkpoints/*'"
+        ) from None
     return f"https://huggingface.co/{repo_id}/tree/{revision}"
 
 

@@ -94,18 +94,23 @@ def read_model(args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = to
     <pad>'s embedding drawn from the old rows' mean and covariance, and the score head re-drawn from
     N(0, 1/sqrt(hidden_size + 1)) (p.11 of arXiv:2009.01325) unless --init_score_head False."""
     torch.manual_seed(args.seed)
+    config, cls = model_config(args), AutoModelForSequenceClassification
     if args.model_name_or_path == TOY:
-        model = AutoModelForSequenceClassification.from_config(model_config(args), dtype=torch.float32)
+        model = cls.from_config(config, dtype=torch.float32)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        if dtype != torch.float32:  # the scorer's bf16 read: transformers keeps `_keep_in_fp32_modules_strict` in fp32
+            with torch.device("meta"):  # the class transformers picks, subclassed to name the head
+                base = type(cls.from_config(config, trust_remote_code=args.trust_remote_code))
+            keep = {"_keep_in_fp32_modules_strict": [r"^score\."], "__module__": base.__module__}
+            cls = type(base.__name__, (base,), keep)
+        model = cls.from_pretrained(
             args.model_name_or_path,
-            config=model_config(args),
+            config=config,
             revision=args.model_revision,
             trust_remote_code=args.trust_remote_code,
             dtype=dtype,  # fp32 master weights in training; FSDP2 casts to bf16 for compute (--mixed_precision)
         )
     _fit_tokenizer(model, tokenizer, mean_resizing=True)
-    model.score.float()
     if args.init_score_head:
         std = 1 / math.sqrt(model.config.get_text_config().hidden_size + 1)
         generator = torch.Generator().manual_seed(args.seed)
