@@ -6,6 +6,7 @@ through the model's own attention for a model that cannot swap its attention fun
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface, PreTrainedModel
@@ -67,6 +68,8 @@ def use_packed_attention(model: PreTrainedModel, choice: str = "auto", cuda: boo
         except (ImportError, ValueError) as e:
             say(f"model: attention {name} unavailable ({e})")
         if model.config._attn_implementation == name:
+            if name == "flex_attention":  # past dynamo's recompile limit, eager FlexAttention builds L x L scores
+                torch._dynamo.config.fail_on_recompile_limit_hit = True
             say(f"model: packed rows run attention {name}{f' (not flex_attention: {no_flex})' if no_flex else ''}")
             return
     if choice not in ("auto", "mask"):
