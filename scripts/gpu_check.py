@@ -92,7 +92,10 @@ def pytest_part(name: str, budget: int, ids: list[str], out: Path) -> Part:
 
 def parts(out: Path) -> list[Part]:
     """What runs, in order, with its budget in seconds. Nothing has timed them on a GPU yet: the
-    budgets are estimates, and the 8B bench test runs last, the likeliest to run out."""
+    budgets are estimates, and the 8B bench test runs last, the likeliest to run out. What the warm-up
+    compiles (Inductor's FX-graph and AOTAutograd caches, on by default in torch 2.11, in
+    /tmp/torchinductor_<user>) serves a later part wherever the graph is the same (dtype, head size,
+    length class): the tiny models' FlexAttention; the 100M bench compiles its own."""
 
     def bench(name: str, budget: int, *flags: str) -> Part:
         return Part(name, budget, "scripts.bench", [*flags, "--out", str(out / name)])

@@ -6,7 +6,7 @@ working tree and scripts/gpu_check.py installs them there (`pip install --no-ind
     bash scripts/gpu_wheels.sh [DIR]            # DIR: .gpu_wheels (ignored by git)
     bash scripts/gpu_wheels.sh --dry_run [DIR]  # prints the pip command, downloads nothing
 
-The image (/work/.library/device/KINDS.md) has torch 2.11 (CUDA 13), transformers 5.17, triton,
+The image (the lent machines' description, read 2026-11) has torch 2.11 (CUDA 13), transformers 5.17, triton,
 huggingface_hub 1.33, tokenizers, safetensors, pyarrow, pandas, pytest, pyyaml, but not datasets,
 liger-kernel, wandb, dill or multiprocess, and its transformers is older than requirements.txt asks.
 Each wheel is pinned (`--no-deps`: nothing the image has, torch above all, is pulled in) to the version
@@ -178,7 +178,8 @@ def main() -> None:
     for stale in (w for w in folder.glob("*.whl") if name_version(w) not in WHEELS.items()):
         print(f"gpu_wheels: removing {stale.name}: not on the list (two versions of one package stop the install)")
         stale.unlink()
-    subprocess.run(command, check=True)
+    if rc := subprocess.run(command).returncode:
+        raise SystemExit(f"gpu_wheels: error: pip download failed ({rc}, above): a pin that has no cp312 x86-64 wheel?")
     if problems := check_folder(folder):
         raise SystemExit("gpu_wheels: error: " + "\ngpu_wheels: error: ".join(problems))
     for w in sorted(folder.glob("*.whl")):
