@@ -248,15 +248,22 @@ def markdown(report: dict) -> str:
 
 
 def run_all(found: list[Part], out: Path, device: dict) -> dict:
-    """Run the parts in turn and write the report after each: a run cut short still leaves the
-    figures of the parts it finished."""
+    """Run the parts in turn and write the report first (what it runs on, no part yet: an earlier
+    run's report goes) and after each part: a run cut short still leaves the figures of the parts
+    it finished."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     ran = []
-    for part in found:
-        ran.append(run_part(part, out))
+
+    def write() -> dict:
         report = collect(out, ran, device)
         (out / "report.json").write_text(json.dumps(report, indent=1))
         (out / "report.md").write_text(markdown(report))
+        return report
+
+    report = write()
+    for part in found:
+        ran.append(run_part(part, out))
+        report = write()
     return report
 
 

@@ -132,6 +132,7 @@ def test_parts_run_in_turn_the_report_holds_this_runs_figures_and_the_exit_says_
     (tmp_path / "rows.json").write_text(json.dumps({"rows": rows}))
     (out / "bench_slow.json").write_text(json.dumps({"rows": rows}))  # an earlier run's figures
     (out / "bench_fake.json").write_text("an earlier run's")
+    (out / "report.md").write_text("an earlier run's report")
     found = [
         gpu_check.pytest_part("tests_fake", 60, [str(tmp_path / "test_fake.py")], out),
         Part("bench_slow", 1, "timeit", ["-n", "1", "import time; time.sleep(60)"]),
@@ -139,6 +140,9 @@ def test_parts_run_in_turn_the_report_holds_this_runs_figures_and_the_exit_says_
         Part("bench_fake", 30, "json.tool", [str(tmp_path / "rows.json"), str(out / "bench_fake.json")]),
     ]
     monkeypatch.setattr(gpu_check, "parts", lambda _: found)
+    written = []  # the report's parts each time it is written
+    markdown = gpu_check.markdown
+    monkeypatch.setattr(gpu_check, "markdown", lambda report: written.append(len(report["parts"])) or markdown(report))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: SimpleNamespace(total_memory=139.8 * 2**30))
@@ -147,6 +151,7 @@ def test_parts_run_in_turn_the_report_holds_this_runs_figures_and_the_exit_says_
     with pytest.raises(SystemExit, match=failed):
         gpu_check.main()
     printed = capsys.readouterr().out
+    assert written == [0, 1, 2, 3, 4]  # before the first part (the earlier report goes), then after each
     assert "gpu_check: no wheels in" in printed and ", gpu NVIDIA H200\n" in printed
     report = json.loads((out / "report.json").read_text())
     assert [(p["name"], p["status"]) for p in report["parts"]] == [
