@@ -283,7 +283,7 @@ def install(wheels: Path, site: Path, dry_run: bool) -> None:
     command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
     command += ["--no-cache-dir", "--upgrade", "--target", str(site), *map(str, found or [wheels / "*.whl"])]
     if dry_run:
-        print(f"gpu_check: would install ({len(found)} wheels in {wheels} now): {' '.join(command)}")
+        print(f"gpu_check: would install the wheels of {wheels} ({len(found)} there now): {' '.join(command)}")
         return
     if not found:
         print(f"gpu_check: no wheels in {wheels} (bash scripts/gpu_wheels.sh makes them): running on what is installed")

@@ -68,7 +68,8 @@ def test_a_dry_run_prints_the_install_and_every_part(tmp_path):
         f"-m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target {tmp_path / 'site'} "
     )
     assert (
-        f"gpu_check: would install (1 wheels in {tmp_path / 'wheels'} now): {sys.executable} {install}" in result.stdout
+        f"gpu_check: would install the wheels of {tmp_path / 'wheels'} (1 there now): {sys.executable} {install}"
+        in result.stdout
     )
     assert str(tmp_path / "wheels" / "liger_kernel-0.8.5-py3-none-any.whl") in result.stdout
     assert "a dry run, so nothing runs" in result.stdout
