@@ -1,23 +1,33 @@
-"""Everything only a GPU can show, in one command of at most 8 minutes on one H100/H200:
+"""Everything only a GPU can show, in one command of at most 8 minutes on one H100/H200, run with the
+lent machine's own `python3` (the one that holds its CUDA torch):
 
-    bash scripts/gpu_check.sh                  # writes gpu_check/report.md and gpu_check/report.json
-    bash scripts/gpu_check.sh --out /tmp/gpu
+    bash scripts/gpu_wheels.sh                 # here, first: the wheels the machine's image lacks
+    bash scripts/gpu_check.sh                  # there (carry .gpu_wheels): gpu_check/report.md, report.json
+    bash scripts/gpu_check.sh --dry_run        # anywhere: the install command and every part's command
 
-The parts (`parts`): the GPU-only tests; FlexAttention vs segment attention vs padded on the
-multiturn and longresponse profiles (`scripts.bench`: speed, and each mode's rewards and loss
-against the bare loop's); Liger on and off (`scripts.bench_liger`); bf16 vs fp32 rewards (the
-GPU-only training test records the largest eval-reward difference); `scripts.bench --size 8b`
-(computed tokens/s, MFU against the GPU's dense bf16 peak, peak memory). Each part is its own
-process under `timeout` with its own budget (6.7 minutes in all, 7.3 if every part also needs its
-`KILL_AFTER`): a part that fails or runs out of time is recorded and the next one runs, and the
-report is rewritten after every part. Without CUDA nothing runs: every part's command is checked
-(its module imports and takes its flags, its test ids are collected), and the check exits 0 when
-all are there.
+It installs the carried wheels (`--wheels`, made by scripts/gpu_wheels.sh) into `--site`, first on the
+path of every process it starts, prints the versions it runs on, then runs the parts (`parts`) in the
+order of what they tell: a warm-up (the GPU-only attention tests: CUDA is seen, FlexAttention's
+kernels compile, forward and backward, and land in Inductor's cache), ONE short bf16 training run of
+the trainer (`torchrun --nproc_per_node 1 -m minrm.train`: FSDP2, FlexAttention, Liger) against the
+same run in fp32, Liger's kernel tests, then the benchmarks (`scripts.bench`: FlexAttention vs segment
+attention vs padded on two profiles; `scripts.bench_liger`; the 8B bench test). Each part is its own
+process under `timeout` with its own budget; the install's and the parts' budgets, each part's with
+its `KILL_AFTER`, add up to 7.6 minutes. A part's files are removed before it starts and the report
+is rewritten when it ends: a run cut short reports the parts it finished, and nothing older.
+
+Exit status: 0 when every part passed, or when there is no GPU at all (no `nvidia-smi`, or it lists
+none): then nothing runs, every part's command is checked (its module imports and takes its flags,
+its test ids are collected), and the status is 1 if one is not there. 1 when a part failed or ran
+out of time, and when `nvidia-smi` lists a GPU that torch does not see (a CPU build of torch, a
+driver it cannot use).
 """
 
 import argparse
 import importlib
+import importlib.metadata
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -28,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from scripts import gpu_wheels
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's datasheets for each GPU
 # (half their "with sparsity" figures); the first name contained in the device's name counts.
@@ -43,14 +55,19 @@ BF16_PEAK_TFLOPS = {
 }
 PEAK_SOURCE = "NVIDIA datasheets, dense bf16 (half the sparse figure)"
 
-TESTS_TRAINING = [
-    "tests/test_gpu.py::test_bf16_rewards_close_to_fp32_on_gpu",
+# The `gpu`-marked tests, each in one part (tests/test_gpu_check.py checks them against pytest -m gpu).
+TESTS_WARMUP = [
+    "tests/test_distributed.py::test_gpu_tests_see_the_gpu",
     "tests/test_batching.py::test_flex_attention_gradients_match_padded_on_gpu",
+    "tests/test_packed_attention.py::test_segment_attention_with_grouped_heads_matches_the_dense_mask",
 ]
+TESTS_TRAINING = ["tests/test_gpu.py::test_bf16_rewards_close_to_fp32_on_gpu"]
 TESTS_LIGER = [
     "tests/test_liger.py::test_rewards_and_grads_match_on_gpu",
     "tests/test_liger.py::test_training_matches_on_gpu",
 ]
+TESTS_8B = ["tests/test_gpu.py::test_bench_8b_fits_one_gpu"]
+INSTALL_BUDGET_S = 20  # pip installs about 24 MiB of wheels from the working tree
 KILL_AFTER = 5  # seconds from timeout's TERM to its KILL (minrm.train finishes its step on a TERM)
 # 100M at 16 pairs a step: enough tokens per step (4k-30k) for the attention to weigh on a GPU.
 ATTENTION_BENCH = ["--size", "100m", "--pairs", "16", "--steps", "4", "--repeats", "2", "--packed_attention"]
@@ -65,32 +82,34 @@ class Part:
     tests: tuple[str, ...] = ()  # pytest ids, for the check without a GPU
 
 
-BATCHINGS_8B = ("padded", "packed", "shared_prefix")  # no bare: a second 8B model would not fit
-
 def pytest_part(name: str, budget: int, ids: list[str], out: Path) -> Part:
-    """pytest on `ids`: -v puts each outcome in the log as it comes (there even if time runs out),
-    the JUnit XML (xunit1, the family that keeps `record_property`) the figures tests record."""
-    flags = ["-v", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={out / name}.xml"]
-    return Part(name, budget, "pytest", flags + ids, tuple(ids))
+    """pytest on the `gpu`-marked tests of `ids`: -v puts each outcome in the log as it comes (there
+    even if time runs out), the JUnit XML (xunit1, the family that keeps `record_property`) the
+    figures tests record."""
+    flags = ["-v", "-m", "gpu", "-p", "no:cacheprovider", "-o", "junit_family=xunit1"]
+    return Part(name, budget, "pytest", [*flags, f"--junitxml={out / name}.xml", *ids], tuple(ids))
 
 
 def parts(out: Path) -> list[Part]:
-    """What runs, in order, with its budget in seconds. FlexAttention compiles twice in a process (a
-    static graph, then a dynamic one for new lengths); Inductor's cache shortens the second
-    profile's compile. tests/test_gpu.py::test_bench_8b_fits_one_gpu runs the bench_8b command."""
+    """What runs, in order, with its budget in seconds. Nothing has timed them on a GPU yet: the
+    budgets are estimates, and the 8B bench test runs last, the likeliest to run out. What the warm-up
+    compiles (Inductor's FX-graph and AOTAutograd caches, on by default in torch 2.11, in
+    /tmp/torchinductor_<user>) serves a later part wherever the graph is the same (dtype, head size,
+    length class): the tiny models' FlexAttention; the 100M bench compiles its own."""
 
-    def bench(name: str, budget: int, *flags: str) -> Part:  # 8b: the trainer's model alone fits one GPU
+    def bench(name: str, budget: int, *flags: str) -> Part:
         return Part(name, budget, "scripts.bench", [*flags, "--out", str(out / name)])
 
     return [
+        pytest_part("tests_warmup", 60, TESTS_WARMUP, out),
         pytest_part("tests_training", 80, TESTS_TRAINING, out),
-        bench("bench_multiturn_flex_attention", 55, "--profile", "multiturn", *ATTENTION_BENCH, "flex_attention"),
-        bench("bench_multiturn_segments", 25, "--profile", "multiturn", *ATTENTION_BENCH, "segments"),
-        bench("bench_longresponse_flex_attention", 45, "--profile", "longresponse", *ATTENTION_BENCH, "flex_attention"),
-        bench("bench_longresponse_segments", 20, "--profile", "longresponse", *ATTENTION_BENCH, "segments"),
-        bench("bench_8b", 80, "--size", "8b", "--pairs", "4", "--steps", "2", "--modes", *BATCHINGS_8B),
-        Part("liger", 35, "scripts.bench_liger", ["--out", str(out / "liger.json")]),
-        pytest_part("tests_liger", 60, TESTS_LIGER, out),
+        pytest_part("tests_liger", 50, TESTS_LIGER, out),
+        bench("bench_multiturn_flex_attention", 40, "--profile", "multiturn", *ATTENTION_BENCH, "flex_attention"),
+        bench("bench_multiturn_segments", 20, "--profile", "multiturn", *ATTENTION_BENCH, "segments"),
+        bench("bench_longresponse_flex_attention", 35, "--profile", "longresponse", *ATTENTION_BENCH, "flex_attention"),
+        bench("bench_longresponse_segments", 15, "--profile", "longresponse", *ATTENTION_BENCH, "segments"),
+        Part("liger", 25, "scripts.bench_liger", ["--out", str(out / "liger.json")]),
+        pytest_part("tests_8b", 65, TESTS_8B, out),
     ]
 
 
@@ -117,7 +136,11 @@ def missing(found: list[Part]) -> list[str]:
 
 
 def run_part(part: Part, out: Path) -> dict:
-    """The part as its own process under `timeout` (its children too), its output in OUT/logs."""
+    """The part as its own process under `timeout` (its children too), its output in OUT/logs, its
+    files from an earlier run (OUT/<name>.json, .md, .xml) removed first: a part that writes none
+    reports none."""
+    for old in out.glob(f"{part.name}.*"):
+        old.unlink()
     log = out / "logs" / f"{part.name}.log"
     command = [sys.executable, "-m", part.module, *part.args]
     start = time.monotonic()
@@ -182,6 +205,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# GPU check: {report['device']}, torch {report['torch']}",
         "",
+        ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()),
+        "",
         f"{report['memory_gib']:.0f} GiB; dense bf16 peak "
         + (f"{peak / 1e12:.0f} TFLOP/s ({PEAK_SOURCE})" if peak else "unknown for this GPU (no MFU)"),
         "",
@@ -223,16 +248,65 @@ def markdown(report: dict) -> str:
 
 
 def run_all(found: list[Part], out: Path, device: dict) -> dict:
-    """Run the parts in turn and write the report after each: a run cut short still leaves the
-    figures of the parts it finished."""
+    """Run the parts in turn and write the report first (what it runs on, no part yet: an earlier
+    run's report goes) and after each part: a run cut short still leaves the figures of the parts
+    it finished."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     ran = []
-    for part in found:
-        ran.append(run_part(part, out))
+
+    def write() -> dict:
         report = collect(out, ran, device)
         (out / "report.json").write_text(json.dumps(report, indent=1))
         (out / "report.md").write_text(markdown(report))
+        return report
+
+    report = write()
+    for part in found:
+        ran.append(run_part(part, out))
+        report = write()
     return report
+
+
+def nvidia_smi_gpus() -> list[str]:
+    """The GPUs `nvidia-smi -L` lists: none when it is not there or fails (no driver, no device)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    return [line for line in listed.stdout.splitlines() if line.startswith("GPU ")] if listed.returncode == 0 else []
+
+
+def install(wheels: Path, site: Path, dry_run: bool) -> None:
+    """pip-install the carried wheels into `site` (no index: nothing can be fetched there), first on
+    the path of this process and of every process it starts; then warn of any requirement the
+    machine's own packages do not meet."""
+    found = sorted(wheels.glob("*.whl"))
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+    command += ["--no-cache-dir", "--upgrade", "--target", str(site), *map(str, found or [wheels / "*.whl"])]
+    if dry_run:
+        print(f"gpu_check: would install the wheels of {wheels} ({len(found)} there now): {' '.join(command)}")
+        return
+    if not found:
+        print(f"gpu_check: no wheels in {wheels} (bash scripts/gpu_wheels.sh makes them): running on what is installed")
+        return
+    rc = subprocess.run(["timeout", str(INSTALL_BUDGET_S), *command]).returncode
+    if rc:
+        raise SystemExit(f"gpu_check: error: installing the {len(found)} wheels of {wheels} into {site} failed ({rc})")
+    sys.path.insert(0, str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    for line in gpu_wheels.check_installed(site):
+        print(f"gpu_check: warning: {line}")
+
+
+def versions(gpus: list[str]) -> dict:
+    """What the check runs on: torch and its CUDA, the packages minrm swaps or loads, the GPU."""
+    found = dict(torch=torch.__version__, cuda=torch.version.cuda)
+    for name in ("transformers", "liger-kernel", "datasets", "huggingface-hub"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    found["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else (gpus or ["none"])[0]
+    return found
 
 
 def main() -> None:
@@ -240,26 +314,44 @@ def main() -> None:
     parser.add_argument(
         "--out", default="gpu_check", help="folder of report.md, report.json, logs and each part's files"
     )
-    out = Path(parser.parse_args().out).resolve()
+    parser.add_argument("--wheels", default=str(gpu_wheels.DEFAULT_DIR), help="the wheels to install first")
+    parser.add_argument("--site", default="/tmp/minrm_gpu_site", help="where they are installed")
+    parser.add_argument("--dry_run", action="store_true", help="install and run nothing; print and check the commands")
+    args = parser.parse_args()
+    out, cuda = Path(args.out).resolve(), torch.cuda.is_available()
+    gpus = [] if cuda else nvidia_smi_gpus()
+    if cuda or args.dry_run:
+        install(Path(args.wheels).resolve(), Path(args.site), args.dry_run)
+    seen = versions(gpus)
+    print("gpu_check: " + ", ".join(f"{k} {v}" for k, v in seen.items()), flush=True)
     found = parts(out)
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU here, so nothing runs; checking that every part's command exists")
+    if not cuda and gpus and not args.dry_run:
+        raise SystemExit(
+            f"gpu_check: error: nvidia-smi lists {gpus[0]!r} but torch {torch.__version__} (CUDA {torch.version.cuda}) "
+            f"sees no GPU: a CPU build of torch, or a driver it cannot use; run with the python that holds CUDA torch"
+        )
+    if not cuda or args.dry_run:
+        why = "a dry run" if args.dry_run else "no GPU here"
+        print(f"gpu_check: {why}, so nothing runs; checking that every part's command exists")
         if problems := missing(found):
             raise SystemExit("gpu_check: error: " + "\ngpu_check: error: ".join(problems))
         for part in found:
             print(f"  {part.name} ({part.budget_s} s): python -m {part.module} {' '.join(part.args)}")
         print(f"gpu_check: all {len(found)} parts are there ({sum(p.budget_s for p in found)} s of budgets)")
         return
-    name = torch.cuda.get_device_name()
     device = dict(
-        device=name,
+        device=seen["gpu"],
+        versions=seen,
         torch=torch.__version__,
         memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
-        bf16_peak_flops=bf16_peak(name),
+        bf16_peak_flops=bf16_peak(seen["gpu"]),
         peak_source=PEAK_SOURCE,
     )
-    run_all(found, out, device)
+    report = run_all(found, out, device)
     print(f"gpu_check: wrote {out / 'report.md'} and {out / 'report.json'}")
+    if failed := [p for p in report["parts"] if p["status"] != "ok"]:
+        listed = ", ".join(f"{p['name']} ({p['status']})" for p in failed)
+        raise SystemExit(f"gpu_check: {len(failed)} of {len(found)} parts did not pass: {listed}")
 
 
 if __name__ == "__main__":

@@ -20,27 +20,58 @@ from minrm.data.mixer import build_side
 from minrm.training.tracking import ELAPSED
 
 ROOT = Path(__file__).resolve().parents[1]
+# pytest imports this file as `conftest` and the tests as `tests.conftest`: make them one module, so the
+# state below (the real CUDA, read once before the session hides it; GPU_TEST) is the one state.
+sys.modules.setdefault("tests.conftest", sys.modules[__name__])
 # One thread, here and in every process a test starts: the tiny models' ops are too small to share,
 # and OpenMP's spinning threads only slow them on a small, busy machine.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
-CUDA = torch.cuda.is_available()  # read before any test hides it
+CUDA = torch.cuda.is_available()  # read before the session hides it
+REAL_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+REAL_IS_AVAILABLE = torch.cuda.is_available
+GPU_TEST = False  # True while a `gpu`-marked test runs: CUDA is visible to it
+
+
+def cuda_hidden() -> bool:
+    return False
 
 
 def pytest_configure(config):
+    """Hide CUDA for the whole session, module- and session-scoped fixtures included (they start
+    before any function-scoped fixture): `torchrun --nproc_per_node 2` on a one-GPU machine would ask
+    for cuda:1, and minrm's code in this process would pick CUDA. `gpu`-marked tests get it back."""
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); other tests run with CUDA hidden")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read by the CUDA runtime of every process started
+    torch.cuda.is_available = cuda_hidden  # this process may have CUDA running already (CUDA above)
+
+
+def pytest_unconfigure(config):
+    if REAL_CUDA_VISIBLE_DEVICES is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = REAL_CUDA_VISIBLE_DEVICES
+    torch.cuda.is_available = REAL_IS_AVAILABLE
 
 
 @pytest.fixture(autouse=True)
-def cuda_only_for_gpu_tests(request, monkeypatch):
-    """A test not marked `gpu` runs as on a machine without a GPU: `torchrun --nproc_per_node 2` on a
-    one-GPU machine would otherwise ask for cuda:1, and minrm's code in this process would pick CUDA."""
-    if request.node.get_closest_marker("gpu"):
-        if not CUDA:
-            pytest.skip("needs a CUDA GPU")
+def cuda_for_gpu_tests(request, monkeypatch):
+    """A `gpu`-marked test sees the GPU again, here and in the processes it starts (its module-scoped
+    fixtures ran with CUDA hidden); without CUDA it is skipped."""
+    global GPU_TEST
+    if not request.node.get_closest_marker("gpu"):
+        yield
         return
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # read by the CUDA runtime of every process started
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this process may have CUDA running
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    if REAL_CUDA_VISIBLE_DEVICES is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", REAL_CUDA_VISIBLE_DEVICES)
+    monkeypatch.setattr(torch.cuda, "is_available", REAL_IS_AVAILABLE)
+    GPU_TEST = True
+    yield
+    GPU_TEST = False
 
 
 def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
@@ -101,21 +132,29 @@ def eval_file(tmp_path_factory) -> str:
     return write_pairs(tmp_path_factory.mktemp("data") / "eval.jsonl", 21, "test")
 
 
-def minrm_command(args: list[str], nproc: int = 1, module: str = "minrm.train") -> list[str]:
-    """The command line a user types: `python -m minrm.train` or `torchrun ... -m minrm.train`."""
-    if nproc == 1:
+def minrm_command(args: list[str], nproc: int = 1, module: str = "minrm.train", torchrun: bool = False) -> list[str]:
+    """The command line a user types: `python -m minrm.train` or `torchrun ... -m minrm.train` (also
+    for one process with `torchrun`, as on a GPU node)."""
+    if nproc == 1 and not torchrun:
         return [sys.executable, "-m", module, *args]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     return cmd + ["-m", module, *args]
 
 
 def run_minrm(
-    args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None, module: str = "minrm.train"
+    args: list[str],
+    nproc: int = 1,
+    timeout: int = 300,
+    env: dict | None = None,
+    module: str = "minrm.train",
+    torchrun: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run the trainer (or another minrm command) in a subprocess from the repo root, as a user would
-    (`env`: more variables)."""
+    (`env`: more variables), with CUDA hidden unless a `gpu`-marked test runs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    cmd = minrm_command(args, nproc, module)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    assert GPU_TEST or visible == "", f"a CPU test would start minrm with CUDA_VISIBLE_DEVICES={visible!r}, not ''"
+    cmd = minrm_command(args, nproc, module, torchrun)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"minrm failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result

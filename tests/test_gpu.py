@@ -1,6 +1,6 @@
-"""GPU-only: the bf16 training path on a real CUDA device (one process, NCCL, Liger on by default,
-packed rows through FlexAttention), against the same run in fp32 on the same GPU; the 8B benchmark
-on one GPU. The CPU suite runs the same policy on gloo
+"""GPU-only: the bf16 training path on a real CUDA device (`torchrun --nproc_per_node 1`, NCCL,
+FSDP2, Liger on by default, packed rows through FlexAttention), against the same run in fp32 on the
+same GPU; the 8B benchmark on one GPU (scripts/gpu_check.py reports the figures both record). The CPU suite runs the same policy on gloo
 (tests/test_train.py::test_bf16_two_processes_close_to_fp32); this one checks the CUDA kernels.
 Skips without CUDA."""
 
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from scripts import bench
+from scripts import bench, gpu_check
 from tests.conftest import read_metrics, run_minrm, save_tiny_llama
 from tests.test_train import GA, PDBS, STEPS, assert_close_to_fp32, common_flags
 
@@ -32,8 +32,9 @@ def test_bf16_rewards_close_to_fp32_on_gpu(flex_model_dir, pairs_file, eval_file
     for precision in ("bf16", "no"):
         flags = common_flags(flex_model_dir, pairs_file, eval_file, tmp_path, precision)
         flags += ["--per_device_train_batch_size", str(PDBS), "--gradient_accumulation_steps", str(GA)]
-        result = run_minrm(flags + ["--mixed_precision", precision])
+        result = run_minrm(flags + ["--mixed_precision", precision], torchrun=True)
         assert "packed rows run attention flex_attention" in result.stdout
+        assert "liger: LlamaForSequenceClassification: " in result.stdout
         runs[precision] = tmp_path / precision
     bf16, fp32 = read_metrics(runs["bf16"]), read_metrics(runs["no"])
     assert len(bf16) == len(fp32) == STEPS + 1
@@ -47,7 +48,7 @@ def test_bf16_rewards_close_to_fp32_on_gpu(flex_model_dir, pairs_file, eval_file
     assert not (as_fp32.bfloat16().float() == as_fp32).any()
 
 
-def test_bench_8b_fits_one_gpu(tmp_path):
+def test_bench_8b_fits_one_gpu(tmp_path, record_property):
     """`python -m scripts.bench --size 8b` on one 80 GB GPU (bf16 weights, a stateless step): every
     mode runs, its computed tokens are those counted here from the same synthetic pairs, and its
     peak memory stays below the GPU's."""
@@ -68,6 +69,12 @@ def test_bench_8b_fits_one_gpu(tmp_path):
         "shared_prefix": sum(c + r - n for s in lengths for n, c, r in s),
     }
     assert rows.keys() == computed.keys()
+    peak = gpu_check.bf16_peak(torch.cuda.get_device_name())
+    for mode, row in rows.items():
+        record_property(f"{mode}_computed_tokens_per_s", row["computed_tokens_per_s"])  # for scripts/gpu_check.py
+        record_property(f"{mode}_tflops_per_s", row["flops_per_s"] / 1e12)
+        record_property(f"{mode}_mfu", row["flops_per_s"] / peak if peak else float("nan"))
+        record_property(f"{mode}_peak_memory_gib", row["peak_memory_mib"] / 1024)
     for mode, row in rows.items():
         assert row["computed_tokens_per_s"] * row["seconds"] == pytest.approx(computed[mode]), mode
         assert 0 < row["peak_memory_mib"] < memory / 2**20, mode
