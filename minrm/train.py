@@ -10,7 +10,7 @@
 Phases: setup -> data -> model -> shard -> loop (step, log, eval, save) -> export -> plot. A row is
 a prompt with K responses (a pair: K = 2); one optimizer step (`train_step`) takes batch_size =
 per_device_train_batch_size x world_size x gradient_accumulation_steps rows, and its loss is the mean
-over them of each row's loss (training/loss.py).
+over them of each row's loss (model/loss.py).
 """
 
 import dataclasses
@@ -106,7 +106,8 @@ def train_step(model, optimizer, batches: list, args: Args, stop, saver, d):
     rows = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
     responses = None
     if args.center_rewards_coefficient:  # the step's responses over all ranks
-        responses = int(distributed.all_reduce_sum(sum((prefs.index >= 0).sum() for _, prefs in batches)))
+        count = sum(int((prefs.index >= 0).sum()) for _, prefs in batches)
+        responses = int(distributed.all_reduce_sum(torch.tensor(count, device=d.device)))
     sums = torch.zeros(len(STATS), device=d.device)  # stays on the device: no sync per micro-batch
     for k, batch in enumerate(batches):
         # Gradients are reduce-scattered after every micro-batch and accumulate in fp32 shards
