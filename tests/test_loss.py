@@ -130,7 +130,7 @@ def test_identical_responses_share_one_reward_and_count_each():
     model.r = torch.nn.Parameter(torch.tensor([0.5, -0.25]))
     model.forward = lambda **inputs: model.r * 1.0
     args = SimpleNamespace(loss="bradley_terry", center_rewards_coefficient=0.3)
-    stats = forward_backward(model, ({}, prefs), args, row_scale=1.0, response_scale=1 / 3)
+    stats = forward_backward(model, ({}, prefs), args, rows=1, responses=3)
     each = torch.tensor([0.5, -0.25, 0.5], requires_grad=True)  # computed once per response
     apart = prefs._replace(index=torch.tensor([[0, 1, 2]]))
     expected = row_statistics(each, apart)
