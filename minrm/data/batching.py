@@ -167,8 +167,6 @@ class Preferences(NamedTuple):
     margin: torch.Tensor  # (N,): subtracted from every reward difference of the row (Llama 2's margin loss)
 
 
-
-
 def collate(rows: list[dict], pad_id: int, batching: str) -> tuple[dict, Preferences]:
     """One micro-batch: the model's keyword arguments, whose rewards (R,) come out row by row, and
     the rows' `Preferences` over those rewards.

@@ -51,7 +51,9 @@ def sdpa(q, k, v, window: int | None, scaling: float | None) -> torch.Tensor:
     if isinstance(mask, torch.Tensor) and gqa and q.is_cuda:  # else CUDA's SDPA falls back to its math kernel
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
         gqa = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
+    )
 
 
 AttentionInterface.register(SEGMENTS, segment_attention)

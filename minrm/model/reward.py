@@ -164,8 +164,6 @@ def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, d: Dis
             dist.broadcast(buffer, src=0)
 
 
-
-
 def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
     """The backbone's list of transformer blocks (`layers` in Llama, `h` in GPT-2, ...)."""
     n = model.config.get_text_config().num_hidden_layers
