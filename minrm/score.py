@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import PreTrainedModel
 from transformers.hf_argparser import HfArg
 
 from minrm import rewardbench
@@ -119,32 +118,24 @@ def check_model(args) -> None:
         raise SystemExit(f"minrm: error: {args.model} has {config.num_labels} labels; a reward model has one")
 
 
-def load_reward_model(args, tokenizer, device: torch.device) -> PreTrainedModel:
-    """The model as minrm.train reads it, for inference: the backbone in bf16 on GPU (fp32 on CPU), the score head
-    in fp32 as in training, since a bf16 head rounds every reward to bf16 (steps of 1/64 between 2 and 4): ties."""
-    cuda = device.type == "cuda"
-    model = read_model(train_args(args), tokenizer, torch.bfloat16 if cuda else torch.float32)
-    return prepare(model.to(device), train_args(args), cuda).eval()
-
-
 # ----------------------------------------------------------------------------------------------
 # Rows: this rank's share of the file, tokenized and checked
 
 
-def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
-    """This rank's rows (every world_size-th) as {"row", "subset", "id", "prompt", "responses", "scores", "margin"},
-    and log lines. Every rank gathers all ranks' bad rows, so all stop together with the same list, or skip them."""
+def read_rows(args, tokenizer, d: Dist) -> list[dict]:
+    """This rank's rows (every world_size-th) as {"row", "subset", "id", "prompt", "responses", "scores", "margin"}.
+    Every rank gathers all ranks' bad rows, so all stop together with the same list, or skip them."""
     extra = {"subset": args.subset_key, "id": "id"}  # RewardBench pairs Ties by id
     ds, unit = tokenize_dataset(args.data, args.split, tokenizer, args, extra, shard=(d.rank, d.world_size))
     rows = ds.to_list()
     bad = [(args.data, unit, r["row"], r["problem"]) for r in rows if r["problem"]]
     gathered = gather_objects((len(rows), bad), "score/read", "read and tokenize its rows")
     total, bad = sum(n for n, _ in gathered), sorted(itertools.chain(*(b for _, b in gathered)), key=lambda b: b[2])
-    log = [f"score: {args.data} [{args.split}]: {total} rows, {len(bad)} bad"]
-    log += report_bad_rows(bad, args.skip_bad_rows)
+    log = [f"score: {args.data} [{args.split}]: {total} rows, {len(bad)} bad"] + report_bad_rows(bad, args.skip_bad_rows)
     if len(bad) == total:
         raise SystemExit(f"minrm: error: {args.data} has no row to score")
-    return [r for r in rows if not r["problem"]], log
+    print0("\n".join(log))
+    return [r for r in rows if not r["problem"]]
 
 
 @torch.inference_mode()
@@ -174,26 +165,21 @@ def means(stats: list[dict]) -> dict:
     return {"rows": len(stats), **{name: sum(s[name] for s in stats) / len(stats) for name in STATS}}
 
 
-def section_scores(categories: dict, sections: dict) -> dict:
-    """RewardBench's sections of the categories' best-of-N accuracies, weighted by row counts (a list of categories)
-    or by the file's weights; the score is the sections' mean. Absent categories are listed; a section of none: None."""
-    weights = {
-        name: members if isinstance(members, dict) else {c: categories[c]["rows"] for c in members if c in categories}
-        for name, members in sections.items()
-    }
-    scores = rewardbench.weighted_sections({c: m["best_of_n_accuracy"] for c, m in categories.items()}, weights)
-    missing = [c for members in sections.values() for c in members if c not in categories]
-    found = [s for s in scores.values() if s is not None]
-    return {"sections": scores, "score": sum(found) / len(found) if found else None, "missing_categories": missing}
-
-
 def summarize(stats: list[dict], subsets: list[str | None], sections: dict | None = None) -> dict:
-    """The figures of a scored file from its rows' metrics: overall, per category (rows that have one), per section."""
+    """The figures of a scored file from its rows' metrics: overall, per category (rows that have one), and
+    RewardBench's sections of the categories' best-of-N accuracies, weighted by row counts (a list of categories) or
+    by the file's weights, their mean the score. Absent categories are listed; a section of none scores None."""
     summary = means(stats)
-    if categories := sorted({s for s in subsets if s is not None}):
-        summary["categories"] = {c: means([m for s, m in zip(subsets, stats) if s == c]) for c in categories}
+    categories = {c: means([m for s, m in zip(subsets, stats) if s == c]) for c in sorted(set(subsets) - {None})}
+    if categories:
+        summary["categories"] = categories
     if sections:
-        summary.update(section_scores(summary.get("categories", {}), sections))
+        rows = {c: m["rows"] for c, m in categories.items()}
+        weights = {n: m if isinstance(m, dict) else {c: rows[c] for c in m if c in rows} for n, m in sections.items()}
+        best = {c: m["best_of_n_accuracy"] for c, m in categories.items()}
+        summary["sections"] = scores = rewardbench.weighted_sections(best, weights)
+        summary["score"] = rewardbench.weighted_sections(scores, {"score": dict.fromkeys(scores, 1)})["score"]
+        summary["missing_categories"] = [c for members in sections.values() for c in members if c not in categories]
     return summary
 
 
@@ -237,10 +223,13 @@ def main(argv: list[str] | None = None) -> dict:
     check_model(args)
     d = init_distributed()
     tokenizer = load_tokenizer(train_args(args))
-    rows, log = read_rows(args, tokenizer, d)
-    print0("\n".join(log))
+    rows = read_rows(args, tokenizer, d)
     max_tokens = args.max_tokens_per_batch or MAX_TOKENS[d.device.type]
-    model = load_reward_model(args, tokenizer, d.device)
+    # As minrm.train reads it: the backbone in bf16 on GPU (fp32 on CPU), the score head in fp32 as in training,
+    # since a bf16 head rounds every reward to bf16 (steps of 1/64 between 2 and 4): ties.
+    cuda, flags = d.device.type == "cuda", train_args(args)
+    model = read_model(flags, tokenizer, torch.bfloat16 if cuda else torch.float32).to(d.device)
+    model = prepare(model, flags, cuda).eval()
 
     start = time.perf_counter()
     with tqdm(total=len(rows), disable=not d.is_main, desc="score", dynamic_ncols=True) as bar:
@@ -259,14 +248,14 @@ def main(argv: list[str] | None = None) -> dict:
         record["chosen_rewards"] = [r for r, s in zip(row_rewards, scores) if s == top]
         record["rejected_rewards"] = [r for r, s in zip(row_rewards, scores) if s != top]
         if args.benchmark:
-            record = {**record, "id": row_id, "credit": None}
+            record["id"] = row_id
             record["credit"] = rewardbench.credit(args.benchmark, record)
         else:
             record["correct"] = row_stats["best_of_n_accuracy"] == 1.0
         records.append(record)
     if args.benchmark:
         summary = rewardbench.summarize(args.benchmark, records)
-    else:
+    else:  # the training metrics of every row
         summary = summarize([x[5] for x in scored], [x[1] for x in scored], args.sections)
     if d.is_main:
         print((rewardbench.report if args.benchmark else report)(summary), flush=True)
