@@ -54,10 +54,8 @@ def credit(benchmark: str, record: dict) -> float | None:
     chosen, rejected = record["chosen_rewards"], record["rejected_rewards"]
     if benchmark == "rewardbench":
         if len(chosen) != 1 or len(rejected) != 1:
-            raise SystemExit(
-                f"minrm: error: --benchmark rewardbench: row {record['row']} has {len(chosen)} chosen and "
-                f"{len(rejected)} rejected responses; a RewardBench 1 row is a pair"
-            )
+            shape = f"row {record['row']} has {len(chosen)} chosen and {len(rejected)} rejected responses"
+            raise SystemExit(f"minrm: error: --benchmark rewardbench: {shape}; a RewardBench 1 row is a pair")
         return float(chosen[0] > rejected[0])
     if is_ties(benchmark, record.get("subset")):
         return None
@@ -125,11 +123,9 @@ def summarize(benchmark: str, records: list[dict]) -> dict:
     """Each subset's score (its rows' mean `credit`; Ties by ties_score), the benchmark's sections and overall score.
     RewardBench 1's overall is its sections' mean, Prior Sets (when any of its subsets is present) at half weight, a
     section without data left out (the leaderboard's masked average); RewardBench 2's the mean of its six subsets."""
-    groups = {}
-    for r in records:
-        if r.get("subset") is None:
-            raise SystemExit(f"minrm: error: --benchmark {benchmark}: row {r['row']} has no subset")
-        groups.setdefault(r["subset"], []).append(r)
+    if unnamed := [r["row"] for r in records if r.get("subset") is None]:
+        raise SystemExit(f"minrm: error: --benchmark {benchmark}: row {unnamed[0]} has no subset")
+    groups = {s: [r for r in records if r["subset"] == s] for s in {r["subset"] for r in records}}
     scores = {}
     for subset, rows in groups.items():
         scores[subset] = ties_score(rows) if is_ties(benchmark, subset) else mean([r["credit"] for r in rows])

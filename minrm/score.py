@@ -15,6 +15,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
@@ -89,17 +90,15 @@ def read_sections(path: str) -> dict:
         with open(path) as f:
             sections = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"minrm: error: --sections {path}: cannot read it as JSON ({e})") from None
+        fail("sections", f"{path}: cannot read it as JSON ({e})")
     ok = isinstance(sections, dict) and sections
     for members in sections.values() if ok else ():
         listed = isinstance(members, list) and all(isinstance(c, str) for c in members)
         weighted = isinstance(members, dict) and all(isinstance(w, (int, float)) and w > 0 for w in members.values())
         ok = ok and (listed or weighted) and len(members) > 0
     if not ok:
-        raise SystemExit(
-            f"minrm: error: --sections {path}: expected {{section: [category, ...]}} or "
-            "{section: {category: weight > 0, ...}}, with at least one category per section"
-        )
+        expected = "{section: [category, ...]} or {section: {category: weight > 0, ...}}"
+        fail("sections", f"{path}: expected {expected}, with at least one category per section")
     return sections
 
 
@@ -131,17 +130,16 @@ def read_rows(args, tokenizer, d: Dist) -> list[dict]:
     bad = [(args.data, unit, r["row"], r["problem"]) for r in rows if r["problem"]]
     gathered = gather_objects((len(rows), bad), "score/read", "read and tokenize its rows")
     total, bad = sum(n for n, _ in gathered), sorted(itertools.chain(*(b for _, b in gathered)), key=lambda b: b[2])
-    log = [f"score: {args.data} [{args.split}]: {total} rows, {len(bad)} bad"] + report_bad_rows(bad, args.skip_bad_rows)
+    skipped = report_bad_rows(bad, args.skip_bad_rows)  # stops here without --skip_bad_rows
     if len(bad) == total:
         raise SystemExit(f"minrm: error: {args.data} has no row to score")
-    print0("\n".join(log))
+    print0("\n".join([f"score: {args.data} [{args.split}]: {total} rows, {len(bad)} bad", *skipped]))
     return [r for r in rows if not r["problem"]]
 
 
 @torch.inference_mode()
 def score_rows(model, rows: list[dict], batching: str, max_tokens: int, pad_id: int, device, bar):
-    """Every row's rewards (its responses' in order) and its training metrics (`loss.STATS`):
-    batches of similar lengths, each one forward."""
+    """Every row's rewards (its responses', in order) and training metrics (`loss.STATS`); a forward per batch."""
     outputs = []  # on the device: no sync per batch, so collation overlaps the GPU
     for batch in micro_batches(rows, batching, max_tokens=max_tokens, longest_first=True):
         inputs, prefs = to_device(collate([rows[i] for i in batch], pad_id, batching), device)
@@ -166,9 +164,8 @@ def means(stats: list[dict]) -> dict:
 
 
 def summarize(stats: list[dict], subsets: list[str | None], sections: dict | None = None) -> dict:
-    """The figures of a scored file from its rows' metrics: overall, per category (rows that have one), and
-    RewardBench's sections of the categories' best-of-N accuracies, weighted by row counts (a list of categories) or
-    by the file's weights, their mean the score. Absent categories are listed; a section of none scores None."""
+    """The rows' metrics overall, per category, and RewardBench's sections of the categories' best-of-N accuracies
+    (weighted by row counts, or by the file's weights; their mean the score; a section of no category: None)."""
     summary = means(stats)
     categories = {c: means([m for s, m in zip(subsets, stats) if s == c]) for c in sorted(set(subsets) - {None})}
     if categories:
@@ -207,11 +204,9 @@ def write_outputs(path: str, records: list[dict], summary: dict) -> str:
     if path.endswith(".parquet"):
         pq.write_table(pa.Table.from_pylist(records), path)
     else:
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
     summary_path = os.path.splitext(path)[0] + ".summary.json"
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=1)
+    Path(summary_path).write_text(json.dumps(summary, indent=1))
     return summary_path
 
 

@@ -4,6 +4,7 @@ its upload to the Hub. The end of training writes it from the sharded model; `mi
 """
 
 import os
+from pathlib import Path
 
 import torch.distributed as dist
 from huggingface_hub import HfApi, save_torch_state_dict
@@ -31,8 +32,7 @@ def save_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, a
         model.config.architectures = [architecture]
         model.config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-        with open(os.path.join(out_dir, "README.md"), "w") as f:
-            f.write(card)
+        Path(out_dir, "README.md").write_text(card)
     del state
     dist.barrier()
 
@@ -50,11 +50,9 @@ def push_folder(folder: str, repo_id: str, revision: str) -> str:
                           ignore_patterns=["checkpoints/*"])  # fmt: skip
     except Exception as e:  # httpx's or the Hub's errors: the model on disk is what matters now
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise SystemExit(
-            f"minrm: error: --push_to_hub: the upload to {repo_id} (branch {revision}) failed ({type(e).__name__}: "
-            f"{reason}); the model is saved in {folder}. Upload it later with: "
-            f"hf upload {repo_id} {folder} --revision {revision} --exclude 'checkpoints/*'"
-        ) from None
+        failed = f"the upload to {repo_id} (branch {revision}) failed ({type(e).__name__}: {reason})"
+        later = f"Upload it later with: hf upload {repo_id} {folder} --revision {revision} --exclude 'checkpoints/*'"
+        raise SystemExit(f"minrm: error: --push_to_hub: {failed}; the model is saved in {folder}. {later}") from None
     return f"https://huggingface.co/{repo_id}/tree/{revision}"
 
 
@@ -64,11 +62,12 @@ def resolve_hub_repo(args) -> tuple[str, str]:
     return f"{entity}/{args.hf_repo_id or 'open_instruct_dev'}", args.hf_repo_revision or args.run_name
 
 
-HYPERPARAMETERS = (
-    "loss center_rewards_coefficient max_responses_per_prompt learning_rate lr_scheduler_type warm_up_steps "
-    "per_device_train_batch_size gradient_accumulation_steps num_train_epochs total_episodes max_token_length "
-    "max_prompt_token_length max_grad_norm weight_decay eps seed"
-).split()
+HYPERPARAMETERS = ("loss center_rewards_coefficient max_responses_per_prompt learning_rate lr_scheduler_type "
+                   "warm_up_steps per_device_train_batch_size gradient_accumulation_steps num_train_epochs "
+                   "total_episodes max_token_length max_prompt_token_length max_grad_norm weight_decay eps seed"
+                   ).split()  # fmt: skip
+
+
 def model_card(args, metrics: dict) -> str:
     """README.md of the exported folder: base model, data, key hyperparameters, final metrics."""
     hyper = "".join(f"- {k}: {getattr(args, k)}\n" for k in HYPERPARAMETERS)
