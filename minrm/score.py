@@ -182,18 +182,13 @@ def summarize(stats: list[dict], subsets: list[str | None], sections: dict | Non
 
 def report(summary: dict) -> str:
     """The summary as text: a table per category, the section scores."""
-
-    def figures(m: dict) -> str:
-        rewards = [f"{m[name]:+.4f}" for name in ("chosen_rewards", "rejected_rewards", "reward_margin")]
-        return " | ".join([f"{m['accuracy']:.4f}", f"{m['best_of_n_accuracy']:.4f}", *rewards])
-
     lines = ["| category | rows | accuracy | best of N | chosen | rejected | margin |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {m['rows']} | {figures(m)} |" for name, m in summary.get("categories", {}).items()]
-    lines.append(f"| all | {summary['rows']} | {figures(summary)} |")
+    for name, m in [*summary.get("categories", {}).items(), ("all", summary)]:
+        rewards = " | ".join(f"{m[k]:+.4f}" for k in ("chosen_rewards", "rejected_rewards", "reward_margin"))
+        lines.append(f"| {name} | {m['rows']} | {m['accuracy']:.4f} | {m['best_of_n_accuracy']:.4f} | {rewards} |")
     if "sections" in summary:
-        lines += ["", "| section | score |", "|---|---|"]
-        lines += [f"| {name} | {rewardbench.number(s)} |" for name, s in summary["sections"].items()]
-        lines.append(f"| score (mean of the sections) | {rewardbench.number(summary['score'])} |")
+        sections = [*summary["sections"].items(), ("score (mean of the sections)", summary["score"])]
+        lines += ["", "| section | score |", "|---|---|"] + [f"| {n} | {rewardbench.number(s)} |" for n, s in sections]
         if summary["missing_categories"]:
             lines.append(f"categories of --sections not in the data: {', '.join(summary['missing_categories'])}")
     return "\n".join(lines)
