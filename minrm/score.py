@@ -12,7 +12,6 @@ sorted by length into forwards of `--max_tokens_per_batch` tokens; rank 0 writes
 
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> ScoreArgs:
         fail("max_tokens_per_batch", f"must be at least 1, got {args.max_tokens_per_batch}")
     if args.out and not args.out.endswith((".jsonl", ".parquet")):
         fail("out", f"{args.out!r}: name a .jsonl or .parquet file")
-    if args.data.endswith(DATA_FILES) and not os.path.isfile(args.data):
+    if args.data.endswith(DATA_FILES) and not Path(args.data).is_file():
         fail("data", f"{args.data!r}: no such file")
     if args.benchmark and args.sections:
         fail("sections", "and --benchmark: give one (a benchmark has its own sections)")
@@ -167,8 +166,7 @@ def summarize(stats: list[dict], subsets: list[str | None], sections: dict | Non
     """The rows' metrics overall, per category, and RewardBench's sections of the categories' best-of-N accuracies
     (weighted by row counts, or by the file's weights; their mean the score; a section of no category: None)."""
     summary = means(stats)
-    categories = {c: means([m for s, m in zip(subsets, stats) if s == c]) for c in sorted(set(subsets) - {None})}
-    if categories:
+    if categories := {c: means([m for s, m in zip(subsets, stats) if s == c]) for c in sorted(set(subsets) - {None})}:
         summary["categories"] = categories
     if sections:
         rows = {c: m["rows"] for c, m in categories.items()}
@@ -194,14 +192,14 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(path: str, records: list[dict], summary: dict) -> str:
+def write_outputs(path: str, records: list[dict], summary: dict) -> Path:
     """Every row's rewards to PATH (.jsonl or .parquet), the summary to PATH's stem + .summary.json."""
     if path.endswith(".parquet"):
         pq.write_table(pa.Table.from_pylist(records), path)
     else:
         Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
-    summary_path = os.path.splitext(path)[0] + ".summary.json"
-    Path(summary_path).write_text(json.dumps(summary, indent=1))
+    summary_path = Path(path).with_suffix(".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=1))
     return summary_path
 
 

@@ -3,7 +3,6 @@ it: safetensors weights, `config.json` naming the original architecture, the tok
 its upload to the Hub. The end of training writes it from the sharded model; `minrm.export` from a checkpoint.
 """
 
-import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -27,20 +26,18 @@ def save_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, a
         # A gathered tensor can be a view into FSDP's padded buffer (e.g. the (1, H) score head
         # split over ranks along dim 0); safetensors refuses to save such partial storages.
         state = {k: t.clone() if t.untyped_storage().nbytes() != t.nbytes else t for k, t in state.items()}
-        os.makedirs(out_dir, exist_ok=True)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
         model.config.architectures = [architecture]
         model.config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         Path(out_dir, "README.md").write_text(card)
-    del state
     dist.barrier()
 
 
 def push_folder(folder: str, repo_id: str, revision: str) -> str:
-    """Upload `folder` to branch `revision` of the model repo `repo_id` (created if needed); returns its URL.
-    A failure (the network, the Hub) exits with one line that says where the model is saved and the command
-    that uploads it later: the run's work is kept, but the push that was asked for did not happen (status 1)."""
+    """Upload `folder` to branch `revision` of the model repo `repo_id` (created if needed); returns its URL. A failure
+    (the network, the Hub) exits (status 1) with one line: where the model is saved, the command that uploads it."""
     api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)
