@@ -42,11 +42,12 @@ def load_run(path: str) -> tuple[str, list[dict]]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SystemExit(f"minrm: error: {file}, line {number}: not valid JSON ({e.msg})") from e
-            if not isinstance(rows[-1], dict):
-                raise SystemExit(f"minrm: error: {file}, line {number}: expected a JSON object, got {rows[-1]!r:.60}")
+            if not isinstance(row, dict):
+                raise SystemExit(f"minrm: error: {file}, line {number}: expected a JSON object, got {row!r:.60}")
+            rows.append(row)
     keys = {f"{side}/rm/{name}" for side in ("train", "eval") for name in PANELS}
     if not any(keys & row.keys() for row in rows):
         raise SystemExit(f"minrm: error: {file} has none of the metrics minrm plots (train/rm/loss, eval/rm/loss, ...)")

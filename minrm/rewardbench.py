@@ -121,7 +121,7 @@ def weighted_sections(scores: dict[str, float | None], sections: dict[str, dict[
 
 def summarize(benchmark: str, records: list[dict]) -> dict:
     """Each subset's score (its rows' mean `credit`; Ties: ties_score) and the overall: RewardBench 2's the mean of
-    its six subsets; RewardBench 1's its sections' mean, Prior Sets at half weight, one without data left out."""
+    its six subsets; RewardBench 1's its sections' mean, Prior Sets at half weight, a section without data left out."""
     if unnamed := [r["row"] for r in records if r.get("subset") is None]:
         raise SystemExit(f"minrm: error: --benchmark {benchmark}: row {unnamed[0]} has no subset")
     groups = {s: [r for r in records if r["subset"] == s] for s in {r["subset"] for r in records}}

@@ -109,8 +109,7 @@ def train_args(args) -> Args:
 def check_model(args) -> None:
     """Refuse, before any data is read, a model that does not load (the trainer's checks) or is not a reward model."""
     config = check_loadable(train_args(args), flag="MODEL")
-    kinds = config.architectures or []
-    if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):
+    if (kinds := config.architectures) and not any(k.endswith("ForSequenceClassification") for k in kinds):
         raise SystemExit(f"minrm: error: {args.model} is a {kinds[0]}, not a *ForSequenceClassification reward model")
     if config.num_labels != 1:
         raise SystemExit(f"minrm: error: {args.model} has {config.num_labels} labels; a reward model has one")
