@@ -17,9 +17,17 @@ from minrm.model.reward import skeleton
 from minrm.training.checkpoint import check_complete, load_model_weights
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, max_shard_size: str = "5GB") -> None:
-    """Write a checkpoint as the Hugging Face folder the end of training writes. The model skeleton is rebuilt
-    from the run's args in the checkpoint's meta.json; DCP loads the shards of any world size into it."""
+@dataclass
+class ExportArgs:
+    """Write a checkpoint as the Hugging Face folder training writes: python -m minrm.export CHECKPOINT OUT_DIR."""
+
+    checkpoint: str = HfArg(help="A checkpoint folder, e.g. OUTPUT_DIR/RUN_NAME/checkpoints/step_100.")
+    out_dir: str = HfArg(help="The Hugging Face folder to write.")
+    max_shard_size: str = HfArg(default="5GB", help="safetensors shard size.")
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, max_shard_size: str) -> None:
+    """The model's skeleton from the run's args in the checkpoint's meta.json; DCP loads shards of any world size."""
     try:
         meta = check_complete(checkpoint)
     except ValueError as e:
@@ -29,22 +37,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, max_shard_size: str = "5GB"
     tokenizer = load_tokenizer(args)
     model = skeleton(args, tokenizer).to_empty(device="cpu")  # every saved value comes from the checkpoint
     load_model_weights(checkpoint, model)
-    card = model_card(args, meta.get("metrics", {}))
-    save_hf_folder(model, tokenizer, meta["architecture"], out_dir, d, max_shard_size, card)
+    save_hf_folder(model, tokenizer, meta["architecture"], out_dir, d, model_card(args, meta.get("metrics", {})),
+                   max_shard_size)  # fmt: skip
     print(f"exported {checkpoint} (step {meta['step']}) to {out_dir}")
-
-
-@dataclass
-class ExportArgs:
-    """Write a checkpoint as the Hugging Face folder the end of training writes: python -m minrm.export CHECKPOINT
-    OUT_DIR."""
-
-    checkpoint: str = HfArg(help="A checkpoint folder, e.g. OUTPUT_DIR/RUN_NAME/checkpoints/step_100.")
-    out_dir: str = HfArg(help="The Hugging Face folder to write.")
-    max_shard_size: str = HfArg(default="5GB", help="safetensors shard size.")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    args = parse_command(ExportArgs, None, "python -m minrm.export", positional=("checkpoint", "out_dir"))
-    export_checkpoint(**vars(args))
-    dist.destroy_process_group()
+    export_checkpoint(**vars(parse_command(ExportArgs, None, "python -m minrm.export", ("checkpoint", "out_dir"))))

@@ -62,11 +62,6 @@ def load_runs(paths: list[str]) -> list[tuple[str, list[dict]]]:
     return runs
 
 
-def smooth(values: list[float], weight: float) -> list[float]:
-    """Exponential moving average: s_0 = y_0, s_i = weight * s_(i-1) + (1 - weight) * y_i."""
-    return list(itertools.accumulate(values, lambda s, y: weight * s + (1 - weight) * y))
-
-
 def series(rows: list[dict], key: str, x: str, run: str) -> tuple[list[float], list[float]]:
     """The (x, y) of every row that has a number under `key`."""
     x_key, scale = (ELAPSED, 3600) if x == "time" else ("episode", 1)
@@ -84,8 +79,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], x: str = "episode", smoothing:
         raise SystemExit(f"minrm: error: --smooth: expected a weight in [0, 1), got {smoothing}")
     fig = Figure(figsize=(13, 7), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 3).flat
-    for ax, panel in zip(axes, PANELS):
+    for ax, panel in zip(fig.subplots(2, 3).flat, PANELS):
         train_key, eval_key = f"train/rm/{panel}", f"eval/rm/{panel}"
         ax.set_title(train_key if panel == "lr" else f"{train_key}, {eval_key}", fontsize=10)
         ax.set_xlabel(X_LABELS[x], fontsize=8)
@@ -95,7 +89,8 @@ def plot_runs(runs: list[tuple[str, list[dict]]], x: str = "episode", smoothing:
             xs, ys = series(rows, train_key, x, name)
             if smoothing > 0 and panel != "lr":  # the schedule is not noisy: its warm-up corner stays sharp
                 ax.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8, gid="train_raw")
-                ys = smooth(ys, smoothing)
+                # An exponential moving average: s_0 = y_0, s_i = w s_(i-1) + (1 - w) y_i.
+                ys = list(itertools.accumulate(ys, lambda s, y: smoothing * s + (1 - smoothing) * y))
             ax.plot(xs, ys, color=color, linewidth=1.3, gid="train")
             xs, ys = series(rows, eval_key, x, name)
             ax.plot(xs, ys, "o", color=color, markeredgecolor="black", markersize=6, gid="eval")
@@ -117,13 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minrm.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="a run folder or a metrics.jsonl file")
     parser.add_argument("--out", default="metrics.png", help="the PNG to write (default: metrics.png)")
-    parser.add_argument(
-        "--x", choices=("episode", "time"), default="episode", help="x axis: episodes, or wall-clock hours"
-    )
-    parser.add_argument(
-        "--smooth", type=float, default=0.0, metavar="WEIGHT",
-        help="smooth the train lines: exponential moving average of this weight in [0, 1) (default: 0, off)",
-    )  # fmt: skip
+    parser.add_argument("--x", choices=X_LABELS, default="episode", help="x axis: episodes, or wall-clock hours")
+    parser.add_argument("--smooth", type=float, default=0.0, metavar="WEIGHT",
+                        help="smooth the train lines: an exponential moving average of this weight in [0, 1) (0: off)")  # fmt: skip
     parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: 100)")
     args = parser.parse_args(argv)
     plot_runs(load_runs(args.runs), args.x, args.smooth).savefig(args.out, dpi=args.dpi)

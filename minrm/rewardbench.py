@@ -54,29 +54,24 @@ def credit(benchmark: str, record: dict) -> float | None:
     chosen, rejected = record["chosen_rewards"], record["rejected_rewards"]
     if benchmark == "rewardbench":
         if len(chosen) != 1 or len(rejected) != 1:
-            raise SystemExit(
-                f"minrm: error: --benchmark rewardbench: row {record['row']} has {len(chosen)} chosen and "
-                f"{len(rejected)} rejected responses; a RewardBench 1 row is a pair"
-            )
+            shape = f"row {record['row']} has {len(chosen)} chosen and {len(rejected)} rejected responses"
+            raise SystemExit(f"minrm: error: --benchmark rewardbench: {shape}; a RewardBench 1 row is a pair")
         return float(chosen[0] > rejected[0])
-    if is_ties(record.get("subset")):
+    if is_ties(benchmark, record.get("subset")):
         return None
     rewards = chosen + rejected
-    top = max(rewards)
-    return 1 / rewards.count(top) if rewards[0] == top else 0.0
+    return 1 / rewards.count(rewards[0]) if rewards[0] == max(rewards) else 0.0
 
 
-def is_ties(subset: str | None) -> bool:
-    return subset is not None and subset.lower() == "ties"  # run_v2.py compares the lower-case name
+def is_ties(benchmark: str, subset: str | None) -> bool:
+    return benchmark == "rewardbench2" and str(subset).lower() == "ties"  # run_v2.py compares the lower-case name
 
 
 # ----------------------------------------------------------------------------------------------
 # RewardBench 2's Ties subset
 
 
-class Ranked(NamedTuple):
-    """What rewardbench/utils.py's sample_stats keeps of a Ties row."""
-
+class Ranked(NamedTuple):  # what rewardbench/utils.py's sample_stats keeps of a Ties row
     accurate: bool  # every correct reward strictly above every incorrect one
     spread: float | None  # best minus worst correct reward; None with one correct response
     margin: float  # worst correct minus best incorrect reward
@@ -90,12 +85,8 @@ def ranked(chosen: list[float], rejected: list[float]) -> Ranked:
 
 
 def ties_score(records: list[dict]) -> float:
-    """The Ties subset's score (rewardbench/utils.py, process_single_model). Each prompt N may have a `ref:N` row
-    (one reference answer) and a `tied:N` row (several equally correct answers), the chosen responses being the
-    correct ones. Over the prompts that have both, a tied row is `preferred` when its margin exceeds its spread of
-    correct rewards, `hard` when the smaller of the two rows' margins does, and `ratio` is that smaller margin over
-    the spread (spread > 0). score = 0.3 acc(tied rows) + 0.3 acc(ref rows) + 0.2 mean(preferred) + 0.2 mean(hard)
-    + 0.01 mean(tanh(ratio - 1))."""
+    """The Ties subset's score (rewardbench/utils.py, process_single_model; docs/scoring.md states it). Each prompt N
+    may have a `ref:N` row (one correct answer) and a `tied:N` row (several), the chosen responses the correct ones."""
     rows = {"ref": {}, "tied": {}}
     for r in records:
         kind, _, prompt = str(r["id"]).partition(":")
@@ -118,46 +109,35 @@ def ties_score(records: list[dict]) -> float:
 # Subsets, sections, overall
 
 
-def weighted_sections(scores: dict[str, float], sections: dict[str, dict[str, float]]) -> dict[str, float | None]:
-    """Each section's mean of its subsets' scores weighted as given, over the subsets present
-    (rewardbench/utils.py, calculate_scores_per_section); None for a section with none present."""
+def weighted_sections(scores: dict[str, float | None], sections: dict[str, dict[str, float]]) -> dict:
+    """Each section's mean of its subsets' scores weighted as given, over the subsets with a score
+    (rewardbench/utils.py, calculate_scores_per_section); None for a section with none."""
     out = {}
     for name, weights in sections.items():
-        present = {s: w for s, w in weights.items() if s in scores}
+        present = {s: w for s, w in weights.items() if scores.get(s) is not None}
         out[name] = sum(w * scores[s] for s, w in present.items()) / sum(present.values()) if present else None
     return out
 
 
-def rewardbench_overall(scores: dict[str, float]) -> dict:
-    """The four sections, Prior Sets when any of its subsets is present, and the overall: the sections'
-    mean, Prior Sets at half weight (the leaderboard's masked average, which leaves out a section without data)."""
-    sections = weighted_sections(scores, {**SECTIONS, PRIOR: dict.fromkeys(PRIOR_SETS, 1)})
-    found = {name: s for name, s in sections.items() if s is not None}
-    overall = weighted_sections(found, {"overall": OVERALL_WEIGHTS})["overall"]
-    missing = [s for subs in SECTIONS.values() for s in subs if s not in scores]
-    return {"sections": sections, "score": overall, "missing_subsets": missing}
-
-
-def rewardbench2_overall(scores: dict[str, float]) -> dict:
-    """The plain mean of the six subsets' scores (of those present)."""
-    found = [scores[s] for s in SUBSETS_2 if s in scores]
-    return {"score": mean(found) if found else None, "missing_subsets": [s for s in SUBSETS_2 if s not in scores]}
-
-
 def summarize(benchmark: str, records: list[dict]) -> dict:
-    """Each subset's score (its rows' mean `credit`; Ties by ties_score), the benchmark's sections and overall score."""
-    groups = {}
-    for r in records:
-        if r.get("subset") is None:
-            raise SystemExit(f"minrm: error: --benchmark {benchmark}: row {r['row']} has no subset")
-        groups.setdefault(r["subset"], []).append(r)
+    """Each subset's score (its rows' mean `credit`; Ties: ties_score) and the overall: RewardBench 2's the mean of
+    its six subsets; RewardBench 1's its sections' mean, Prior Sets at half weight, a section without data left out."""
+    if unnamed := [r["row"] for r in records if r.get("subset") is None]:
+        raise SystemExit(f"minrm: error: --benchmark {benchmark}: row {unnamed[0]} has no subset")
+    groups = {s: [r for r in records if r["subset"] == s] for s in {r["subset"] for r in records}}
     scores = {}
-    for subset, rows in sorted(groups.items()):
-        tied = benchmark == "rewardbench2" and is_ties(subset)
-        scores[subset] = ties_score(rows) if tied else mean([r["credit"] for r in rows])
-    categories = {subset: {"rows": len(groups[subset]), "score": score} for subset, score in scores.items()}
-    overall = rewardbench_overall(scores) if benchmark == "rewardbench" else rewardbench2_overall(scores)
-    return {"benchmark": benchmark, "rows": len(records), "categories": categories, **overall}
+    for subset, rows in groups.items():
+        scores[subset] = ties_score(rows) if is_ties(benchmark, subset) else mean([r["credit"] for r in rows])
+    summary = {"benchmark": benchmark, "rows": len(records)}
+    summary["categories"] = {s: {"rows": len(groups[s]), "score": scores[s]} for s in sorted(scores)}
+    if benchmark == "rewardbench":
+        summary["sections"] = weighted_sections(scores, {**SECTIONS, PRIOR: dict.fromkeys(PRIOR_SETS, 1)})
+        summary["score"] = weighted_sections(summary["sections"], {"score": OVERALL_WEIGHTS})["score"]
+        subsets = [s for members in SECTIONS.values() for s in members]
+    else:
+        summary["score"] = weighted_sections(scores, {"score": dict.fromkeys(SUBSETS_2, 1)})["score"]
+        subsets = SUBSETS_2
+    return {**summary, "missing_subsets": [s for s in subsets if s not in scores]}
 
 
 def report(summary: dict) -> str:
@@ -167,9 +147,7 @@ def report(summary: dict) -> str:
     if "sections" in summary:
         lines += ["", "| section | score |", "|---|---|"]
         lines += [f"| {name} | {number(s)} |" for name, s in summary["sections"].items()]
-        how = "the sections' mean, Prior Sets at half weight"
-    else:
-        how = "the mean of the six subsets"
+    how = "the sections' mean, Prior Sets at half weight" if "sections" in summary else "the mean of the six subsets"
     lines.append(f"{summary['benchmark']} score ({how}): {number(summary['score'])}")
     if summary["missing_subsets"]:
         lines.append(f"subsets of {summary['benchmark']} not in the data: {', '.join(summary['missing_subsets'])}")

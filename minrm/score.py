@@ -12,9 +12,9 @@ sorted by length into forwards of `--max_tokens_per_batch` tokens; rank 0 writes
 
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import PreTrainedModel
 from transformers.hf_argparser import HfArg
 
 from minrm import rewardbench
@@ -75,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> ScoreArgs:
         fail("max_tokens_per_batch", f"must be at least 1, got {args.max_tokens_per_batch}")
     if args.out and not args.out.endswith((".jsonl", ".parquet")):
         fail("out", f"{args.out!r}: name a .jsonl or .parquet file")
-    if args.data.endswith(DATA_FILES) and not os.path.isfile(args.data):
+    if args.data.endswith(DATA_FILES) and not Path(args.data).is_file():
         fail("data", f"{args.data!r}: no such file")
     if args.benchmark and args.sections:
         fail("sections", "and --benchmark: give one (a benchmark has its own sections)")
@@ -90,17 +89,15 @@ def read_sections(path: str) -> dict:
         with open(path) as f:
             sections = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"minrm: error: --sections {path}: cannot read it as JSON ({e})") from None
+        fail("sections", f"{path}: cannot read it as JSON ({e})")
     ok = isinstance(sections, dict) and sections
     for members in sections.values() if ok else ():
         listed = isinstance(members, list) and all(isinstance(c, str) for c in members)
         weighted = isinstance(members, dict) and all(isinstance(w, (int, float)) and w > 0 for w in members.values())
         ok = ok and (listed or weighted) and len(members) > 0
     if not ok:
-        raise SystemExit(
-            f"minrm: error: --sections {path}: expected {{section: [category, ...]}} or "
-            "{section: {category: weight > 0, ...}}, with at least one category per section"
-        )
+        expected = "{section: [category, ...]} or {section: {category: weight > 0, ...}}"
+        fail("sections", f"{path}: expected {expected}, with at least one category per section")
     return sections
 
 
@@ -112,45 +109,35 @@ def train_args(args) -> Args:
 def check_model(args) -> None:
     """Refuse, before any data is read, a model that does not load (the trainer's checks) or is not a reward model."""
     config = check_loadable(train_args(args), flag="MODEL")
-    kinds = config.architectures or []
-    if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):
+    if (kinds := config.architectures) and not any(k.endswith("ForSequenceClassification") for k in kinds):
         raise SystemExit(f"minrm: error: {args.model} is a {kinds[0]}, not a *ForSequenceClassification reward model")
     if config.num_labels != 1:
         raise SystemExit(f"minrm: error: {args.model} has {config.num_labels} labels; a reward model has one")
-
-
-def load_reward_model(args, tokenizer, device: torch.device) -> PreTrainedModel:
-    """The model as minrm.train reads it, for inference: the backbone in bf16 on GPU (fp32 on CPU), the score head
-    in fp32 as in training, since a bf16 head rounds every reward to bf16 (steps of 1/64 between 2 and 4): ties."""
-    cuda = device.type == "cuda"
-    model = read_model(train_args(args), tokenizer, torch.bfloat16 if cuda else torch.float32)
-    return prepare(model.to(device), train_args(args), cuda).eval()
 
 
 # ----------------------------------------------------------------------------------------------
 # Rows: this rank's share of the file, tokenized and checked
 
 
-def read_rows(args, tokenizer, d: Dist) -> tuple[list[dict], list[str]]:
-    """This rank's rows (every world_size-th) as {"row", "subset", "id", "prompt", "responses", "scores", "margin"},
-    and log lines. Every rank gathers all ranks' bad rows, so all stop together with the same list, or skip them."""
+def read_rows(args, tokenizer, d: Dist) -> list[dict]:
+    """This rank's rows (every world_size-th) as {"row", "subset", "id", "prompt", "responses", "scores", "margin"}.
+    Every rank gathers all ranks' bad rows, so all stop together with the same list, or skip them."""
     extra = {"subset": args.subset_key, "id": "id"}  # RewardBench pairs Ties by id
     ds, unit = tokenize_dataset(args.data, args.split, tokenizer, args, extra, shard=(d.rank, d.world_size))
     rows = ds.to_list()
     bad = [(args.data, unit, r["row"], r["problem"]) for r in rows if r["problem"]]
     gathered = gather_objects((len(rows), bad), "score/read", "read and tokenize its rows")
     total, bad = sum(n for n, _ in gathered), sorted(itertools.chain(*(b for _, b in gathered)), key=lambda b: b[2])
-    log = [f"score: {args.data} [{args.split}]: {total} rows, {len(bad)} bad"]
-    log += report_bad_rows(bad, args.skip_bad_rows)
+    skipped = report_bad_rows(bad, args.skip_bad_rows)  # stops here without --skip_bad_rows
     if len(bad) == total:
         raise SystemExit(f"minrm: error: {args.data} has no row to score")
-    return [r for r in rows if not r["problem"]], log
+    print0("\n".join([f"score: {args.data} [{args.split}]: {total} rows, {len(bad)} bad", *skipped]))
+    return [r for r in rows if not r["problem"]]
 
 
 @torch.inference_mode()
 def score_rows(model, rows: list[dict], batching: str, max_tokens: int, pad_id: int, device, bar):
-    """Every row's rewards (its responses' in order) and its training metrics (`loss.STATS`):
-    batches of similar lengths, each one forward."""
+    """Every row's rewards (its responses', in order) and training metrics (`loss.STATS`); a forward per batch."""
     outputs = []  # on the device: no sync per batch, so collation overlaps the GPU
     for batch in micro_batches(rows, batching, max_tokens=max_tokens, longest_first=True):
         inputs, prefs = to_device(collate([rows[i] for i in batch], pad_id, batching), device)
@@ -174,58 +161,44 @@ def means(stats: list[dict]) -> dict:
     return {"rows": len(stats), **{name: sum(s[name] for s in stats) / len(stats) for name in STATS}}
 
 
-def section_scores(categories: dict, sections: dict) -> dict:
-    """RewardBench's sections of the categories' best-of-N accuracies, weighted by row counts (a list of categories)
-    or by the file's weights; the score is the sections' mean. Absent categories are listed; a section of none: None."""
-    weights = {
-        name: members if isinstance(members, dict) else {c: categories[c]["rows"] for c in members if c in categories}
-        for name, members in sections.items()
-    }
-    scores = rewardbench.weighted_sections({c: m["best_of_n_accuracy"] for c, m in categories.items()}, weights)
-    missing = [c for members in sections.values() for c in members if c not in categories]
-    found = [s for s in scores.values() if s is not None]
-    return {"sections": scores, "score": sum(found) / len(found) if found else None, "missing_categories": missing}
-
-
 def summarize(stats: list[dict], subsets: list[str | None], sections: dict | None = None) -> dict:
-    """The figures of a scored file from its rows' metrics: overall, per category (rows that have one), per section."""
+    """The rows' metrics overall, per category, and RewardBench's sections of the categories' best-of-N accuracies
+    (weighted by row counts, or by the file's weights; their mean the score; a section of no category: None)."""
     summary = means(stats)
-    if categories := sorted({s for s in subsets if s is not None}):
-        summary["categories"] = {c: means([m for s, m in zip(subsets, stats) if s == c]) for c in categories}
+    if categories := {c: means([m for s, m in zip(subsets, stats) if s == c]) for c in sorted(set(subsets) - {None})}:
+        summary["categories"] = categories
     if sections:
-        summary.update(section_scores(summary.get("categories", {}), sections))
+        rows = {c: m["rows"] for c, m in categories.items()}
+        weights = {n: m if isinstance(m, dict) else {c: rows[c] for c in m if c in rows} for n, m in sections.items()}
+        best = {c: m["best_of_n_accuracy"] for c, m in categories.items()}
+        summary["sections"] = scores = rewardbench.weighted_sections(best, weights)
+        summary["score"] = rewardbench.weighted_sections(scores, {"score": dict.fromkeys(scores, 1)})["score"]
+        summary["missing_categories"] = [c for members in sections.values() for c in members if c not in categories]
     return summary
 
 
 def report(summary: dict) -> str:
     """The summary as text: a table per category, the section scores."""
-
-    def figures(m: dict) -> str:
-        rewards = [f"{m[name]:+.4f}" for name in ("chosen_rewards", "rejected_rewards", "reward_margin")]
-        return " | ".join([f"{m['accuracy']:.4f}", f"{m['best_of_n_accuracy']:.4f}", *rewards])
-
     lines = ["| category | rows | accuracy | best of N | chosen | rejected | margin |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {m['rows']} | {figures(m)} |" for name, m in summary.get("categories", {}).items()]
-    lines.append(f"| all | {summary['rows']} | {figures(summary)} |")
+    for name, m in [*summary.get("categories", {}).items(), ("all", summary)]:
+        rewards = " | ".join(f"{m[k]:+.4f}" for k in ("chosen_rewards", "rejected_rewards", "reward_margin"))
+        lines.append(f"| {name} | {m['rows']} | {m['accuracy']:.4f} | {m['best_of_n_accuracy']:.4f} | {rewards} |")
     if "sections" in summary:
-        lines += ["", "| section | score |", "|---|---|"]
-        lines += [f"| {name} | {rewardbench.number(s)} |" for name, s in summary["sections"].items()]
-        lines.append(f"| score (mean of the sections) | {rewardbench.number(summary['score'])} |")
+        sections = [*summary["sections"].items(), ("score (mean of the sections)", summary["score"])]
+        lines += ["", "| section | score |", "|---|---|"] + [f"| {n} | {rewardbench.number(s)} |" for n, s in sections]
         if summary["missing_categories"]:
             lines.append(f"categories of --sections not in the data: {', '.join(summary['missing_categories'])}")
     return "\n".join(lines)
 
 
-def write_outputs(path: str, records: list[dict], summary: dict) -> str:
+def write_outputs(path: str, records: list[dict], summary: dict) -> Path:
     """Every row's rewards to PATH (.jsonl or .parquet), the summary to PATH's stem + .summary.json."""
     if path.endswith(".parquet"):
         pq.write_table(pa.Table.from_pylist(records), path)
     else:
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    summary_path = os.path.splitext(path)[0] + ".summary.json"
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=1)
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary_path = Path(path).with_suffix(".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=1))
     return summary_path
 
 
@@ -237,10 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
     check_model(args)
     d = init_distributed()
     tokenizer = load_tokenizer(train_args(args))
-    rows, log = read_rows(args, tokenizer, d)
-    print0("\n".join(log))
+    rows = read_rows(args, tokenizer, d)
     max_tokens = args.max_tokens_per_batch or MAX_TOKENS[d.device.type]
-    model = load_reward_model(args, tokenizer, d.device)
+    # As minrm.train reads it: the backbone in bf16 on GPU (fp32 on CPU), the score head in fp32 as in training,
+    # since a bf16 head rounds every reward to bf16 (steps of 1/64 between 2 and 4): ties.
+    cuda, flags = d.device.type == "cuda", train_args(args)
+    model = read_model(flags, tokenizer, torch.bfloat16 if cuda else torch.float32).to(d.device)
+    model = prepare(model, flags, cuda).eval()
 
     start = time.perf_counter()
     with tqdm(total=len(rows), disable=not d.is_main, desc="score", dynamic_ncols=True) as bar:
@@ -259,14 +235,14 @@ def main(argv: list[str] | None = None) -> dict:
         record["chosen_rewards"] = [r for r, s in zip(row_rewards, scores) if s == top]
         record["rejected_rewards"] = [r for r, s in zip(row_rewards, scores) if s != top]
         if args.benchmark:
-            record = {**record, "id": row_id, "credit": None}
+            record["id"] = row_id
             record["credit"] = rewardbench.credit(args.benchmark, record)
         else:
             record["correct"] = row_stats["best_of_n_accuracy"] == 1.0
         records.append(record)
     if args.benchmark:
         summary = rewardbench.summarize(args.benchmark, records)
-    else:
+    else:  # the training metrics of every row
         summary = summarize([x[5] for x in scored], [x[1] for x in scored], args.sections)
     if d.is_main:
         print((rewardbench.report if args.benchmark else report)(summary), flush=True)

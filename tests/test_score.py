@@ -143,7 +143,7 @@ def test_rewards_equal_hf_forward_for_every_batching_and_budget(batching, attent
 
 def test_gpu_loading_keeps_the_score_head_in_fp32_as_training(tmp_path, tokenizer):
     """On GPU the scorer reads the model with the backbone in bf16 and the score head in fp32
-    (`load_reward_model`), as training computes rewards under --mixed_precision bf16 (FSDP2 gathers
+    (`score.main`), as training computes rewards under --mixed_precision bf16 (FSDP2 gathers
     bf16 blocks and an fp32 head): its rewards are not rounded to bf16, and equal training's
     computation on the same export (shard_model, one process on gloo). Read here on the CPU."""
     torch.manual_seed(0)

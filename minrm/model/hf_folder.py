@@ -3,7 +3,7 @@ it: safetensors weights, `config.json` naming the original architecture, the tok
 its upload to the Hub. The end of training writes it from the sharded model; `minrm.export` from a checkpoint.
 """
 
-import os
+from pathlib import Path
 
 import torch.distributed as dist
 from huggingface_hub import HfApi, save_torch_state_dict
@@ -13,62 +13,43 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from minrm.distributed import Dist
 
 
-def save_hf_folder(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    architecture: str,
-    out_dir: str,
-    d: Dist,
-    max_shard_size: str = "5GB",
-    card: str | None = None,
-) -> None:
-    """Gather the full state dict onto rank 0's CPU (one full copy, nowhere else) and write it there.
-    `architecture` is the class name before FSDP2 wrapped it (`FSDPLlama...` is not loadable)."""
+def save_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, architecture: str, out_dir: str, d: Dist,
+                   card: str, max_shard_size: str = "5GB") -> None:  # fmt: skip
+    """Gather the full state dict onto rank 0's CPU (one full copy, nowhere else) and write it there, with the model
+    card. `architecture` is the class name before FSDP2 wrapped it (`FSDPLlama...` is not loadable)."""
     # Memory: every rank takes part in the all-gathers, which go one parameter at a time; with
     # cpu_offload each gathered tensor moves to rank 0's CPU and the device copy is dropped, and the
     # other ranks keep nothing. So rank 0 peaks at one full CPU copy of the weights (plus one
     # parameter on the device); safetensors then writes the shards from that copy, one file at a time.
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        for key, tensor in state.items():
-            # A gathered tensor can be a view into FSDP's padded buffer (e.g. the (1, H) score head
-            # split over ranks along dim 0); safetensors refuses to save such partial storages.
-            if tensor.untyped_storage().nbytes() != tensor.nbytes:
-                state[key] = tensor.clone()
-        os.makedirs(out_dir, exist_ok=True)
+        # A gathered tensor can be a view into FSDP's padded buffer (e.g. the (1, H) score head
+        # split over ranks along dim 0); safetensors refuses to save such partial storages.
+        state = {k: t.clone() if t.untyped_storage().nbytes() != t.nbytes else t for k, t in state.items()}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
         model.config.architectures = [architecture]
         model.config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-        if card is not None:
-            with open(os.path.join(out_dir, "README.md"), "w") as f:
-                f.write(card)
-    del state
+        Path(out_dir, "README.md").write_text(card)
     dist.barrier()
 
 
 def push_folder(folder: str, repo_id: str, revision: str) -> str:
-    """Upload `folder` to branch `revision` of the model repo `repo_id` (created if needed); returns its URL.
-    A failure (the network, the Hub) exits with one line that says where the model is saved and the command
-    that uploads it later: the run's work is kept, but the push that was asked for did not happen (status 1)."""
+    """Upload `folder` to branch `revision` of the model repo `repo_id` (created if needed); returns its URL. A failure
+    (the network, the Hub) exits (status 1) with one line: where the model is saved, the command that uploads it."""
     api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            revision=revision,
-            commit_message=f"minrm: {revision}",
-            ignore_patterns=["checkpoints/*"],  # the run folder also holds the resumable checkpoints
-        )
+        # The run folder also holds the resumable checkpoints.
+        api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=f"minrm: {revision}",
+                          ignore_patterns=["checkpoints/*"])  # fmt: skip
     except Exception as e:  # httpx's or the Hub's errors: the model on disk is what matters now
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise SystemExit(
-            f"minrm: error: --push_to_hub: the upload to {repo_id} (branch {revision}) failed ({type(e).__name__}: "
-            f"{reason}); the model is saved in {folder}. Upload it later with: "
-            f"hf upload {repo_id} {folder} --revision {revision} --exclude 'checkpoints/*'"
-        ) from None
+        failed = f"the upload to {repo_id} (branch {revision}) failed ({type(e).__name__}: {reason})"
+        later = f"Upload it later with: hf upload {repo_id} {folder} --revision {revision} --exclude 'checkpoints/*'"
+        raise SystemExit(f"minrm: error: --push_to_hub: {failed}; the model is saved in {folder}. {later}") from None
     return f"https://huggingface.co/{repo_id}/tree/{revision}"
 
 
@@ -78,32 +59,10 @@ def resolve_hub_repo(args) -> tuple[str, str]:
     return f"{entity}/{args.hf_repo_id or 'open_instruct_dev'}", args.hf_repo_revision or args.run_name
 
 
-HYPERPARAMETERS = (
-    "loss center_rewards_coefficient max_responses_per_prompt learning_rate lr_scheduler_type warm_up_steps "
-    "per_device_train_batch_size gradient_accumulation_steps num_train_epochs total_episodes max_token_length "
-    "max_prompt_token_length max_grad_norm weight_decay eps seed"
-).split()
-CARD = """---
-base_model: {base}
-library_name: transformers
-tags: [reward-model, minrm]
----
-
-# {run_name}
-
-A reward model trained with minrm from preference pairs or ranked lists (the loss is below). Load it with \
-`AutoModelForSequenceClassification.from_pretrained`; the reward is the single logit.
-
-- Base model: `{base}`
-- Training data (mixer list): `{train}`
-- Eval data (mixer list): `{eval}`
-
-## Hyperparameters
-
-{hyper}
-## Final metrics
-
-{final}"""
+HYPERPARAMETERS = ("loss center_rewards_coefficient max_responses_per_prompt learning_rate lr_scheduler_type "
+                   "warm_up_steps per_device_train_batch_size gradient_accumulation_steps num_train_epochs "
+                   "total_episodes max_token_length max_prompt_token_length max_grad_norm weight_decay eps seed"
+                   ).split()  # fmt: skip
 
 
 def model_card(args, metrics: dict) -> str:
@@ -111,6 +70,24 @@ def model_card(args, metrics: dict) -> str:
     hyper = "".join(f"- {k}: {getattr(args, k)}\n" for k in HYPERPARAMETERS)
     final = "".join(f"- {k}: {v:.6g}\n" if isinstance(v, float) else f"- {k}: {v}\n" for k, v in metrics.items())
     train, evals = " ".join(args.dataset_mixer_list), " ".join(args.dataset_mixer_eval_list) or "none"
-    return CARD.format(
-        base=args.model_name_or_path, run_name=args.run_name, train=train, eval=evals, hyper=hyper, final=final
-    )
+    return f"""---
+base_model: {args.model_name_or_path}
+library_name: transformers
+tags: [reward-model, minrm]
+---
+
+# {args.run_name}
+
+A reward model trained with minrm from preference pairs or ranked lists (the loss is below). Load it with \
+`AutoModelForSequenceClassification.from_pretrained`; the reward is the single logit.
+
+- Base model: `{args.model_name_or_path}`
+- Training data (mixer list): `{train}`
+- Eval data (mixer list): `{evals}`
+
+## Hyperparameters
+
+{hyper}
+## Final metrics
+
+{final}"""
