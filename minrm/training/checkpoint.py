@@ -41,32 +41,6 @@ MUST_MATCH_ARGS = (
 MUST_MATCH_DERIVED = ("batch_size", "num_training_steps", "train_pairs")
 
 
-class ModelState(Stateful):
-    """The model's (sharded) state dict, in the form DCP saves and reshards."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def state_dict(self) -> dict:
-        return get_model_state_dict(self.model)
-
-    def load_state_dict(self, state: dict) -> None:
-        set_model_state_dict(self.model, state)
-
-
-class OptimizerState(Stateful):
-    """AdamW's state, keyed by parameter name (not position) so that it survives resharding."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict:
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, state: dict) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state)
-
-
 @dataclasses.dataclass
 class TrainerState(Stateful):
     """Where the loop is: the step (= data position and LR schedule state), episodes, RNGs."""
@@ -87,8 +61,7 @@ class TrainerState(Stateful):
         return {"step": self.step, "episode": self.episode, "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.episode = state["step"], state["episode"]
-        rng = state["rng"]
+        self.step, self.episode, rng = state["step"], state["episode"], state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -105,14 +78,16 @@ def checkpoint_interval(value: str | None, train_pairs: int, batch_size: int) ->
 
 def config_hash(config) -> str:
     """A hash of the model config, minus what does not change the weights' meaning."""
-    items = {
-        k: v for k, v in config.to_dict().items() if k not in ("architectures", "_name_or_path", "transformers_version")
-    }
+    drop = ("architectures", "_name_or_path", "transformers_version")
+    items = {k: v for k, v in config.to_dict().items() if k not in drop}
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _checkpoint_states(model, optimizer, trainer: TrainerState) -> dict:
-    return {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "trainer": trainer}
+def _states(model, optimizer, trainer: TrainerState) -> dict:
+    """What a checkpoint holds: the model's (sharded) state dict, AdamW's keyed by parameter name (not position,
+    so that it survives resharding), and the loop's place. DCP saves and loads these tensors in place."""
+    optimizer_state = get_optimizer_state_dict(model, optimizer)
+    return {"model": get_model_state_dict(model), "optimizer": optimizer_state, "trainer": trainer}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,10 +108,8 @@ class CheckpointWriter:
         # The stager copies this rank's shards to host memory in a thread of its own, into buffers the first
         # save allocates and every later one refills (pinned on GPU, copied on a stream of their own).
         cuda = d.device.type == "cuda"
-        options = StagingOptions(
-            use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda
-        )
-        self.stager = DefaultStager(options)
+        options = StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_non_blocking_copy=cuda)
+        self.stager = DefaultStager(options)  # use_async_staging: its default
         self.staging = None  # DCP's future of the copy in flight
         self.pending = None  # (DCP's future, step) of the save in flight
         self.last = None  # the path of the last checkpoint this writer completed
@@ -154,13 +127,12 @@ class CheckpointWriter:
         dist.barrier()
         if self.d.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the stager copies on its own stream, after the update
-        states = _checkpoint_states(model, optimizer, trainer)
+        states = _states(model, optimizer, trainer)
         saving = dcp.async_save(states, checkpoint_id=tmp, process_group=self.group, async_stager=self.stager)
         self.staging, self.pending = saving.staging_completion, (saving.upload_completion, trainer.step)
 
     def wait_staged(self) -> None:
-        """Block until the save in flight has copied the state (all ranks call this before an optimizer
-        step, which changes the weights and AdamW state in place)."""
+        """Block until the save in flight has copied the state (before an optimizer step changes it in place)."""
         if self.staging is not None:
             self.staging.result()
             self.staging = None
@@ -173,14 +145,13 @@ class CheckpointWriter:
     def wait(self) -> None:
         """Block until the save in flight is written and renamed (before a save, the export and any exit)."""
         if self.pending is not None:
-            self.pending[0].result()
             self._complete()
 
     def _complete(self) -> None:
         future, step = self.pending
         self.pending = None
         # Rank 0's future completes only after every rank reported its files and rank 0 wrote `.metadata`.
-        future.result()  # raises here if the save failed
+        future.result()  # waits for the writes; raises here if the save failed
         self.last = os.path.join(self.root, f"{PREFIX}{step}")
         if self.d.is_main:
             shutil.rmtree(self.last, ignore_errors=True)  # an older run's step_<N> that a resume went back past
@@ -208,8 +179,7 @@ def _prune(root: str, keep_last_n: int, step: int) -> None:
 
 
 def check_complete(path: str) -> dict:
-    """The checkpoint's meta.json, after checking that every file it needs is there and long enough;
-    raises ValueError with a sentence saying what is missing."""
+    """The checkpoint's meta.json, once every file it needs is there and long enough (else ValueError, saying which)."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(path, ".metadata")):
         raise ValueError(f"{path} is not a complete minrm checkpoint (meta.json or DCP's .metadata is missing)")
@@ -255,8 +225,7 @@ def resolve_resume(args, run_dir: str, d: Dist) -> str | None:
 
 
 def load_checkpoint(path: str, model, optimizer, meta_now: dict) -> TrainerState:
-    """Load a checkpoint into the (sharded) model and optimizer, after checking it belongs to this run;
-    returns the trainer state to continue from. Reads only: nothing is written."""
+    """Load a checkpoint of this run into the (sharded) model and optimizer; returns the trainer state to continue."""
     try:
         meta = check_complete(path)
     except ValueError as e:
@@ -275,25 +244,27 @@ def load_checkpoint(path: str, model, optimizer, meta_now: dict) -> TrainerState
             "processes x gradient_accumulation_steps must stay the same)."
         )
     trainer = TrainerState(metrics=meta.get("metrics", {}), elapsed_s=meta.get("elapsed_s", 0.0))
-    dcp.load(_checkpoint_states(model, optimizer, trainer), checkpoint_id=path)
+    states = _states(model, optimizer, trainer)
+    dcp.load(states, checkpoint_id=path)
+    set_model_state_dict(model, states["model"])
+    set_optimizer_state_dict(model, optimizer, states["optimizer"])
     print0(f"resumed from {path} at step {trainer.step} (written by {meta['world_size']} processes)")
     return trainer
 
 
 def load_model_weights(path: str, model: torch.nn.Module) -> dict:
     """Load only the model part of a checkpoint into an unsharded model (for export); returns meta."""
-    meta = check_complete(path)
-    dcp.load({"model": ModelState(model)}, checkpoint_id=path)
+    meta, state = check_complete(path), {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
     return meta
 
 
 def truncate_logs(run_dir: str, trainer: TrainerState) -> None:
     """Drop the log lines a killed run wrote after the checkpoint, so that the resumed run's logs equal an
     uninterrupted run's (all but the wall-clock column `time/elapsed_s`)."""
-    for name, key, limit in (
-        ("metrics.jsonl", "episode", trainer.episode),
-        ("eval_samples.jsonl", "step", trainer.step),
-    ):
+    logs = {"metrics.jsonl": ("episode", trainer.episode), "eval_samples.jsonl": ("step", trainer.step)}
+    for name, (key, limit) in logs.items():
         file = os.path.join(run_dir, name)
         if os.path.isfile(file):
             with open(file) as f:
