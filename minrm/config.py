@@ -6,6 +6,7 @@ checks every value; what the paths point at is checked by `checks.check_paths`, 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -66,6 +67,7 @@ TOY_RECIPE: dict[str, object] = {
     "dataset_mixer_list": [TOY, "1.0"], "dataset_mixer_list_splits": ["train"],
     "dataset_mixer_eval_list": [TOY, "1.0"], "dataset_mixer_eval_list_splits": ["test"],
 }  # fmt: skip
+UNSET = object()  # a toy recipe flag that neither the command line nor a config file gave
 
 
 @dataclass
@@ -181,7 +183,7 @@ def _bool(text: str) -> bool:
 
 
 def _optional(kind: type):
-    """`kind`, or None for `None` / `none`: how a YAML null reaches a flag, and how the command line gives one."""
+    """`kind`, or None for `None` / `none`: how a YAML null reaches a flag, and the command line gives one."""
 
     def parse(text: str):
         return None if text in ("None", "none") else kind(text)
@@ -229,10 +231,9 @@ def _amount_ok(amount: str) -> bool:
     """A mixer AMOUNT: a whole row count (`400`) or a fraction with a decimal point (`0.5`, `3.0`), above 0."""
     if "." not in amount:
         return amount.isdecimal() and int(amount) > 0
-    try:
-        return math.isfinite(float(amount)) and float(amount) > 0
-    except ValueError:
-        return False
+    with contextlib.suppress(ValueError):
+        return 0 < float(amount) < math.inf
+    return False
 
 
 def validate(args: Args) -> None:
@@ -282,9 +283,8 @@ def validate(args: Args) -> None:
 
 
 def read_config_file(path: str) -> dict:
-    """The flags a YAML file sets (keys: flag names or aliases), by field name. HfArgumentParser's `parse_yaml_file`
-    hands YAML's values to the dataclass as they are (`lr: 3e-6` is a string to YAML); here they go through the
-    command line's parser, so each value gets its flag's type and checks."""
+    """The flags a YAML file sets (keys: flag names or aliases), by field name, each value read by its flag's parser
+    (HfArgumentParser's `parse_yaml_file` keeps YAML's types: `lr: 3e-6` is a string to YAML)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -328,22 +328,20 @@ def parse_args(argv: list[str] | None = None) -> Args:
     argv = sys.argv[1:] if argv is None else list(argv)
     from_file = read_config_file(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else {}
     parser = build_parser()
-    # The file's values are the parser's defaults, so the flags given override them.
-    parser.set_defaults(**from_file)
-    args = Args(**vars(parser.parse_args(argv)))
-    if args.model_name_or_path == TOY:
-        # The toy recipe goes under the file's values as defaults, and the flags are read again. An eval set
-        # carved by --eval_fraction replaces the toy's own.
-        recipe = {k: v for k, v in TOY_RECIPE.items() if not (args.eval_fraction and "mixer_eval" in k)}
-        parser.set_defaults(**{**recipe, **from_file})
-        args = Args(**vars(parser.parse_args(argv)))
+    # The file's values are the parser's defaults, so the flags given override them. A recipe flag that neither
+    # gives is left UNSET (argparse hands a default back as it is): the model named decides what fills it.
+    parser.set_defaults(**{**dict.fromkeys(TOY_RECIPE, UNSET), **from_file})
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not UNSET}
+    if given["model_name_or_path"] == TOY:  # an eval set carved by --eval_fraction replaces the toy's own
+        recipe = {k: v for k, v in TOY_RECIPE.items() if not (given["eval_fraction"] and "mixer_eval" in k)}
+        given = {**recipe, **given}
+    args = Args(**given)  # the fields not in `given` take the dataclass's defaults
     validate(args)
     return args
 
 
 def parse_command(cls, argv: list[str] | None, prog: str, positional: tuple[str, ...] = ()):
-    """A command's flags (the dataclass `cls`) from `argv`; its first arguments may be the `positional`
-    fields' values without their flags (`python -m minrm.score MODEL --data FILE`)."""
+    """A command's flags (the dataclass `cls`); the first arguments may be `positional` fields' values (`MODEL`)."""
     argv, given = list(sys.argv[1:] if argv is None else argv), []
     for name in positional:
         if argv and not argv[0].startswith("-"):
@@ -352,8 +350,7 @@ def parse_command(cls, argv: list[str] | None, prog: str, positional: tuple[str,
 
 
 def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **kwargs):
-    """`load(name, **kwargs)` (a `from_pretrained`), whose failure to find, fetch or read `name` is one line naming
-    the flag, not a traceback from deep inside transformers."""
+    """`load(name, **kwargs)` (a `from_pretrained`); failing to find, fetch or read `name` is one line naming the flag."""
     try:
         return load(name, **kwargs)
     except (OSError, ValueError) as e:
