@@ -1,8 +1,6 @@
 """Every flag of minrm, its default and its help text, in one dataclass, parsed by transformers' `HfArgumentParser`.
-
-Names, types, defaults and parser follow the reference (open-instruct's `reward_modeling.py`): its command line runs
-unchanged, and so does its config file (YAML `flag: value` lines, first; flags after it override it). `parse_args`
-checks every value; what the paths point at is checked by `checks.check_paths`, first in `train.py`.
+Names, types, defaults and parser follow the reference (open-instruct's `reward_modeling.py`): its command line and
+its config file run unchanged. `parse_args` checks every value; `checks.check_paths` what the paths point at.
 """
 
 import argparse
@@ -72,7 +70,8 @@ UNSET = object()  # a toy recipe flag that neither the command line nor a config
 
 @dataclass
 class Args:
-    """Every flag: its type, default and `--help` text. `[minrm]` marks a flag the reference lacks."""
+    """Train a reward model. Flags follow open-instruct's reward_modeling.py (`[minrm]`: a flag it lacks). A YAML file
+    of `flag: value` lines may come first (python -m minrm.train config.yaml [--flag value ...]); flags override it."""
 
     # Data
     dataset_mixer_list: list[str] = HfArg(
@@ -192,15 +191,9 @@ def _optional(kind: type):
     return parse
 
 
-TRAIN_HELP = (
-    "Train a reward model. Flags follow open-instruct's reward_modeling.py. A YAML file of `flag: value` lines may "
-    "come first (python -m minrm.train config.yaml [--flag value ...]); flags after it override it."
-)
-
-
-def build_parser(cls=Args, prog: str = "python -m minrm.train", description: str = TRAIN_HELP) -> HfArgumentParser:
-    """The command line of a command whose flags are the dataclass `cls`: every command reads its flags this way."""
-    parser = HfArgumentParser(cls, prog=prog, description=description, allow_abbrev=False)
+def build_parser(cls=Args, prog: str = "python -m minrm.train", description: str | None = None) -> HfArgumentParser:
+    """The command line of a command whose flags (and, by default, help) are the dataclass `cls`'s."""
+    parser = HfArgumentParser(cls, prog=prog, description=description or cls.__doc__, allow_abbrev=False)
     # HfArgumentParser makes each flag from its field; three forms minrm keeps are changed on what it made
     # (`_actions`: argparse's list of the flags, which it has no public accessor for):
     # - a list flag given alone is empty (`--dataset_mixer_eval_list` turns the toy's eval off); it makes nargs="+";
@@ -346,7 +339,7 @@ def parse_command(cls, argv: list[str] | None, prog: str, positional: tuple[str,
     for name in positional:
         if argv and not argv[0].startswith("-"):
             given += [f"--{name}", argv.pop(0)]
-    return cls(**vars(build_parser(cls, prog, cls.__doc__).parse_args(given + argv)))
+    return cls(**vars(build_parser(cls, prog).parse_args(given + argv)))
 
 
 def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **kwargs):

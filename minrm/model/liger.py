@@ -23,11 +23,9 @@ def apply_liger_kernel(model: PreTrainedModel, use: bool | None, strict: bool, d
     if use is False:
         return "liger: off (--use_liger_kernel false); the model keeps its Hugging Face modules"
     problem = _why_not(model, device)
-    if problem is None:
-        swapped = swap_liger_kernels(model)
-        if swapped:
-            return _describe(model, swapped)
-        problem = f"liger: Liger's patch for model type {_decoder(model).config.model_type!r} swapped no kernel"
+    if problem is None and (swapped := swap_liger_kernels(model)):
+        return _describe(model, swapped)
+    problem = problem or f"liger: Liger's patch for model type {_decoder(model).config.model_type!r} swapped no kernel"
     if strict:
         raise SystemExit(f"minrm: error: {problem}. Pass --use_liger_kernel false, or drop --strict_kernels.")
     return f"{problem}; running without Liger (the model is unchanged)"
@@ -76,10 +74,8 @@ def _decoder(model: PreTrainedModel) -> PreTrainedModel:
 def _why_not(model: PreTrainedModel, device: torch.device) -> str | None:
     """Why Liger's kernels cannot be used for this model on this device, or None if they can."""
     if device.type != "cuda":
-        return (
-            f"liger: --use_liger_kernel asked for Liger's kernels but the device is {device.type}: "
-            "they are Triton kernels that need a CUDA GPU"
-        )
+        why = "they are Triton kernels that need a CUDA GPU"
+        return f"liger: --use_liger_kernel asked for Liger's kernels but the device is {device.type}: {why}"
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:

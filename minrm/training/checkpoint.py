@@ -213,12 +213,10 @@ def find_latest(run_dir: str) -> str | None:
 
 
 def resolve_resume(args, run_dir: str, d: Dist) -> str | None:
-    """The checkpoint `--resume_from_checkpoint` names (`auto`: the run's newest), or None. All ranks call
-    this; `auto` looks on rank 0 only and tells the others: on a network filesystem another node's listing
-    can be stale, and ranks loading different steps would silently train a mixture."""
-    where = args.resume_from_checkpoint
-    if where != "auto":
-        return where
+    """The checkpoint `--resume_from_checkpoint` names (`auto`: the run's newest), or None (all ranks call this).
+    `auto` looks on rank 0 and tells the others: another node's listing of a network filesystem can be stale."""
+    if args.resume_from_checkpoint != "auto":
+        return args.resume_from_checkpoint
     path = broadcast_object(find_latest(run_dir) if d.is_main else None)
     print0(f"resume: {path}" if path else f"resume: no complete checkpoint in {run_dir}/checkpoints; starting fresh")
     return path

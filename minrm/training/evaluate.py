@@ -51,9 +51,8 @@ def evaluate(model, eval_set: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
 
 
 def sample_rows(rows: list[dict], rewards: list[list[float]], tokenizer) -> list[dict]:
-    """The table's view of some rows: the prompt, the best- and the worst-scored response (a pair's
-    chosen and rejected), their rewards (`rewards`: each row's, by response), and whether the best
-    one's is the higher."""
+    """The table's view of rows: the prompt, the best- and worst-scored responses (a pair's chosen and rejected),
+    their rewards (`rewards`: each row's, by response), and whether the best one's is the higher."""
     out = []
     for row, row_rewards in zip(rows, rewards):
         k, n = len(row["responses"]), len(row["prompt"])  # the prompt's ids begin every response
