@@ -229,8 +229,8 @@ def _amount_ok(amount: str) -> bool:
     return False
 
 
-def validate(args: Args) -> None:
-    """Reject bad values and combinations, from the flags alone, before any model or data is loaded."""
+def validate(args: Args) -> Args:
+    """`args`, once bad values and combinations are rejected, from the flags alone (before any model or data)."""
 
     at_least_1 = ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                   "max_token_length", "max_prompt_token_length", "num_train_epochs", "timeout_minutes",
@@ -245,8 +245,7 @@ def validate(args: Args) -> None:
                 fail(name, f"must be {text}, got {value}")
     if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:
         fail("learning_rate/eps/weight_decay", "learning_rate and weight_decay must be >= 0 and eps > 0")
-    steps = args.checkpointing_steps
-    if steps is not None and steps != "epoch" and not (steps.isdecimal() and int(steps) > 0):
+    if (steps := args.checkpointing_steps) not in (None, "epoch") and not (steps.isdecimal() and int(steps) > 0):
         fail("checkpointing_steps", f"expected a positive integer or `epoch`, got {steps!r}")
     if args.resume_from_checkpoint == "auto" and not args.run_name:
         fail("resume_from_checkpoint", "auto needs --run_name (it finds the run's folder)")
@@ -273,6 +272,7 @@ def validate(args: Args) -> None:
                 fail(flag + "_splits", f"{TOY} has the splits {sorted(SPLIT_SIZES)}, not {split!r}")
             if name.endswith(DATA_FILES) and split != "train":
                 fail(flag + "_splits", f"{name} is a local file, whose one split is `train`, not {split!r}")
+    return args
 
 
 def read_config_file(path: str) -> dict:
@@ -328,9 +328,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if given["model_name_or_path"] == TOY:  # an eval set carved by --eval_fraction replaces the toy's own
         recipe = {k: v for k, v in TOY_RECIPE.items() if not (given["eval_fraction"] and "mixer_eval" in k)}
         given = {**recipe, **given}
-    args = Args(**given)  # the fields not in `given` take the dataclass's defaults
-    validate(args)
-    return args
+    return validate(Args(**given))  # the fields not in `given` take the dataclass's defaults
 
 
 def parse_command(cls, argv: list[str] | None, prog: str, positional: tuple[str, ...] = ()):

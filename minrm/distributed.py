@@ -30,19 +30,13 @@ class Dist:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_minutes: int | None = None) -> Dist:
     """Join (without torchrun: create) the process group and build the mesh: on more than one node 2-D, replicate
     across nodes and shard within one (HSDP: all-gathers stay on intra-node links). `timeout_minutes` bounds every
     collective (None: torch's default, 10 min NCCL, 30 min gloo)."""
     if "RANK" not in os.environ:  # plain `python -m minrm.train`: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")  # port 0: the store binds a free one
     rank, world, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cuda = torch.cuda.is_available()

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -140,14 +141,12 @@ class CheckpointWriter:
     def poll(self) -> None:
         """Complete the save in flight if its writes are done (no collective: each rank looks at its own)."""
         if self.pending is not None and self.pending[0].done():
-            self._complete()
+            self.wait()
 
     def wait(self) -> None:
         """Block until the save in flight is written and renamed (before a save, the export and any exit)."""
-        if self.pending is not None:
-            self._complete()
-
-    def _complete(self) -> None:
+        if self.pending is None:
+            return
         future, step = self.pending
         self.pending = None
         # Rank 0's future completes only after every rank reported its files and rank 0 wrote `.metadata`.
@@ -184,8 +183,7 @@ def check_complete(path: str) -> dict:
     if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(path, ".metadata")):
         raise ValueError(f"{path} is not a complete minrm checkpoint (meta.json or DCP's .metadata is missing)")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(Path(meta_path).read_text())
         storage = FileSystemReader(path).read_metadata().storage_data
     except Exception as e:  # a truncated json or pickle
         raise ValueError(f"{path}: cannot read its metadata ({type(e).__name__}: {e})") from e

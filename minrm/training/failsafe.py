@@ -30,30 +30,20 @@ class StopSignal:
     The loop reads it in the step's stop vote, so every rank stops after the same step."""
 
     def __init__(self):
-        self.signum, self.first_at = None, 0.0  # the first signal received, and when
+        self.requested, self.first_at = False, 0.0  # whether this rank got a signal, and when the first came
+        # A rank that heard of the stop only through the vote names SIGTERM, and exits 143.
+        self.name, self.exit_status = "SIGTERM", 128 + signal.SIGTERM
         self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is None:
-            self.signum, self.first_at = signum, time.monotonic()
+        if not self.requested:
+            self.requested, self.first_at = True, time.monotonic()
+            self.name, self.exit_status = signal.Signals(signum).name, 128 + signum
             what = "finishing this optimizer step, then saving a checkpoint (a second signal exits at once)"
             os.write(2, f"minrm: got {self.name}: {what}\n".encode())  # print() is not safe inside a signal handler
         elif time.monotonic() - self.first_at > SAME_REQUEST_S:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    # A rank that heard of the stop only through the vote names SIGTERM, and exits 143.
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum or signal.SIGTERM).name
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + (self.signum or signal.SIGTERM)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
