@@ -1,6 +1,5 @@
-"""What the flags point at, checked before anything expensive starts, each failure in one line: `check_paths` on the
-file system alone, then `check_model`, the run's first fetch, and `check_push_to_hub`. docs/errors.md lists every
-check and its message.
+"""What the flags point at, checked before anything expensive starts, each failure in one line (docs/errors.md):
+`check_paths` on the file system alone, then `check_model`, the run's first fetch, and `check_push_to_hub`.
 """
 
 import os
@@ -46,8 +45,7 @@ def _check_writable(flag: str, path: str) -> None:
 
 
 def check_paths(args) -> None:
-    """Local dataset files exist; the model, tokenizer and chat template are existing folders or valid Hub ids (or a
-    template minrm knows); the output and cache folders can be created; a checkpoint to resume from exists."""
+    """What the flags name, on the file system alone: files and folders exist, Hub ids are valid, outputs can be made."""
     for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
         for name in getattr(args, flag)[::2]:
             if name.endswith(DATA_FILES) and not os.path.isfile(name):
@@ -62,8 +60,7 @@ def check_paths(args) -> None:
     _check_writable("output_dir", args.output_dir)
     if not args.dataset_skip_cache:
         _check_writable("dataset_local_cache_dir", args.dataset_local_cache_dir)
-    resume = args.resume_from_checkpoint
-    if resume not in (None, "auto") and not os.path.isdir(resume):
+    if (resume := args.resume_from_checkpoint) not in (None, "auto") and not os.path.isdir(resume):
         fail("resume_from_checkpoint", f"the checkpoint folder {resume} does not exist")
 
 

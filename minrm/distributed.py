@@ -106,9 +106,8 @@ def broadcast_object(obj):
 
 
 def gather_objects(obj, name: str, waiting_for: str) -> list:
-    """Every rank's `obj`, in rank order on every rank (every rank must call this). The ranks first meet through
-    the store, so that work of unbounded length before it (scoring a share of a file) never meets the collective
-    timeout; `waiting_for` says what the others do."""
+    """Every rank's `obj`, in rank order (every rank must call this). The ranks first meet through the store, so
+    that work of unbounded length before it (scoring a share of a file) never meets the collective timeout."""
     post(f"{name}/{dist.get_rank()}", {})
     for r in range(dist.get_world_size()):
         wait_for_post(f"{name}/{r}", f"rank {r} to {waiting_for}")

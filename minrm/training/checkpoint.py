@@ -96,9 +96,8 @@ def _states(model, optimizer, trainer: TrainerState) -> dict:
 
 
 class CheckpointWriter:
-    """Writes `checkpoints/step_<N>` in the background (`dcp.async_save`) while training goes on (an 8B
-    model's checkpoint with its AdamW state is ~100 GB). Ranks write into `step_<N>.tmp`; rank 0 renames
-    it once every rank's files and `.metadata` are written, so a crash mid-write leaves no whole-looking one."""
+    """Writes `checkpoints/step_<N>` in the background (`dcp.async_save`; 8B with AdamW is ~100 GB) into `.tmp`,
+    renamed by rank 0 once every rank's files and `.metadata` are written: a crash leaves no whole-looking one."""
 
     def __init__(self, run_dir: str, keep_last_n: int, d: Dist):
         self.root = os.path.join(run_dir, "checkpoints")
@@ -257,8 +256,7 @@ def load_model_weights(path: str, model: torch.nn.Module) -> dict:
 
 
 def truncate_logs(run_dir: str, trainer: TrainerState) -> None:
-    """Drop the log lines a killed run wrote after the checkpoint, so that the resumed run's logs equal an
-    uninterrupted run's (all but the wall-clock column `time/elapsed_s`)."""
+    """Drop the log lines a killed run wrote after the checkpoint: the resumed run's logs equal an uninterrupted run's."""
     logs = {"metrics.jsonl": ("episode", trainer.episode), "eval_samples.jsonl": ("step", trainer.step)}
     for name, (key, limit) in logs.items():
         file = os.path.join(run_dir, name)

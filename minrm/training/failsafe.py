@@ -81,8 +81,8 @@ def resume_command(run_name: str) -> str:
 
 
 def nonfinite_weights(model: torch.nn.Module) -> str:
-    """How many weights are NaN or infinite, each counted once over all ranks' shards (DTensor's sum
-    over a sharded parameter reduces over the ranks); '' when none (all ranks call this)."""
+    """How many weights are NaN or infinite over all ranks' shards (DTensor's sum reduces over the ranks); '' when
+    none (all ranks call this)."""
     count = sum((~torch.isfinite(p.detach())).sum() for p in model.parameters())  # int64: exact past 2^24
     n = int(count.full_tensor() if isinstance(count, DTensor) else count)
     return f"{n} weights are NaN or infinite after the update" if n else ""
