@@ -45,7 +45,7 @@ def _check_writable(flag: str, path: str) -> None:
 
 
 def check_paths(args) -> None:
-    """What the flags name, on the file system alone: files and folders exist, Hub ids are valid, outputs can be made."""
+    """On the file system alone: the files and folders named exist, Hub ids are valid, output folders can be made."""
     for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
         for name in getattr(args, flag)[::2]:
             if name.endswith(DATA_FILES) and not os.path.isfile(name):

@@ -9,8 +9,6 @@ import dataclasses
 import difflib
 import math
 import sys
-from argparse import ArgumentTypeError
-from dataclasses import dataclass
 from typing import Literal, NoReturn
 
 import yaml
@@ -68,7 +66,7 @@ TOY_RECIPE: dict[str, object] = {
 UNSET = object()  # a toy recipe flag that neither the command line nor a config file gave
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     """Train a reward model. Flags follow open-instruct's reward_modeling.py (`[minrm]`: a flag it lacks). A YAML file
     of `flag: value` lines may come first (python -m minrm.train config.yaml [--flag value ...]); flags override it."""
@@ -177,8 +175,8 @@ def _bool(text: str) -> bool:
     """HfArgumentParser's own reading of a boolean (true/false, yes/no, t/f, y/n, 1/0), with a one-line message."""
     try:
         return string_to_bool(text)
-    except ArgumentTypeError:
-        raise ArgumentTypeError(f"expected True or False, got {text!r}") from None
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}") from None
 
 
 def _optional(kind: type):
@@ -235,14 +233,13 @@ def validate(args: Args) -> Args:
     at_least_1 = ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                   "max_token_length", "max_prompt_token_length", "num_train_epochs", "timeout_minutes",
                   "max_tokens_per_batch", "total_episodes")  # fmt: skip
-    minimums = [(at_least_1, 1, "at least 1"), (("warm_up_steps", "num_evals"), 0, ">= 0"),
-                (("max_responses_per_prompt",), 2, "at least 2 (a comparison needs two)"),
-                (("center_rewards_coefficient",), 0, "a number >= 0")]  # fmt: skip
-    for names, low, text in minimums:
-        for name in names:
-            # None: an optional flag not given; a float may be nan or inf, which no bound lets through
-            if (value := getattr(args, name)) is not None and not low <= value < math.inf:
-                fail(name, f"must be {text}, got {value}")
+    minimums = dict.fromkeys(at_least_1, (1, "at least 1")) | dict.fromkeys(("warm_up_steps", "num_evals"), (0, ">= 0"))
+    minimums |= {"max_responses_per_prompt": (2, "at least 2 (a comparison needs two)"),
+                 "center_rewards_coefficient": (0, "a number >= 0")}  # fmt: skip
+    for name, (low, text) in minimums.items():
+        # None: an optional flag not given; a float may be nan or inf, which no bound lets through
+        if (value := getattr(args, name)) is not None and not low <= value < math.inf:
+            fail(name, f"must be {text}, got {value}")
     if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:
         fail("learning_rate/eps/weight_decay", "learning_rate and weight_decay must be >= 0 and eps > 0")
     if (steps := args.checkpointing_steps) not in (None, "epoch") and not (steps.isdecimal() and int(steps) > 0):
@@ -341,7 +338,7 @@ def parse_command(cls, argv: list[str] | None, prog: str, positional: tuple[str,
 
 
 def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **kwargs):
-    """`load(name, **kwargs)` (a `from_pretrained`); failing to find, fetch or read `name` is one line naming the flag."""
+    """`load(name, **kwargs)` (a `from_pretrained`); failing to find, fetch or read `name`: one line naming the flag."""
     try:
         return load(name, **kwargs)
     except (OSError, ValueError) as e:

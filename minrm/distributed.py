@@ -45,8 +45,7 @@ def init_distributed(timeout_minutes: int | None = None) -> Dist:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
-        device_id = device if cuda else None
-        dist.init_process_group(backend, rank=rank, world_size=world, device_id=device_id, timeout=timeout)
+        dist.init_process_group(backend, device_id=device if cuda else None, timeout=timeout)  # env: RANK, WORLD_SIZE
     hsdp = world > local_world
     shape, names = ((world // local_world, local_world), ("replicate", "shard")) if hsdp else ((world,), ("shard",))
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)

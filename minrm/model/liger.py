@@ -1,9 +1,8 @@
-"""Liger's fused Triton kernels (github.com/linkedin/Liger-Kernel) swapped into the loaded reward-model
-backbone before `fully_shard`: RMSNorm, gated MLP and RoPE as Liger chooses per architecture (never its
-cross-entropy: a reward model has no LM head). Modules keep their class, parameters and names (Liger binds
-its `forward` onto each instance), so state-dict keys, FSDP2 units, gradient checkpointing, DCP and the
-export see the same model. RoPE and the norm/MLP class names are swapped in the modeling module, so
-they serve every model of that architecture built later in the process.
+"""Liger's fused Triton kernels (github.com/linkedin/Liger-Kernel) swapped into the loaded reward-model backbone
+before `fully_shard`: RMSNorm, gated MLP and RoPE as Liger chooses per architecture (never its cross-entropy: a reward
+model has no LM head). Modules keep their class, parameters and names (Liger binds its `forward` onto each instance),
+so state-dict keys, FSDP2 units, gradient checkpointing, DCP and the export see the same model. RoPE and the norm/MLP
+class names are swapped in the modeling module: they serve every model of that architecture built later.
 """
 
 import inspect
@@ -15,9 +14,8 @@ from transformers import PreTrainedModel
 
 
 def apply_liger_kernel(model: PreTrainedModel, use: bool | None, strict: bool, device: torch.device) -> str:
-    """Swap Liger's kernels into `model` if wanted (`use` None: on a CUDA device) and possible; return a log
-    line. When they are wanted but cannot be used, the model is unchanged and the line says why; with
-    `strict` (--strict_kernels) it is raised instead, so the run fails at start rather than runs slower."""
+    """Swap Liger's kernels into `model` if wanted (`use` None: on a CUDA device) and possible; return a log line.
+    Wanted but not possible: the model is unchanged and the line says why, or with `strict` the run fails at start."""
     if use is None and device.type != "cuda":
         return f"liger: off (auto: the device is {device.type}, Liger's Triton kernels need a CUDA GPU)"
     if use is False:

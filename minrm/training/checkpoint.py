@@ -1,7 +1,6 @@
-"""Resumable training: `OUTPUT_DIR/RUN_NAME/checkpoints/step_<N>/` holds DCP's shards of the model and
-AdamW state (resharded on load: 2 processes' checkpoint resumes on 1 or 8), DCP's `.metadata`, and
-rank 0's `meta.json` naming the run it belongs to. The step alone places the data stream and the LR
-schedule (both pure functions of it). docs/checkpointing.md has the whole story.
+"""Resumable training: `OUTPUT_DIR/RUN_NAME/checkpoints/step_<N>/` holds DCP's shards of the model and AdamW state
+(resharded on load: 2 processes' checkpoint resumes on 1 or 8), DCP's `.metadata`, and rank 0's `meta.json` naming
+its run. The step alone places the data stream and the LR schedule. docs/checkpointing.md has the whole story.
 """
 
 import dataclasses
@@ -19,13 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import state_dict as dcp_state
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from minrm.distributed import Dist, broadcast_object, print0
@@ -87,8 +81,8 @@ def config_hash(config) -> str:
 def _states(model, optimizer, trainer: TrainerState) -> dict:
     """What a checkpoint holds: the model's (sharded) state dict, AdamW's keyed by parameter name (not position,
     so that it survives resharding), and the loop's place. DCP saves and loads these tensors in place."""
-    optimizer_state = get_optimizer_state_dict(model, optimizer)
-    return {"model": get_model_state_dict(model), "optimizer": optimizer_state, "trainer": trainer}
+    optimizer_state = dcp_state.get_optimizer_state_dict(model, optimizer)
+    return {"model": dcp_state.get_model_state_dict(model), "optimizer": optimizer_state, "trainer": trainer}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,22 +235,22 @@ def load_checkpoint(path: str, model, optimizer, meta_now: dict) -> TrainerState
     trainer = TrainerState(metrics=meta.get("metrics", {}), elapsed_s=meta.get("elapsed_s", 0.0))
     states = _states(model, optimizer, trainer)
     dcp.load(states, checkpoint_id=path)
-    set_model_state_dict(model, states["model"])
-    set_optimizer_state_dict(model, optimizer, states["optimizer"])
+    dcp_state.set_model_state_dict(model, states["model"])
+    dcp_state.set_optimizer_state_dict(model, optimizer, states["optimizer"])
     print0(f"resumed from {path} at step {trainer.step} (written by {meta['world_size']} processes)")
     return trainer
 
 
 def load_model_weights(path: str, model: torch.nn.Module) -> dict:
     """Load only the model part of a checkpoint into an unsharded model (for export); returns meta."""
-    meta, state = check_complete(path), {"model": get_model_state_dict(model)}
+    meta, state = check_complete(path), {"model": dcp_state.get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
+    dcp_state.set_model_state_dict(model, state["model"])
     return meta
 
 
 def truncate_logs(run_dir: str, trainer: TrainerState) -> None:
-    """Drop the log lines a killed run wrote after the checkpoint: the resumed run's logs equal an uninterrupted run's."""
+    """Drop the log lines a killed run wrote after the checkpoint: the resumed run logs what an unbroken run does."""
     logs = {"metrics.jsonl": ("episode", trainer.episode), "eval_samples.jsonl": ("step", trainer.step)}
     for name, (key, limit) in logs.items():
         file = os.path.join(run_dir, name)

@@ -1,6 +1,6 @@
-"""Evaluation on the held-out rows: the training metrics plus `best_of_n_accuracy`, and a few sampled
-rows for a table. Every row weighs the same over all ranks: sums over rows / rows (the reference
-averages per-batch means, so a short last batch weighs as much as a full one).
+"""Evaluation on the held-out rows: the training metrics plus `best_of_n_accuracy`, and a few sampled rows for a
+table. Every row weighs the same over all ranks: sums over rows / rows (the reference averages per-batch means, so a
+short last batch weighs as much as a full one).
 """
 
 import math

@@ -19,7 +19,6 @@ from torch.distributed.tensor import DTensor
 from minrm.distributed import Dist, print0
 from minrm.training.checkpoint import CheckpointWriter, find_latest
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A second signal within this many seconds is the same request delivered twice (SLURM signals every process
 # of a job and torchrun forwards what it receives); a later one exits at once.
 SAME_REQUEST_S = 1.0
@@ -33,7 +32,7 @@ class StopSignal:
         self.requested, self.first_at = False, 0.0  # whether this rank got a signal, and when the first came
         # A rank that heard of the stop only through the vote names SIGTERM, and exits 143.
         self.name, self.exit_status = "SIGTERM", 128 + signal.SIGTERM
-        self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum: int, frame) -> None:
         if not self.requested:

@@ -1,6 +1,5 @@
-"""Where metrics go on rank 0: a line per step on stdout, `<run dir>/metrics.jsonl`, and W&B with
-`--with_tracking`. Each row carries `time/elapsed_s`, the seconds of training so far (monotonic clock):
-a resumed run's clock starts at its checkpoint's value, so the column runs on across restarts.
+"""Where metrics go on rank 0: a line per step on stdout, `<run dir>/metrics.jsonl`, and W&B with `--with_tracking`.
+Each row carries `time/elapsed_s`, the seconds of training so far, which a resumed run continues from its checkpoint.
 """
 
 import dataclasses
@@ -13,8 +12,8 @@ ELAPSED = "time/elapsed_s"
 
 class Tracker:
     def __init__(self, run_dir: str, args, derived: dict, started: float):
-        self.started = started  # time.monotonic() when training began, moved back by a resumed checkpoint's elapsed_s
-        self.run_dir, self.wandb = run_dir, None
+        # started: time.monotonic() when training began, moved back by a resumed checkpoint's elapsed_s
+        self.run_dir, self.started, self.wandb = run_dir, started, None
         if args.with_tracking:
             import wandb
 
@@ -31,8 +30,7 @@ class Tracker:
             self.wandb.log(row)
 
     def log_eval(self, step: str, metrics: dict, samples: list[dict], write) -> None:
-        """An eval's metrics, and its sampled rows: lines in eval_samples.jsonl, a table in W&B, and three of them
-        written (`write`: a line of text) under the metrics."""
+        """An eval's metrics, and its sampled rows in eval_samples.jsonl, in W&B, and three of them to `write`."""
         self.log(metrics)
         with open(os.path.join(self.run_dir, "eval_samples.jsonl"), "a") as f:
             f.writelines(json.dumps({"step": int(step.split("/")[0]), **row}) + "\n" for row in samples)
