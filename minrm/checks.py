@@ -31,8 +31,7 @@ def _check_source(flag: str, name: str, model: bool, neither: str = "an existing
 
 
 def _check_writable(flag: str, path: str) -> None:
-    """A folder can be made (and is removed) in the nearest existing ancestor: `os.access` says yes to root on /proc
-    and /sys, where mkdir fails."""
+    """A folder can be made (and removed) in the nearest existing ancestor (`os.access` says yes to root on /proc)."""
     target = os.path.abspath(path)
     while not os.path.exists(target):
         target = os.path.dirname(target)
@@ -82,8 +81,7 @@ def check_model(args, flag: str = "model_name_or_path"):
 
 def check_push_to_hub(args) -> None:
     """With --push_to_hub, before any work: a token is found, the Hub accepts it, and whoami says it may write to the
-    repo (not read-only; fine-grained with `repo.write` on the entity or the repo; --hf_entity an organisation the
-    user can write to). Sets --hf_entity when not given. Only rank 0, which uploads, asks (whoami is rate-limited)."""
+    repo; sets --hf_entity when not given. Only rank 0, which uploads, asks (whoami is rate-limited)."""
     if not args.push_to_hub or os.environ.get("RANK", "0") != "0":
         return
     how = "log in with `hf auth login`, set HF_TOKEN, or pass --push_to_hub False"

@@ -65,8 +65,7 @@ def liger_kernels_in(model: PreTrainedModel) -> dict[str, list[str]]:
 def _decoder(model: PreTrainedModel) -> PreTrainedModel:
     """The decoder stack under the score head. Multimodal wrappers (Gemma 3, Qwen 3.5) keep it as
     `language_model`, whose config names the text model type that Liger patches."""
-    base = model.base_model
-    return getattr(base, "language_model", base)
+    return getattr(model.base_model, "language_model", model.base_model)
 
 
 def _why_not(model: PreTrainedModel, device: torch.device) -> str | None:

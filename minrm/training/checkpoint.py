@@ -253,9 +253,6 @@ def truncate_logs(run_dir: str, trainer: TrainerState) -> None:
     """Drop the log lines a killed run wrote after the checkpoint: the resumed run logs what an unbroken run does."""
     logs = {"metrics.jsonl": ("episode", trainer.episode), "eval_samples.jsonl": ("step", trainer.step)}
     for name, (key, limit) in logs.items():
-        file = os.path.join(run_dir, name)
-        if os.path.isfile(file):
-            with open(file) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)[key] <= limit]
-            with open(file, "w") as f:
-                f.writelines(keep)
+        if (file := Path(run_dir, name)).is_file():
+            lines = file.read_text().splitlines(keepends=True)
+            file.write_text("".join(line for line in lines if line.strip() and json.loads(line)[key] <= limit))
