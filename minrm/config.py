@@ -69,7 +69,7 @@ UNSET = object()  # a toy recipe flag that neither the command line nor a config
 @dataclasses.dataclass
 class Args:
     """Train a reward model. Flags follow open-instruct's reward_modeling.py (`[minrm]`: a flag it lacks). A YAML file
-    of `flag: value` lines may come first (python -m minrm.train config.yaml [--flag value ...]); flags override it."""
+    of `flag: value` lines may come first (python -m minrm.train run.yaml [--flag ...]); flags after it override it."""
 
     # Data
     dataset_mixer_list: list[str] = HfArg(
