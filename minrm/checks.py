@@ -1,6 +1,5 @@
-"""What the flags point at, checked before anything expensive starts, each failure in one line: `check_paths` on the
-file system alone, then `check_model`, the run's first fetch, and `check_push_to_hub`. docs/errors.md lists every
-check and its message.
+"""What the flags point at, checked before anything expensive starts, each failure in one line (docs/errors.md):
+`check_paths` on the file system alone, then `check_model`, the run's first fetch, and `check_push_to_hub`.
 """
 
 import os
@@ -32,8 +31,7 @@ def _check_source(flag: str, name: str, model: bool, neither: str = "an existing
 
 
 def _check_writable(flag: str, path: str) -> None:
-    """The folder exists or can be created: a folder can be made (and is removed) in its nearest existing
-    ancestor. Making one is the test: `os.access` says yes to root on /proc and /sys, where mkdir fails."""
+    """A folder can be made (and removed) in the nearest existing ancestor (`os.access` says yes to root on /proc)."""
     target = os.path.abspath(path)
     while not os.path.exists(target):
         target = os.path.dirname(target)
@@ -46,8 +44,7 @@ def _check_writable(flag: str, path: str) -> None:
 
 
 def check_paths(args) -> None:
-    """Local dataset files exist; the model, tokenizer and chat template are existing folders or valid Hub ids (or a
-    template minrm knows); the output and cache folders can be created; a checkpoint to resume from exists."""
+    """On the file system alone: the files and folders named exist, Hub ids are valid, output folders can be made."""
     for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
         for name in getattr(args, flag)[::2]:
             if name.endswith(DATA_FILES) and not os.path.isfile(name):
@@ -62,8 +59,7 @@ def check_paths(args) -> None:
     _check_writable("output_dir", args.output_dir)
     if not args.dataset_skip_cache:
         _check_writable("dataset_local_cache_dir", args.dataset_local_cache_dir)
-    resume = args.resume_from_checkpoint
-    if resume not in (None, "auto") and not os.path.isdir(resume):
+    if (resume := args.resume_from_checkpoint) not in (None, "auto") and not os.path.isdir(resume):
         fail("resume_from_checkpoint", f"the checkpoint folder {resume} does not exist")
 
 
@@ -84,11 +80,8 @@ def check_model(args, flag: str = "model_name_or_path"):
 
 
 def check_push_to_hub(args) -> None:
-    """With --push_to_hub, before any data or model work (the upload comes after the whole run): a token is found,
-    the Hub accepts it, and it may write to the repo as far as whoami tells (not a read-only token; a fine-grained
-    one with `repo.write` on the entity or the repo; --hf_entity an organisation the user can write to). Sets
-    --hf_entity to the token's user when not given, so the final upload needs no second look-up. Only the process
-    of rank 0, which uploads, asks the Hub (whoami is rate-limited)."""
+    """With --push_to_hub, before any work: a token is found, the Hub accepts it, and whoami says it may write to the
+    repo; sets --hf_entity when not given. Only rank 0, which uploads, asks (whoami is rate-limited)."""
     if not args.push_to_hub or os.environ.get("RANK", "0") != "0":
         return
     how = "log in with `hf auth login`, set HF_TOKEN, or pass --push_to_hub False"

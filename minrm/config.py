@@ -1,17 +1,14 @@
 """Every flag of minrm, its default and its help text, in one dataclass, parsed by transformers' `HfArgumentParser`.
-
-Names, types, defaults and parser follow the reference (open-instruct's `reward_modeling.py`): its command line runs
-unchanged, and so does its config file (YAML `flag: value` lines, first; flags after it override it). `parse_args`
-checks every value; what the paths point at is checked by `checks.check_paths`, first in `train.py`.
+Names, types, defaults and parser follow the reference (open-instruct's `reward_modeling.py`): its command line and
+its config file run unchanged. `parse_args` checks every value; `checks.check_paths` what the paths point at.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import math
 import sys
-from argparse import ArgumentTypeError
-from dataclasses import dataclass
 from typing import Literal, NoReturn
 
 import yaml
@@ -66,11 +63,13 @@ TOY_RECIPE: dict[str, object] = {
     "dataset_mixer_list": [TOY, "1.0"], "dataset_mixer_list_splits": ["train"],
     "dataset_mixer_eval_list": [TOY, "1.0"], "dataset_mixer_eval_list_splits": ["test"],
 }  # fmt: skip
+UNSET = object()  # a toy recipe flag that neither the command line nor a config file gave
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
-    """Every flag: its type, default and `--help` text. `[minrm]` marks a flag the reference lacks."""
+    """Train a reward model. Flags follow open-instruct's reward_modeling.py (`[minrm]`: a flag it lacks). A YAML file
+    of `flag: value` lines may come first (python -m minrm.train run.yaml [--flag ...]); flags after it override it."""
 
     # Data
     dataset_mixer_list: list[str] = HfArg(
@@ -176,12 +175,12 @@ def _bool(text: str) -> bool:
     """HfArgumentParser's own reading of a boolean (true/false, yes/no, t/f, y/n, 1/0), with a one-line message."""
     try:
         return string_to_bool(text)
-    except ArgumentTypeError:
-        raise ArgumentTypeError(f"expected True or False, got {text!r}") from None
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}") from None
 
 
 def _optional(kind: type):
-    """`kind`, or None for `None` / `none`: how a YAML null reaches a flag, and how the command line gives one."""
+    """`kind`, or None for `None` / `none`: how a YAML null reaches a flag, and the command line gives one."""
 
     def parse(text: str):
         return None if text in ("None", "none") else kind(text)
@@ -190,15 +189,9 @@ def _optional(kind: type):
     return parse
 
 
-TRAIN_HELP = (
-    "Train a reward model. Flags follow open-instruct's reward_modeling.py. A YAML file of `flag: value` lines may "
-    "come first (python -m minrm.train config.yaml [--flag value ...]); flags after it override it."
-)
-
-
-def build_parser(cls=Args, prog: str = "python -m minrm.train", description: str = TRAIN_HELP) -> HfArgumentParser:
-    """The command line of a command whose flags are the dataclass `cls`: every command reads its flags this way."""
-    parser = HfArgumentParser(cls, prog=prog, description=description, allow_abbrev=False)
+def build_parser(cls=Args, prog: str = "python -m minrm.train", description: str | None = None) -> HfArgumentParser:
+    """The command line of a command whose flags (and, by default, help) are the dataclass `cls`'s."""
+    parser = HfArgumentParser(cls, prog=prog, description=description or cls.__doc__, allow_abbrev=False)
     # HfArgumentParser makes each flag from its field; three forms minrm keeps are changed on what it made
     # (`_actions`: argparse's list of the flags, which it has no public accessor for):
     # - a list flag given alone is empty (`--dataset_mixer_eval_list` turns the toy's eval off); it makes nargs="+";
@@ -229,30 +222,27 @@ def _amount_ok(amount: str) -> bool:
     """A mixer AMOUNT: a whole row count (`400`) or a fraction with a decimal point (`0.5`, `3.0`), above 0."""
     if "." not in amount:
         return amount.isdecimal() and int(amount) > 0
-    try:
-        return math.isfinite(float(amount)) and float(amount) > 0
-    except ValueError:
-        return False
+    with contextlib.suppress(ValueError):
+        return 0 < float(amount) < math.inf
+    return False
 
 
-def validate(args: Args) -> None:
-    """Reject bad values and combinations, from the flags alone, before any model or data is loaded."""
+def validate(args: Args) -> Args:
+    """`args`, once bad values and combinations are rejected, from the flags alone (before any model or data)."""
 
     at_least_1 = ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                   "max_token_length", "max_prompt_token_length", "num_train_epochs", "timeout_minutes",
                   "max_tokens_per_batch", "total_episodes")  # fmt: skip
-    minimums = [(at_least_1, 1, "at least 1"), (("warm_up_steps", "num_evals"), 0, ">= 0"),
-                (("max_responses_per_prompt",), 2, "at least 2 (a comparison needs two)"),
-                (("center_rewards_coefficient",), 0, "a number >= 0")]  # fmt: skip
-    for names, low, text in minimums:
-        for name in names:
-            # None: an optional flag not given; a float may be nan or inf, which no bound lets through
-            if (value := getattr(args, name)) is not None and not low <= value < math.inf:
-                fail(name, f"must be {text}, got {value}")
+    minimums = dict.fromkeys(at_least_1, (1, "at least 1")) | dict.fromkeys(("warm_up_steps", "num_evals"), (0, ">= 0"))
+    minimums |= {"max_responses_per_prompt": (2, "at least 2 (a comparison needs two)"),
+                 "center_rewards_coefficient": (0, "a number >= 0")}  # fmt: skip
+    for name, (low, text) in minimums.items():
+        # None: an optional flag not given; a float may be nan or inf, which no bound lets through
+        if (value := getattr(args, name)) is not None and not low <= value < math.inf:
+            fail(name, f"must be {text}, got {value}")
     if args.learning_rate < 0 or args.eps <= 0 or args.weight_decay < 0:
         fail("learning_rate/eps/weight_decay", "learning_rate and weight_decay must be >= 0 and eps > 0")
-    steps = args.checkpointing_steps
-    if steps is not None and steps != "epoch" and not (steps.isdecimal() and int(steps) > 0):
+    if (steps := args.checkpointing_steps) not in (None, "epoch") and not (steps.isdecimal() and int(steps) > 0):
         fail("checkpointing_steps", f"expected a positive integer or `epoch`, got {steps!r}")
     if args.resume_from_checkpoint == "auto" and not args.run_name:
         fail("resume_from_checkpoint", "auto needs --run_name (it finds the run's folder)")
@@ -279,12 +269,12 @@ def validate(args: Args) -> None:
                 fail(flag + "_splits", f"{TOY} has the splits {sorted(SPLIT_SIZES)}, not {split!r}")
             if name.endswith(DATA_FILES) and split != "train":
                 fail(flag + "_splits", f"{name} is a local file, whose one split is `train`, not {split!r}")
+    return args
 
 
 def read_config_file(path: str) -> dict:
-    """The flags a YAML file sets (keys: flag names or aliases), by field name. HfArgumentParser's `parse_yaml_file`
-    hands YAML's values to the dataclass as they are (`lr: 3e-6` is a string to YAML); here they go through the
-    command line's parser, so each value gets its flag's type and checks."""
+    """The flags a YAML file sets (keys: flag names or aliases), by field name, each value read by its flag's parser
+    (HfArgumentParser's `parse_yaml_file` keeps YAML's types: `lr: 3e-6` is a string to YAML)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -328,32 +318,27 @@ def parse_args(argv: list[str] | None = None) -> Args:
     argv = sys.argv[1:] if argv is None else list(argv)
     from_file = read_config_file(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else {}
     parser = build_parser()
-    # The file's values are the parser's defaults, so the flags given override them.
-    parser.set_defaults(**from_file)
-    args = Args(**vars(parser.parse_args(argv)))
-    if args.model_name_or_path == TOY:
-        # The toy recipe goes under the file's values as defaults, and the flags are read again. An eval set
-        # carved by --eval_fraction replaces the toy's own.
-        recipe = {k: v for k, v in TOY_RECIPE.items() if not (args.eval_fraction and "mixer_eval" in k)}
-        parser.set_defaults(**{**recipe, **from_file})
-        args = Args(**vars(parser.parse_args(argv)))
-    validate(args)
-    return args
+    # The file's values are the parser's defaults, so the flags given override them. A recipe flag that neither
+    # gives is left UNSET (argparse hands a default back as it is): the model named decides what fills it.
+    parser.set_defaults(**{**dict.fromkeys(TOY_RECIPE, UNSET), **from_file})
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not UNSET}
+    if given["model_name_or_path"] == TOY:  # an eval set carved by --eval_fraction replaces the toy's own
+        recipe = {k: v for k, v in TOY_RECIPE.items() if not (given["eval_fraction"] and "mixer_eval" in k)}
+        given = {**recipe, **given}
+    return validate(Args(**given))  # the fields not in `given` take the dataclass's defaults
 
 
 def parse_command(cls, argv: list[str] | None, prog: str, positional: tuple[str, ...] = ()):
-    """A command's flags (the dataclass `cls`) from `argv`; its first arguments may be the `positional`
-    fields' values without their flags (`python -m minrm.score MODEL --data FILE`)."""
+    """A command's flags (the dataclass `cls`); the first arguments may be `positional` fields' values (`MODEL`)."""
     argv, given = list(sys.argv[1:] if argv is None else argv), []
     for name in positional:
         if argv and not argv[0].startswith("-"):
             given += [f"--{name}", argv.pop(0)]
-    return cls(**vars(build_parser(cls, prog, cls.__doc__).parse_args(given + argv)))
+    return cls(**vars(build_parser(cls, prog).parse_args(given + argv)))
 
 
 def load_or_exit(load, flag: str, name: str, what: str = "cannot be loaded", **kwargs):
-    """`load(name, **kwargs)` (a `from_pretrained`), whose failure to find, fetch or read `name` is one line naming
-    the flag, not a traceback from deep inside transformers."""
+    """`load(name, **kwargs)` (a `from_pretrained`); failing to find, fetch or read `name`: one line naming the flag."""
     try:
         return load(name, **kwargs)
     except (OSError, ValueError) as e:

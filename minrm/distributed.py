@@ -30,19 +30,13 @@ class Dist:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_minutes: int | None = None) -> Dist:
-    """Join (or, without torchrun, create) the process group and build the device mesh: 2-D on more than
-    one node (replicate across nodes, shard within one: HSDP, so the all-gathers stay on intra-node links).
-    `timeout_minutes` bounds every collective (None: torch's default, 10 min NCCL, 30 min gloo)."""
+    """Join (without torchrun: create) the process group and build the mesh: on more than one node 2-D, replicate
+    across nodes and shard within one (HSDP: all-gathers stay on intra-node links). `timeout_minutes` bounds every
+    collective (None: torch's default, 10 min NCCL, 30 min gloo)."""
     if "RANK" not in os.environ:  # plain `python -m minrm.train`: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")  # port 0: the store binds a free one
     rank, world, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cuda = torch.cuda.is_available()
@@ -51,8 +45,7 @@ def init_distributed(timeout_minutes: int | None = None) -> Dist:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
-        device_id = device if cuda else None
-        dist.init_process_group(backend, rank=rank, world_size=world, device_id=device_id, timeout=timeout)
+        dist.init_process_group(backend, device_id=device if cuda else None, timeout=timeout)  # env: RANK, WORLD_SIZE
     hsdp = world > local_world
     shape, names = ((world // local_world, local_world), ("replicate", "shard")) if hsdp else ((world,), ("shard",))
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
@@ -67,9 +60,8 @@ def init_distributed(timeout_minutes: int | None = None) -> Dist:
 
 
 def gloo_interface() -> str:
-    """Where this process's gloo groups (the checkpoint writer's; all groups on CPU) connect from,
-    by torch's rule (ProcessGroupGloo): the interfaces GLOO_SOCKET_IFNAME names, else the first
-    address this machine's hostname resolves to that a socket can bind, else loopback."""
+    """Where this process's gloo groups (the checkpoint writer's; all on CPU) connect from, by torch's rule: the
+    interfaces GLOO_SOCKET_IFNAME names, else the first bindable address the hostname resolves to, else loopback."""
     if names := os.environ.get("GLOO_SOCKET_IFNAME"):
         return f"interface {names} (GLOO_SOCKET_IFNAME)"
     host, found = socket.gethostname(), []
@@ -113,9 +105,8 @@ def broadcast_object(obj):
 
 
 def gather_objects(obj, name: str, waiting_for: str) -> list:
-    """Every rank's `obj`, in rank order on every rank (every rank must call this). The ranks first meet
-    through the store, outside any collective, so that work of unbounded length before it (scoring their
-    shares of a file) never meets the collective timeout; `waiting_for` says what the others do."""
+    """Every rank's `obj`, in rank order (every rank must call this). The ranks first meet through the store, so
+    that work of unbounded length before it (scoring a share of a file) never meets the collective timeout."""
     post(f"{name}/{dist.get_rank()}", {})
     for r in range(dist.get_world_size()):
         wait_for_post(f"{name}/{r}", f"rank {r} to {waiting_for}")
@@ -134,8 +125,8 @@ def post(name: str, value: dict) -> None:
 
 
 def rank0_alone(fn, name: str, waiting_for: str):
-    """`fn()` on rank 0 (its result; None elsewhere) while the other ranks wait for it outside any
-    collective (a Hub download never meets its timeout). Rank 0's error reaches every rank as its message."""
+    """`fn()` on rank 0 (its result; None elsewhere) while the others wait outside any collective (a Hub download
+    never meets its timeout). Rank 0's error reaches every rank as its message."""
     if dist.get_rank() == 0:
         try:
             result = fn()
@@ -150,9 +141,8 @@ def rank0_alone(fn, name: str, waiting_for: str):
 
 
 def wait_for_post(name: str, waiting_for: str | None = None) -> dict:
-    """The value posted under `name`, polling the store once a second (no timeout: the poster posts its
-    error when it fails, and the poll raises when the store's host is gone). With `waiting_for`, says once
-    a minute what this process waits for."""
+    """The value posted under `name`, polling the store once a second (no timeout: the poster posts its error, and
+    the poll raises when the store's host is gone); with `waiting_for`, says once a minute what it waits for."""
     store, key = dist.distributed_c10d._get_default_store(), f"minrm/{name}"
     start = last = time.monotonic()
     while not store.check([key]):

@@ -1,9 +1,8 @@
-"""Liger's fused Triton kernels (github.com/linkedin/Liger-Kernel) swapped into the loaded reward-model
-backbone before `fully_shard`: RMSNorm, gated MLP and RoPE as Liger chooses per architecture (never its
-cross-entropy: a reward model has no LM head). Modules keep their class, parameters and names (Liger binds
-its `forward` onto each instance), so state-dict keys, FSDP2 units, gradient checkpointing, DCP and the
-export see the same model. RoPE and the norm/MLP class names are swapped in the modeling module, so
-they serve every model of that architecture built later in the process.
+"""Liger's fused Triton kernels (github.com/linkedin/Liger-Kernel) swapped into the loaded reward-model backbone
+before `fully_shard`: RMSNorm, gated MLP and RoPE as Liger chooses per architecture (never its cross-entropy: a reward
+model has no LM head). Modules keep their class, parameters and names (Liger binds its `forward` onto each instance),
+so state-dict keys, FSDP2 units, gradient checkpointing, DCP and the export see the same model. RoPE and the norm/MLP
+class names are swapped in the modeling module: they serve every model of that architecture built later.
 """
 
 import inspect
@@ -15,19 +14,16 @@ from transformers import PreTrainedModel
 
 
 def apply_liger_kernel(model: PreTrainedModel, use: bool | None, strict: bool, device: torch.device) -> str:
-    """Swap Liger's kernels into `model` if wanted (`use` None: on a CUDA device) and possible; return a log
-    line. When they are wanted but cannot be used, the model is unchanged and the line says why; with
-    `strict` (--strict_kernels) it is raised instead, so the run fails at start rather than runs slower."""
+    """Swap Liger's kernels into `model` if wanted (`use` None: on a CUDA device) and possible; return a log line.
+    Wanted but not possible: the model is unchanged and the line says why, or with `strict` the run fails at start."""
     if use is None and device.type != "cuda":
         return f"liger: off (auto: the device is {device.type}, Liger's Triton kernels need a CUDA GPU)"
     if use is False:
         return "liger: off (--use_liger_kernel false); the model keeps its Hugging Face modules"
     problem = _why_not(model, device)
-    if problem is None:
-        swapped = swap_liger_kernels(model)
-        if swapped:
-            return _describe(model, swapped)
-        problem = f"liger: Liger's patch for model type {_decoder(model).config.model_type!r} swapped no kernel"
+    if problem is None and (swapped := swap_liger_kernels(model)):
+        return _describe(model, swapped)
+    problem = problem or f"liger: Liger's patch for model type {_decoder(model).config.model_type!r} swapped no kernel"
     if strict:
         raise SystemExit(f"minrm: error: {problem}. Pass --use_liger_kernel false, or drop --strict_kernels.")
     return f"{problem}; running without Liger (the model is unchanged)"
@@ -69,17 +65,14 @@ def liger_kernels_in(model: PreTrainedModel) -> dict[str, list[str]]:
 def _decoder(model: PreTrainedModel) -> PreTrainedModel:
     """The decoder stack under the score head. Multimodal wrappers (Gemma 3, Qwen 3.5) keep it as
     `language_model`, whose config names the text model type that Liger patches."""
-    base = model.base_model
-    return getattr(base, "language_model", base)
+    return getattr(model.base_model, "language_model", model.base_model)
 
 
 def _why_not(model: PreTrainedModel, device: torch.device) -> str | None:
     """Why Liger's kernels cannot be used for this model on this device, or None if they can."""
     if device.type != "cuda":
-        return (
-            f"liger: --use_liger_kernel asked for Liger's kernels but the device is {device.type}: "
-            "they are Triton kernels that need a CUDA GPU"
-        )
+        why = "they are Triton kernels that need a CUDA GPU"
+        return f"liger: --use_liger_kernel asked for Liger's kernels but the device is {device.type}: {why}"
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:

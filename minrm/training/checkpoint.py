@@ -1,7 +1,6 @@
-"""Resumable training: `OUTPUT_DIR/RUN_NAME/checkpoints/step_<N>/` holds DCP's shards of the model and
-AdamW state (resharded on load: 2 processes' checkpoint resumes on 1 or 8), DCP's `.metadata`, and
-rank 0's `meta.json` naming the run it belongs to. The step alone places the data stream and the LR
-schedule (both pure functions of it). docs/checkpointing.md has the whole story.
+"""Resumable training: `OUTPUT_DIR/RUN_NAME/checkpoints/step_<N>/` holds DCP's shards of the model and AdamW state
+(resharded on load: 2 processes' checkpoint resumes on 1 or 8), DCP's `.metadata`, and rank 0's `meta.json` naming
+its run. The step alone places the data stream and the LR schedule. docs/checkpointing.md has the whole story.
 """
 
 import dataclasses
@@ -12,19 +11,15 @@ import os
 import random
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import state_dict as dcp_state
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from minrm.distributed import Dist, broadcast_object, print0
@@ -39,32 +34,6 @@ MUST_MATCH_ARGS = (
     "max_responses_per_prompt chosen_key rejected_key prompt_key responses_key scores_key margin_key"
 ).split()
 MUST_MATCH_DERIVED = ("batch_size", "num_training_steps", "train_pairs")
-
-
-class ModelState(Stateful):
-    """The model's (sharded) state dict, in the form DCP saves and reshards."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def state_dict(self) -> dict:
-        return get_model_state_dict(self.model)
-
-    def load_state_dict(self, state: dict) -> None:
-        set_model_state_dict(self.model, state)
-
-
-class OptimizerState(Stateful):
-    """AdamW's state, keyed by parameter name (not position) so that it survives resharding."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict:
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, state: dict) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
 @dataclasses.dataclass
@@ -87,8 +56,7 @@ class TrainerState(Stateful):
         return {"step": self.step, "episode": self.episode, "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.episode = state["step"], state["episode"]
-        rng = state["rng"]
+        self.step, self.episode, rng = state["step"], state["episode"], state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -105,14 +73,16 @@ def checkpoint_interval(value: str | None, train_pairs: int, batch_size: int) ->
 
 def config_hash(config) -> str:
     """A hash of the model config, minus what does not change the weights' meaning."""
-    items = {
-        k: v for k, v in config.to_dict().items() if k not in ("architectures", "_name_or_path", "transformers_version")
-    }
+    drop = ("architectures", "_name_or_path", "transformers_version")
+    items = {k: v for k, v in config.to_dict().items() if k not in drop}
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _checkpoint_states(model, optimizer, trainer: TrainerState) -> dict:
-    return {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "trainer": trainer}
+def _states(model, optimizer, trainer: TrainerState) -> dict:
+    """What a checkpoint holds: the model's (sharded) state dict, AdamW's keyed by parameter name (not position,
+    so that it survives resharding), and the loop's place. DCP saves and loads these tensors in place."""
+    optimizer_state = dcp_state.get_optimizer_state_dict(model, optimizer)
+    return {"model": dcp_state.get_model_state_dict(model), "optimizer": optimizer_state, "trainer": trainer}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,9 +90,8 @@ def _checkpoint_states(model, optimizer, trainer: TrainerState) -> dict:
 
 
 class CheckpointWriter:
-    """Writes `checkpoints/step_<N>` in the background (`dcp.async_save`) while training goes on (an 8B
-    model's checkpoint with its AdamW state is ~100 GB). Ranks write into `step_<N>.tmp`; rank 0 renames
-    it once every rank's files and `.metadata` are written, so a crash mid-write leaves no whole-looking one."""
+    """Writes `checkpoints/step_<N>` in the background (`dcp.async_save`; 8B with AdamW is ~100 GB) into `.tmp`,
+    renamed by rank 0 once every rank's files and `.metadata` are written: a crash leaves no whole-looking one."""
 
     def __init__(self, run_dir: str, keep_last_n: int, d: Dist):
         self.root = os.path.join(run_dir, "checkpoints")
@@ -133,10 +102,8 @@ class CheckpointWriter:
         # The stager copies this rank's shards to host memory in a thread of its own, into buffers the first
         # save allocates and every later one refills (pinned on GPU, copied on a stream of their own).
         cuda = d.device.type == "cuda"
-        options = StagingOptions(
-            use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda
-        )
-        self.stager = DefaultStager(options)
+        options = StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_non_blocking_copy=cuda)
+        self.stager = DefaultStager(options)  # use_async_staging: its default
         self.staging = None  # DCP's future of the copy in flight
         self.pending = None  # (DCP's future, step) of the save in flight
         self.last = None  # the path of the last checkpoint this writer completed
@@ -154,13 +121,12 @@ class CheckpointWriter:
         dist.barrier()
         if self.d.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the stager copies on its own stream, after the update
-        states = _checkpoint_states(model, optimizer, trainer)
+        states = _states(model, optimizer, trainer)
         saving = dcp.async_save(states, checkpoint_id=tmp, process_group=self.group, async_stager=self.stager)
         self.staging, self.pending = saving.staging_completion, (saving.upload_completion, trainer.step)
 
     def wait_staged(self) -> None:
-        """Block until the save in flight has copied the state (all ranks call this before an optimizer
-        step, which changes the weights and AdamW state in place)."""
+        """Block until the save in flight has copied the state (before an optimizer step changes it in place)."""
         if self.staging is not None:
             self.staging.result()
             self.staging = None
@@ -168,19 +134,16 @@ class CheckpointWriter:
     def poll(self) -> None:
         """Complete the save in flight if its writes are done (no collective: each rank looks at its own)."""
         if self.pending is not None and self.pending[0].done():
-            self._complete()
+            self.wait()
 
     def wait(self) -> None:
         """Block until the save in flight is written and renamed (before a save, the export and any exit)."""
-        if self.pending is not None:
-            self.pending[0].result()
-            self._complete()
-
-    def _complete(self) -> None:
+        if self.pending is None:
+            return
         future, step = self.pending
         self.pending = None
         # Rank 0's future completes only after every rank reported its files and rank 0 wrote `.metadata`.
-        future.result()  # raises here if the save failed
+        future.result()  # waits for the writes; raises here if the save failed
         self.last = os.path.join(self.root, f"{PREFIX}{step}")
         if self.d.is_main:
             shutil.rmtree(self.last, ignore_errors=True)  # an older run's step_<N> that a resume went back past
@@ -208,14 +171,12 @@ def _prune(root: str, keep_last_n: int, step: int) -> None:
 
 
 def check_complete(path: str) -> dict:
-    """The checkpoint's meta.json, after checking that every file it needs is there and long enough;
-    raises ValueError with a sentence saying what is missing."""
+    """The checkpoint's meta.json, once every file it needs is there and long enough (else ValueError, saying which)."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(path, ".metadata")):
         raise ValueError(f"{path} is not a complete minrm checkpoint (meta.json or DCP's .metadata is missing)")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(Path(meta_path).read_text())
         storage = FileSystemReader(path).read_metadata().storage_data
     except Exception as e:  # a truncated json or pickle
         raise ValueError(f"{path}: cannot read its metadata ({type(e).__name__}: {e})") from e
@@ -243,20 +204,17 @@ def find_latest(run_dir: str) -> str | None:
 
 
 def resolve_resume(args, run_dir: str, d: Dist) -> str | None:
-    """The checkpoint `--resume_from_checkpoint` names (`auto`: the run's newest), or None. All ranks call
-    this; `auto` looks on rank 0 only and tells the others: on a network filesystem another node's listing
-    can be stale, and ranks loading different steps would silently train a mixture."""
-    where = args.resume_from_checkpoint
-    if where != "auto":
-        return where
+    """The checkpoint `--resume_from_checkpoint` names (`auto`: the run's newest), or None (all ranks call this).
+    `auto` looks on rank 0 and tells the others: another node's listing of a network filesystem can be stale."""
+    if args.resume_from_checkpoint != "auto":
+        return args.resume_from_checkpoint
     path = broadcast_object(find_latest(run_dir) if d.is_main else None)
     print0(f"resume: {path}" if path else f"resume: no complete checkpoint in {run_dir}/checkpoints; starting fresh")
     return path
 
 
 def load_checkpoint(path: str, model, optimizer, meta_now: dict) -> TrainerState:
-    """Load a checkpoint into the (sharded) model and optimizer, after checking it belongs to this run;
-    returns the trainer state to continue from. Reads only: nothing is written."""
+    """Load a checkpoint of this run into the (sharded) model and optimizer; returns the trainer state to continue."""
     try:
         meta = check_complete(path)
     except ValueError as e:
@@ -275,28 +233,26 @@ def load_checkpoint(path: str, model, optimizer, meta_now: dict) -> TrainerState
             "processes x gradient_accumulation_steps must stay the same)."
         )
     trainer = TrainerState(metrics=meta.get("metrics", {}), elapsed_s=meta.get("elapsed_s", 0.0))
-    dcp.load(_checkpoint_states(model, optimizer, trainer), checkpoint_id=path)
+    states = _states(model, optimizer, trainer)
+    dcp.load(states, checkpoint_id=path)
+    dcp_state.set_model_state_dict(model, states["model"])
+    dcp_state.set_optimizer_state_dict(model, optimizer, states["optimizer"])
     print0(f"resumed from {path} at step {trainer.step} (written by {meta['world_size']} processes)")
     return trainer
 
 
 def load_model_weights(path: str, model: torch.nn.Module) -> dict:
     """Load only the model part of a checkpoint into an unsharded model (for export); returns meta."""
-    meta = check_complete(path)
-    dcp.load({"model": ModelState(model)}, checkpoint_id=path)
+    meta, state = check_complete(path), {"model": dcp_state.get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=path)
+    dcp_state.set_model_state_dict(model, state["model"])
     return meta
 
 
 def truncate_logs(run_dir: str, trainer: TrainerState) -> None:
-    """Drop the log lines a killed run wrote after the checkpoint, so that the resumed run's logs equal an
-    uninterrupted run's (all but the wall-clock column `time/elapsed_s`)."""
-    for name, key, limit in (
-        ("metrics.jsonl", "episode", trainer.episode),
-        ("eval_samples.jsonl", "step", trainer.step),
-    ):
-        file = os.path.join(run_dir, name)
-        if os.path.isfile(file):
-            with open(file) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)[key] <= limit]
-            with open(file, "w") as f:
-                f.writelines(keep)
+    """Drop the log lines a killed run wrote after the checkpoint: the resumed run logs what an unbroken run does."""
+    logs = {"metrics.jsonl": ("episode", trainer.episode), "eval_samples.jsonl": ("step", trainer.step)}
+    for name, (key, limit) in logs.items():
+        if (file := Path(run_dir, name)).is_file():
+            lines = file.read_text().splitlines(keepends=True)
+            file.write_text("".join(line for line in lines if line.strip() and json.loads(line)[key] <= limit))

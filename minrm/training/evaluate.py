@@ -1,6 +1,6 @@
-"""Evaluation on the held-out rows: the training metrics plus `best_of_n_accuracy`, and a few sampled
-rows for a table. Every row weighs the same over all ranks: sums over rows / rows (the reference
-averages per-batch means, so a short last batch weighs as much as a full one).
+"""Evaluation on the held-out rows: the training metrics plus `best_of_n_accuracy`, and a few sampled rows for a
+table. Every row weighs the same over all ranks: sums over rows / rows (the reference averages per-batch means, so a
+short last batch weighs as much as a full one).
 """
 
 import math
@@ -39,7 +39,8 @@ def evaluate(model, eval_set: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
             stats = row_statistics(rewards, prefs, args.loss)  # (N, len(STATS))
             sums += weight * torch.cat([stats.sum(0), stats.new_tensor([len(part)])])
             if d.is_main and len(samples) < num_samples:
-                samples += sample_rows(part, rewards[prefs.index].tolist(), tokenizer)[: num_samples - len(samples)]
+                rows_rewards = zip(part[: num_samples - len(samples)], rewards[prefs.index].tolist())
+                samples += [sample_row(row, row_rewards, tokenizer) for row, row_rewards in rows_rewards]
     *totals, rows = all_reduce_sum(sums).tolist()
     # A no-grad forward leaves the units that skip resharding after it (root, head, last block)
     # gathered: shard them again, so that what follows sees each rank's shard, not the whole tensor.
@@ -50,16 +51,12 @@ def evaluate(model, eval_set: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
     return {f"eval/rm/{name}": total / rows for name, total in zip(STATS, totals)}, samples
 
 
-def sample_rows(rows: list[dict], rewards: list[list[float]], tokenizer) -> list[dict]:
-    """The table's view of some rows: the prompt, the best- and the worst-scored response (a pair's
-    chosen and rejected), their rewards (`rewards`: each row's, by response), and whether the best
-    one's is the higher."""
-    out = []
-    for row, row_rewards in zip(rows, rewards):
-        k, n = len(row["responses"]), len(row["prompt"])  # the prompt's ids begin every response
-        best, worst = max(range(k), key=row["scores"].__getitem__), min(range(k), key=row["scores"].__getitem__)
-        chosen, rejected = row_rewards[best], row_rewards[worst]
-        texts = [tokenizer.decode(row["responses"][i][n:]) for i in (best, worst)]
-        out.append(dict(prompt=tokenizer.decode(row["prompt"]), chosen_response=texts[0], rejected_response=texts[1],
-                        chosen_reward=chosen, rejected_reward=rejected, correct=chosen > rejected))  # fmt: skip
-    return out
+def sample_row(row: dict, rewards: list[float], tokenizer) -> dict:
+    """The table's view of a row: the prompt, the best- and worst-scored responses (a pair's chosen and rejected),
+    their rewards (`rewards`: the row's, by response), and whether the best one's is the higher."""
+    k, n = len(row["responses"]), len(row["prompt"])  # the prompt's ids begin every response
+    best, worst = max(range(k), key=row["scores"].__getitem__), min(range(k), key=row["scores"].__getitem__)
+    chosen, rejected = rewards[best], rewards[worst]
+    texts = [tokenizer.decode(row["responses"][i][n:]) for i in (best, worst)]
+    return dict(prompt=tokenizer.decode(row["prompt"]), chosen_response=texts[0], rejected_response=texts[1],
+                chosen_reward=chosen, rejected_reward=rejected, correct=chosen > rejected)  # fmt: skip

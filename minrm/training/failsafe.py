@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -18,7 +19,6 @@ from torch.distributed.tensor import DTensor
 from minrm.distributed import Dist, print0
 from minrm.training.checkpoint import CheckpointWriter, find_latest
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A second signal within this many seconds is the same request delivered twice (SLURM signals every process
 # of a job and torchrun forwards what it receives); a later one exits at once.
 SAME_REQUEST_S = 1.0
@@ -26,34 +26,23 @@ SAME_REQUEST_S = 1.0
 
 class StopSignal:
     """From construction until `restore`, SIGTERM and SIGINT set `requested` instead of ending the process.
-    The loop reads it inside the step's one all-reduce, so every rank stops after the same step."""
+    The loop reads it in the step's stop vote, so every rank stops after the same step."""
 
     def __init__(self):
-        self.signum = None  # the first signal received
-        self.first_at = 0.0
-        self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        self.requested, self.first_at = False, 0.0  # whether this rank got a signal, and when the first came
+        # A rank that heard of the stop only through the vote names SIGTERM, and exits 143.
+        self.name, self.exit_status = "SIGTERM", 128 + signal.SIGTERM
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is None:
-            self.signum, self.first_at = signum, time.monotonic()
+        if not self.requested:
+            self.requested, self.first_at = True, time.monotonic()
+            self.name, self.exit_status = signal.Signals(signum).name, 128 + signum
             what = "finishing this optimizer step, then saving a checkpoint (a second signal exits at once)"
             os.write(2, f"minrm: got {self.name}: {what}\n".encode())  # print() is not safe inside a signal handler
         elif time.monotonic() - self.first_at > SAME_REQUEST_S:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-
-    @property
-    def requested(self) -> float:
-        """1.0 once this rank got a signal: summed over ranks in the step's reduction."""
-        return float(self.signum is not None)
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum or signal.SIGTERM).name
-
-    @property
-    def exit_status(self) -> int:  # 143 also on a rank that heard of the stop only through the reduction
-        return 128 + (self.signum or signal.SIGTERM)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
@@ -61,7 +50,7 @@ class StopSignal:
 
 
 def exit_after_signal(stop: StopSignal, step: int, total: int, saver: CheckpointWriter, run_name: str) -> NoReturn:
-    """After the stop's checkpoint was started (all ranks call this): wait for it, say how to resume, exit."""
+    """Wait for the stop's checkpoint, say how to resume, exit (all ranks call this)."""
     saver.wait()
     print0(
         f"minrm: stopped by {stop.name} after step {step}/{total}; checkpoint {saver.last}. Resume with:\n"
@@ -72,18 +61,17 @@ def exit_after_signal(stop: StopSignal, step: int, total: int, saver: Checkpoint
 
 
 def resume_command(run_name: str) -> str:
-    """This run's command line with `--run_name NAME --resume_from_checkpoint auto`. Under torchrun the
-    launcher's own command line is read from the parent process (Linux), so it is exact."""
+    """This run's command line with `--run_name NAME --resume_from_checkpoint auto`; under torchrun, the launcher's
+    own, read from the parent process (Linux)."""
     drop, argv = ("--run_name", "--resume_from_checkpoint"), sys.argv[1:]  # as `--flag value` or `--flag=value`
     args = [a for a, before in zip(argv, [None, *argv]) if before not in drop and a.split("=")[0] not in drop]
     launcher = [sys.executable, "-m", "minrm.train"]
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: torchrun is the parent
         launcher = ["torchrun", "<the launcher flags of this run>", "-m", "minrm.train"]
         with contextlib.suppress(OSError):
-            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-                parent = f.read().decode().split("\0")[:-1]
-            if parent[len(parent) - len(sys.argv) + 1 :] == sys.argv[1:]:  # it ends with our arguments
-                launcher = parent[: len(parent) - len(sys.argv) + 1]
+            parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+            if parent[len(parent) - len(argv) :] == argv:  # it ends with our arguments
+                launcher = parent[: len(parent) - len(argv)]
     return shlex.join(launcher + args + ["--run_name", run_name, "--resume_from_checkpoint", "auto"])
 
 
@@ -92,23 +80,18 @@ def resume_command(run_name: str) -> str:
 
 
 def nonfinite_weights(model: torch.nn.Module) -> str:
-    """How many weights are NaN or infinite, each counted once over all ranks' shards (DTensor's sum
-    over a sharded parameter reduces over the ranks); '' when none (all ranks call this)."""
+    """How many weights are NaN or infinite over all ranks' shards (DTensor's sum reduces over the ranks); '' when
+    none (all ranks call this)."""
     count = sum((~torch.isfinite(p.detach())).sum() for p in model.parameters())  # int64: exact past 2^24
     n = int(count.full_tensor() if isinstance(count, DTensor) else count)
     return f"{n} weights are NaN or infinite after the update" if n else ""
 
 
 def exit_nonfinite(what: str, step: int, lr: float, saver: CheckpointWriter, run_dir: str, d: Dist) -> NoReturn:
-    """Stop the run with an error (all ranks call this): what was not finite, at which step, and the last
-    checkpoint. `what` says whether the update was applied."""
+    """Exit saying what was not finite, at which step, and the last checkpoint (all ranks call this)."""
     saver.wait()  # a checkpoint in flight holds an earlier, finite state: let it complete
     latest = find_latest(run_dir) if d.is_main else None
     where = f"the last checkpoint is {latest}" if latest else "there is no checkpoint (see --checkpointing_steps)"
     dist.destroy_process_group()
-    raise SystemExit(
-        f"minrm: error: step {step}: {what} (learning rate {lr:.6g}). The run stops without saving or "
-        f"exporting these weights; {where}."
-        if d.is_main
-        else 1
-    )
+    why = f"step {step}: {what} (learning rate {lr:.6g}). The run stops without saving or exporting these weights"
+    raise SystemExit(f"minrm: error: {why}; {where}." if d.is_main else 1)

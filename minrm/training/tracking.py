@@ -1,6 +1,5 @@
-"""Where metrics go on rank 0: a line per step on stdout, `<run dir>/metrics.jsonl`, and W&B with
-`--with_tracking`. Each row carries `time/elapsed_s`, the seconds of training so far (monotonic clock):
-a resumed run's clock starts at its checkpoint's value, so the column runs on across restarts.
+"""Where metrics go on rank 0: a line per step on stdout, `<run dir>/metrics.jsonl`, and W&B with `--with_tracking`.
+Each row carries `time/elapsed_s`, the seconds of training so far, which a resumed run continues from its checkpoint.
 """
 
 import dataclasses
@@ -13,10 +12,8 @@ ELAPSED = "time/elapsed_s"
 
 class Tracker:
     def __init__(self, run_dir: str, args, derived: dict, started: float):
-        self.started = started  # time.monotonic() when training began, moved back by a resumed checkpoint's elapsed_s
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.samples_path = os.path.join(run_dir, "eval_samples.jsonl")
-        self.wandb = None
+        # started: time.monotonic() when training began, moved back by a resumed checkpoint's elapsed_s
+        self.run_dir, self.started, self.wandb = run_dir, started, None
         if args.with_tracking:
             import wandb
 
@@ -27,26 +24,21 @@ class Tracker:
 
     def log(self, metrics: dict) -> None:
         row = {**metrics, ELAPSED: time.monotonic() - self.started}
-        with open(self.path, "a") as f:
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row)
 
-    def log_samples(self, step: int, rows: list[dict]) -> None:
-        """The eval's sampled pairs: a table in W&B, lines in eval_samples.jsonl."""
-        with open(self.samples_path, "a") as f:
-            for row in rows:
-                f.write(json.dumps({"step": step, **row}) + "\n")
-        if self.wandb is not None and rows:
+    def log_eval(self, step: str, metrics: dict, samples: list[dict], write) -> None:
+        """An eval's metrics, and its sampled rows in eval_samples.jsonl, in W&B, and three of them to `write`."""
+        self.log(metrics)
+        with open(os.path.join(self.run_dir, "eval_samples.jsonl"), "a") as f:
+            f.writelines(json.dumps({"step": int(step.split("/")[0]), **row}) + "\n" for row in samples)
+        if self.wandb is not None and samples:
             import wandb
 
-            table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+            table = wandb.Table(columns=list(samples[0]), data=[list(r.values()) for r in samples])
             self.wandb.log({"preference_sample_texts": table})
-
-    def log_eval(self, step: str, metrics: dict, samples: list[dict], write) -> None:
-        """An eval's metrics and sampled rows, logged, and written (`write`: a line of text) with three of the rows."""
-        self.log(metrics)
-        self.log_samples(int(step.split("/")[0]), samples)
         write(f"eval {step} {summary_line(metrics)}")
         for s in samples[:3]:
             rewards = f"{s['chosen_reward']:+.3f} vs {s['rejected_reward']:+.3f}"
