@@ -173,11 +173,10 @@ def main(args: Args) -> dict:
             "(per_device_train_batch_size x processes x gradient_accumulation_steps)."
         )
     derived = dict(world_size=d.world_size, micro_batch_size=per_device * d.world_size, batch_size=batch_size)
-    derived |= dict(local_batch_size=per_device * accumulation, total_episodes=total_episodes)
+    derived |= dict(local_batch_size=per_device * accumulation, total_episodes=total_episodes, train_pairs=len(train_set))
     derived |= dict(num_training_steps=num_training_steps, unused_episodes=total_episodes % batch_size)
-    eval_steps = set()
-    if eval_set is not None and args.num_evals > 0:
-        eval_steps = {max(1, round(k * num_training_steps / args.num_evals)) for k in range(1, args.num_evals + 1)}
+    evals = range(1, args.num_evals + 1) if eval_set is not None else ()
+    eval_steps = {max(1, round(k * num_training_steps / args.num_evals)) for k in evals}
     print0(json.dumps({"args": dataclasses.asdict(args), "derived": derived}, indent=1))
     print0(f"train: {num_training_steps} steps of {batch_size} rows; {derived['unused_episodes']} rows unused")
 
@@ -197,13 +196,11 @@ def main(args: Args) -> dict:
 
     # ------------------------------------------------------------------------------------------
     # Resume (training/checkpoint.py). The step number is the data position and the LR schedule state.
-    derived["train_pairs"] = len(train_set)
-    meta = {"architecture": architecture, "config_hash": checkpoint.config_hash(model.config), "derived": derived}
+    meta = dict(architecture=architecture, config_hash=checkpoint.config_hash(model.config), derived=derived)
     meta["args"] = dataclasses.asdict(args)
-    trainer = checkpoint.TrainerState()
     resume_path = checkpoint.resolve_resume(args, run_dir, d)
-    if resume_path:
-        trainer = checkpoint.load_checkpoint(resume_path, model, optimizer, meta)
+    trainer = checkpoint.load_checkpoint(resume_path, model, optimizer, meta) if resume_path else None
+    trainer = trainer or checkpoint.TrainerState()
     if args.resume_from_checkpoint and d.is_main:
         checkpoint.truncate_logs(run_dir, trainer)  # drop what a killed run logged after its last checkpoint
     checkpoint_every = checkpoint.checkpoint_interval(args.checkpointing_steps, len(train_set), batch_size)
