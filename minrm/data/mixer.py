@@ -6,6 +6,7 @@ A tokenized row is a prompt with K responses and the comparisons among them: `pr
 """
 
 import collections
+import contextlib
 import math
 import os
 import re
@@ -27,16 +28,15 @@ from minrm.distributed import print0
 def read_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
     """One dataset of the mixer list (a local file read by `files.py`, the toy data or a Hub dataset) with
     each row's number in `row`, and the word for those numbers ("line" for JSON lines)."""
-    unit = "row"
-    if name == toy.TOY:
-        ds = toy.toy_dataset(split)
-    elif name.endswith(DATA_FILES):
+    if name.endswith(DATA_FILES):
         ds, unit = read_local_file(name)
+    elif name == toy.TOY:
+        ds, unit = toy.toy_dataset(split), "row"
     else:
         try:
-            ds = datasets.load_dataset(name, split=split)
+            ds, unit = datasets.load_dataset(name, split=split), "row"
         except (OSError, ValueError) as e:  # not found, offline, unknown split
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = (str(e).strip() or type(e).__name__).splitlines()[0]
             raise SystemExit(f"minrm: error: dataset {name} [{split}] cannot be loaded ({reason})") from None
         if len(ds) == 0:
             raise SystemExit(f"minrm: error: dataset {name} [{split}] has no rows")
@@ -97,31 +97,28 @@ def tokenize_dataset(
     name: str, split: str, tokenizer: PreTrainedTokenizerBase, args, extra: dict | None = None, shard=(0, 1)
 ) -> tuple[datasets.Dataset, str]:
     """Every row of one dataset (of its `shard`: every n-th from the i-th) tokenized, checked and
-    length-filtered (`fit_row`; the scorer's `args` have no limits): the row's ids, scores and margin,
-    its `row` number, `problem` ("" if good), `status`, `too_long`, `cut` and the `extra` columns."""
+    length-filtered (`fit_row`; the scorer's `args` have no limits), with its `row` number and the `extra` columns."""
     raw, unit = read_raw(name, split)
-    keys, extra = column_keys(args), extra or {}
-    sample = [r for r in (parsed_or_none(x) for x in raw.select(range(min(len(raw), 100)))) if r]
+    keys, extra, sample = column_keys(args), extra or {}, []
+    for row in raw.select(range(min(len(raw), 100))):
+        with contextlib.suppress(ValueError):  # a row that is not a JSON object is reported as it is tokenized
+            sample.append(formats.parse_row(row))
     fmt = formats.detect_format(sample[0] if sample else {}, keys)
     check_columns(name, sample, keys, fmt, tokenizer)
-    limits = [getattr(args, f, None) for f in ("max_prompt_token_length", "max_token_length")]
-    limits = [math.inf if n is None else n for n in limits] + [getattr(args, "max_responses_per_prompt", None)]
-
-    def tokenize(row):
-        return fit_row(formats.tokenize_row(row, fmt, keys, tokenizer, extra), *limits)
-
-    int32, float64, string = (datasets.Value(t) for t in ("int32", "float64", "string"))
-    ids = datasets.List(int32)  # half the disk of Arrow's default int64
-    features = {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "margin": float64}
-    features |= {"scores": datasets.List(float64), "problem": string, "status": string}
-    features |= {"too_long": int32, "cut": int32, "tie": int32}
+    limits = [getattr(args, flag, None) or math.inf for flag in ("max_prompt_token_length", "max_token_length")]
+    limits.append(getattr(args, "max_responses_per_prompt", None))
+    i32, f64, text = (datasets.Value(t) for t in ("int32", "float64", "string"))
+    ids = datasets.List(i32)  # half the disk of Arrow's default int64
+    features = {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "scores": datasets.List(f64)}
+    features |= {"margin": f64, "too_long": i32, "cut": i32, "tie": i32} | dict.fromkeys(["problem", "status", *extra], text)
     raw = raw.select(range(shard[0], len(raw), shard[1])) if shard[1] > 1 else raw
     # A pool costs a second or two to start: worth it only for thousands of rows. The map writes
     # its output beside its input (a local file's, in files.py's scratch folder): on disk.
     num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 5000))
-    remove = [c for c in raw.column_names if c != "row"]
-    features = datasets.Features(features | {name: string for name in extra})
-    ds = raw.map(tokenize, remove_columns=remove, features=features, num_proc=num_proc)
+    ds = raw.map(
+        lambda row: fit_row(formats.tokenize_row(row, fmt, keys, tokenizer, extra), *limits),
+        remove_columns=[c for c in raw.column_names if c != "row"], features=datasets.Features(features), num_proc=num_proc,
+    )  # fmt: skip
     print0(f"data: {name} [{split}]: {len(ds)} rows, format {fmt!r}, tokenized with {num_proc} processes")
     return ds, unit
 
@@ -141,14 +138,6 @@ def check_columns(name: str, sample: list[dict], keys: dict, fmt: str, tokenizer
             f"minrm: error: the tokenizer {tokenizer.name_or_path} has no chat template, and {name} holds "
             f"conversations: name one with --chat_template_name (e.g. --chat_template_name tulu)"
         )
-
-
-def parsed_or_none(row: dict) -> dict | None:
-    """The row as a dict (`formats.parse_row`), or None when it is not a JSON object."""
-    try:
-        return formats.parse_row(row)
-    except ValueError:
-        return None
 
 
 def report_bad_rows(bad: list[tuple[str, str, int, str]], skip: bool) -> list[str]:
