@@ -22,10 +22,11 @@ STEP = {
     "minrm.checks": ["packed_attentions"],
 }  # fmt: skip
 JSONL = {
-    "minrm.data.files": ["read_local_file", "_check_utf8", "_jsonl_rows", "_batches", "_to_dataset"],
-    "minrm.data.mixer": ["read_raw", "tokenize_dataset", "check_columns", "fit_row"],
-    "minrm.data.formats": ["parse_row", "detect_format", "_listed", "tokenize_row", "_responses", "_number",
-                           "_conversations", "_messages"],
+    "minrm.data.files": ["read_local_file", "_check_utf8", "_batches", "_to_dataset"],
+    "minrm.data.mixer": ["read_raw", "tokenize_dataset", "fit_row"],
+    "minrm.data.formats": ["parse_row", "detect_format", "_listed", "tokenize_row", "_chosen_rejected",
+                           "_number",
+                           "_chat_ids", "_messages"],
 }  # fmt: skip
 
 

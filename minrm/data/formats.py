@@ -23,15 +23,13 @@ def _listed(value) -> bool:
 
 def detect_format(row: dict, keys: dict) -> str:
     """The format of a dataset, from its first row (`keys` maps each role to its column)."""
-    if keys["prompt"] in row:
-        return "prompt"
     first = row.get(keys["responses"]) or row.get(keys["chosen"])
     first = first[0] if _listed(first) else first  # a list of responses: the format is the first one's
-    return "plain" if isinstance(first, str) else "conversational"
+    return "prompt" if keys["prompt"] in row else "plain" if isinstance(first, str) else "conversational"
 
 
 def parse_row(row: dict) -> dict:
-    """A row as a dict: a JSON file's unparsed line (`{"row", "json"}` from files.py) parsed, any other row as it is."""
+    """A JSON file's unparsed row (`{"row", "json"}` from files.py) parsed, any other row as it is."""
     if "json" not in row or len(row) > 2:
         return row
     try:
@@ -49,18 +47,21 @@ def _number(value, what: str) -> float:
     return float(value)
 
 
-def _responses(row: dict, keys: dict) -> list[tuple[str, object, float]]:
-    """Each response's name (its column, `rejected[2]`), value and score, in the row's order (chosen first).
-    Identical responses ranked apart are kept, as the reference keeps them: a tie (batching.collate)."""
-    if (values := row.get(keys["responses"])) is None:
-        out = []
-        for side, score in (("chosen", 1.0), ("rejected", 0.0)):
-            if (value := row.get(keys[side])) is None:
-                raise ValueError(f"missing `{keys[side]}`")
-            many = _listed(value)
-            out += [(f"{keys[side]}[{i}]" if many else keys[side], v, score) for i, v in enumerate(value if many else [value])]
-        return out
-    scores, what = row.get(keys["scores"]), keys["scores"]
+def _chosen_rejected(row: dict, keys: dict) -> list[tuple[str, object, float]]:
+    """A pair's or best-of-N's responses: (name, value, score), each chosen (1.0) before each rejected (0.0)."""
+    # A chosen equal to a rejected is kept, as the reference keeps it: a tie (batching.collate).
+    out = []
+    for side, score in (("chosen", 1.0), ("rejected", 0.0)):
+        if (value := row.get(keys[side])) is None:
+            raise ValueError(f"missing `{keys[side]}`")
+        many = _listed(value)  # its name is then its column and index: `rejected[2]`
+        out += [(f"{keys[side]}[{i}]" if many else keys[side], v, score) for i, v in enumerate(value if many else [value])]
+    return out
+
+
+def _scored(row: dict, keys: dict) -> list[tuple[str, object, float]]:
+    """A scored row's responses, (name, value, score) in its order, when they make at least one comparison."""
+    values, scores, what = row[keys["responses"]], row.get(keys["scores"]), keys["scores"]
     if not isinstance(values, list) or not values:
         raise ValueError(f"`{keys['responses']}` must be a non-empty list of responses")
     if not isinstance(scores, list):
@@ -91,8 +92,8 @@ def _messages(value, what: str, role: str | None) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _conversations(row: dict, fmt: str, keys: dict, responses: list) -> tuple[list, list]:
-    """(prompt, responses) as messages, each response a whole conversation."""
+def _chat_ids(row: dict, fmt: str, keys: dict, responses: list, tokenizer) -> tuple[list[int], list[list[int]]]:
+    """The prompt's ids (with the generation prompt) and each response's, a whole conversation, by the chat template."""
     if fmt == "prompt" and row.get(keys["prompt"]) is None:
         raise ValueError(f"missing `{keys['prompt']}`")
     role = "assistant" if fmt == "prompt" else None  # strings are responses only beside a prompt
@@ -110,7 +111,8 @@ def _conversations(row: dict, fmt: str, keys: dict, responses: list) -> tuple[li
             raise ValueError(f"`{name}` has no response after the prompt")
         if c[-1]["role"] != "assistant":
             raise ValueError(f"the last message of `{name}` is the {c[-1]['role']!r}'s, not the assistant's")
-    return prompt, conversations
+    ids = tokenizer.apply_chat_template(conversations, return_dict=False)  # all in one call
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False), ids
 
 
 def _plain_ids(responses: list, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[list[int]]]:
@@ -127,21 +129,14 @@ def _plain_ids(responses: list, tokenizer: PreTrainedTokenizerBase) -> tuple[lis
 
 
 def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase, extra: dict | None = None) -> dict:
-    """One row (`parse_row`'s input) to the prompt's ids, each response's whole sequence, its score (1.0
-    chosen, 0.0 rejected), the `margin` (0.0 when none), `problem` (a bad row's, in words; its ids empty)
-    and the `extra` columns ({name: column}, as text or None). Training and the scorer read rows through
-    this one function."""
+    """One row (`parse_row`'s input) to the prompt's ids, each response's whole sequence and score, the `margin`,
+    `problem` (a bad row's, in words; its ids empty) and the `extra` columns ({name: column}, as text or None)."""
     parsed = {}
     try:
         parsed = parse_row(row)
-        responses = _responses(parsed, keys)
+        responses = _scored(parsed, keys) if parsed.get(keys["responses"]) is not None else _chosen_rejected(parsed, keys)
         margin = 0.0 if parsed.get(keys["margin"]) is None else _number(parsed[keys["margin"]], keys["margin"])
-        if fmt == "plain":
-            prompt, ids = _plain_ids(responses, tokenizer)
-        else:
-            messages, conversations = _conversations(parsed, fmt, keys, responses)
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-            ids = tokenizer.apply_chat_template(conversations, return_dict=False)  # all in one call
+        prompt, ids = _plain_ids(responses, tokenizer) if fmt == "plain" else _chat_ids(parsed, fmt, keys, responses, tokenizer)
         out = {"prompt": prompt, "responses": ids, "scores": [s for _, _, s in responses], "margin": margin, "problem": ""}
     except ValueError as e:
         out = {"prompt": [], "responses": [], "scores": [], "margin": 0.0, "problem": str(e)}
