@@ -24,8 +24,7 @@ STEP = {
 JSONL = {
     "minrm.data.files": ["read_local_file", "_check_utf8", "_batches", "_to_dataset"],
     "minrm.data.mixer": ["read_raw", "tokenize_dataset", "fit_row"],
-    "minrm.data.formats": ["parse_row", "detect_format", "_listed", "tokenize_row", "_chosen_rejected",
-                           "_number",
+    "minrm.data.formats": ["parse_row", "detect_format", "_listed", "tokenize_row", "_chosen_rejected", "_number",
                            "_chat_ids", "_messages"],
 }  # fmt: skip
 
