@@ -73,13 +73,13 @@ def spread(indices: list[int], scores: list[float], most: int) -> list[int]:
     return sorted(ranked[k * (len(ranked) - 1) // (most - 1)] for k in range(most))
 
 
-def fit_row(row: dict, max_prompt: int, max_response: int, most: int | None) -> dict:
+def fit_row(row: dict, max_prompt: float | None, max_response: float | None, most: int | None) -> dict:
     """The length filter and --max_responses_per_prompt on a tokenized row: `status` "" (kept) or why it is dropped
     ("bad", "prompt" too long, no "comparison" left), responses removed (`too_long`, `cut`), `tie` (1 when two
     identical responses are ranked apart); its `prompt` becomes the ids every response begins with, or []."""
-    if row["problem"] or len(row["prompt"]) > max_prompt:
+    if row["problem"] or len(row["prompt"]) > (max_prompt or math.inf):  # None: no limit (the scorer's)
         return {**row, "status": "bad" if row["problem"] else "prompt", "too_long": 0, "cut": 0, "tie": 0}
-    fit = [i for i, ids in enumerate(row["responses"]) if len(ids) <= max_response]
+    fit = [i for i, ids in enumerate(row["responses"]) if len(ids) <= (max_response or math.inf)]
     too_long = len(row["responses"]) - len(fit)
     if len({row["scores"][i] for i in fit}) < 2:
         return {**row, "status": "comparison", "too_long": too_long, "cut": 0, "tie": 0}
@@ -104,8 +104,7 @@ def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, 
             sample.append(formats.parse_row(row))
     fmt = formats.detect_format(sample[0] if sample else {}, keys)
     check_columns(name, sample, keys, fmt, tokenizer)
-    limits = [getattr(args, flag, None) or math.inf for flag in ("max_prompt_token_length", "max_token_length")]
-    limits.append(getattr(args, "max_responses_per_prompt", None))
+    limits = [getattr(args, f, None) for f in ("max_prompt_token_length", "max_token_length", "max_responses_per_prompt")]
     i32, f64, text = (datasets.Value(t) for t in ("int32", "float64", "string"))
     ids = datasets.List(i32)  # half the disk of Arrow's default int64
     features = {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "scores": datasets.List(f64),
