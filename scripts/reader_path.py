@@ -22,10 +22,10 @@ STEP = {
     "minrm.checks": ["packed_attentions"],
 }  # fmt: skip
 JSONL = {
-    "minrm.data.files": ["read_local_file", "_to_dataset", "_batches", "_jsonl_rows"],
+    "minrm.data.files": ["read_local_file", "_check_utf8", "_batches", "_to_dataset"],
     "minrm.data.mixer": ["read_raw", "tokenize_dataset", "fit_row"],
-    "minrm.data.formats": ["detect_format", "parse_row", "tokenize_row", "_responses", "_messages", "_conversations",
-                           "_number", "_check_comparisons"],
+    "minrm.data.formats": ["parse_row", "detect_format", "_listed", "tokenize_row", "_chosen_rejected", "_number",
+                           "_chat_ids", "_messages"],
 }  # fmt: skip
 
 

@@ -54,18 +54,13 @@ def cache_key(args, tokenizer: PreTrainedTokenizerBase) -> str:
 
 def build_datasets(args, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.DatasetDict, list[str]]:
     """Train (and eval) rows, and the log lines that count what was dropped."""
-    train, held, log = build_side(
-        args.dataset_mixer_list, args.dataset_mixer_list_splits, tokenizer, args, "train", args.eval_fraction
-    )
-    out = {"train": train}
-    if held is not None:
-        out["eval"] = held
-    elif args.dataset_mixer_eval_list:
-        out["eval"], _, eval_log = build_side(
-            args.dataset_mixer_eval_list, args.dataset_mixer_eval_list_splits, tokenizer, args, "eval"
-        )
+    train, held, log = build_side(args.dataset_mixer_list, args.dataset_mixer_list_splits, tokenizer, args, "train",
+                                  args.eval_fraction)  # fmt: skip
+    if held is None and args.dataset_mixer_eval_list:
+        held, _, eval_log = build_side(args.dataset_mixer_eval_list, args.dataset_mixer_eval_list_splits, tokenizer,
+                                       args, "eval")  # fmt: skip
         log += eval_log
-    return datasets.DatasetDict(out), log
+    return datasets.DatasetDict({"train": train} | ({} if held is None else {"eval": held})), log
 
 
 def _complete(path: str) -> bool:
@@ -140,9 +135,7 @@ def _wait_for_key(rank: int, say: bool) -> str:
     return posted["key"]
 
 
-def load_datasets(
-    args, tokenizer: PreTrainedTokenizerBase, d: Dist
-) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def load_datasets(args, tokenizer: PreTrainedTokenizerBase, d: Dist) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Train and eval rows through the cache: global rank 0 finds or builds it and posts its key; then each
     other node's first process looks for that key's folder in its own --dataset_local_cache_dir (there on a
     shared filesystem; on a node-local disk it builds this node's copy) and posts it; the other processes
@@ -162,6 +155,5 @@ def load_datasets(
         dd = {split: datasets.Dataset.from_file(f) for split, f in files.items() if os.path.isfile(f)}  # memory-mapped
         with open(os.path.join(path, "minrm_log.json")) as f:
             log = json.load(f)
-    for line in log:
-        print0(line)
+    print0("\n".join(log))
     return dd["train"], dd.get("eval")

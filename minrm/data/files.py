@@ -42,15 +42,30 @@ def _empty(path: str):
     raise SystemExit(f"minrm: error: {path} is empty: it has no rows")
 
 
-def _to_dataset(path: str, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> datasets.Dataset:
-    """Write `batches` to an Arrow file in the scratch folder and open it memory-mapped; refuse no rows."""
-    fd, arrow = tempfile.mkstemp(suffix=".arrow", prefix=os.path.basename(path) + "-", dir=scratch_dir())
-    os.close(fd)
-    with pa.OSFile(arrow, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for batch in batches:
-            writer.write_batch(batch)
-    ds = datasets.Dataset.from_file(arrow)
-    return ds if len(ds) else _empty(path)
+def read_local_file(path: str) -> tuple[datasets.Dataset, str]:
+    """A local data file's rows and the word for its row numbers ("line", from 1, or "row", from 0)."""
+    if path.endswith(".parquet"):
+        return _parquet(path), "row"
+    _check_utf8(path)
+    if path.endswith(".json") and (rows := _json_array(path)) is not None:
+        return rows, "row"
+    with open(path, encoding="utf-8-sig", newline="\n") as f:  # lines end at "\n" only, as _check_utf8 counts them
+        lines = ((i, line) for i, line in enumerate(f, start=1) if line.strip())  # numbered from 1
+        return _to_dataset(path, JSON_ROWS, _batches(lines)), "line"
+
+
+def _check_utf8(path: str) -> None:
+    """Decode the whole file a line (CHUNK bytes at most) at a time: bad bytes stop the run, with their line."""
+    decoder, line, column = codecs.getincrementaldecoder("utf-8-sig")(), 1, 0  # column: this line's bytes read
+    with open(path, "rb") as f:
+        for data in itertools.chain(iter(lambda: f.readline(CHUNK), b""), [b""]):  # a last b"" ends the decoding
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:  # e.object: the bytes held from the last read, then data
+                byte = column - (len(e.object) - len(data)) + e.start + 1
+                raise SystemExit(f"minrm: error: {path} line {line}: bytes that are not UTF-8 ({e.object[e.start : e.start + 4]!r} "
+                                 f"at byte {byte} of the line); save the file as UTF-8") from None  # fmt: skip
+            line, column = (line + 1, 0) if data.endswith(b"\n") else (line, column + len(data))
 
 
 def _batches(rows: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
@@ -66,19 +81,14 @@ def _batches(rows: Iterator[tuple[int, str]]) -> Iterator[pa.RecordBatch]:
         yield pa.RecordBatch.from_arrays(list(zip(*batch)), schema=JSON_ROWS)
 
 
-def _jsonl_rows(path: str) -> Iterator[tuple[int, str]]:
-    """Non-blank lines and their numbers (from 1)."""
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise SystemExit(
-                    f"minrm: error: {path} line {i}: bytes that are not UTF-8 ({raw[e.start : e.start + 4]!r} at "
-                    f"byte {e.start + 1} of the line); save the file as UTF-8"
-                ) from None
-            if line.strip():
-                yield i, line
+def _to_dataset(path: str, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> datasets.Dataset:
+    """Write `batches` to an Arrow file in the scratch folder and open it memory-mapped; refuse no rows."""
+    fd, arrow = tempfile.mkstemp(suffix=".arrow", prefix=os.path.basename(path) + "-", dir=scratch_dir())
+    with open(fd, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    ds = datasets.Dataset.from_file(arrow)
+    return ds if len(ds) else _empty(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,21 +136,6 @@ class _Text:
             i = 0
 
 
-def _check_utf8(path: str) -> None:
-    """Decode the whole file, streaming, so that bad bytes are reported with their line before anything is parsed."""
-    decoder, newlines = codecs.getincrementaldecoder("utf-8-sig")(), 0
-    with open(path, "rb") as f:
-        for data in itertools.chain(iter(lambda: f.read(CHUNK), b""), [b""]):  # a last b"" ends the decoding
-            try:
-                decoder.decode(data, final=not data)
-            except UnicodeDecodeError as e:  # e.object: the bytes held from the last read, then data
-                line = newlines + e.object[: e.start].count(b"\n") + 1
-                raise SystemExit(
-                    f"minrm: error: {path} line {line}: bytes that are not UTF-8; save the file as UTF-8"
-                ) from None
-            newlines += data.count(b"\n")
-
-
 def _array_rows(path: str, text: _Text, i: int) -> Iterator[tuple[int, str]]:
     """The objects of the array that opens at buf[i], and their index, with json.loads' own errors (message,
     line, column); a row that is not an object is refused once the whole file parsed, as json.loads would."""
@@ -166,19 +161,15 @@ def _array_rows(path: str, text: _Text, i: int) -> Iterator[tuple[int, str]]:
         line, column = text.line + e.lineno - 1, e.colno + (text.column if e.lineno == 1 else 0)
         raise SystemExit(f"minrm: error: {path} line {line} column {column}: invalid JSON ({e.msg})") from None
     if not_object:
-        raise SystemExit(
-            f"minrm: error: {path} row {not_object[0]} is a JSON {not_object[1]}, not an object: {ROWS_OF_OBJECTS}"
-        )
+        raise SystemExit(f"minrm: error: {path} row {not_object[0]} is a JSON {not_object[1]}, not an object: {ROWS_OF_OBJECTS}")
 
 
 def _json_array(path: str) -> datasets.Dataset | None:
     """A .json file's rows when it is a list of objects; None when it reads as JSON lines. One other value
     is refused: JSON lines fail on it ("Extra data" after its first line) unless it is an object on one line."""
-    _check_utf8(path)
     text = _Text(path)
     with text.file:
-        start = text.skip_space(0)
-        if start == len(text.buf):
+        if (start := text.skip_space(0)) == len(text.buf):
             _empty(path)
         if text.buf[start] == "[":
             return _to_dataset(path, JSON_ROWS, _batches(_array_rows(path, text, start)))
@@ -194,23 +185,10 @@ def _json_array(path: str) -> datasets.Dataset | None:
 
 
 def _parquet(path: str) -> datasets.Dataset:
-    size = os.path.getsize(path)
-    if size == 0:
+    if os.path.getsize(path) == 0:
         _empty(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(max(0, size - 4))
-        tail = f.read(4)
-    if size < 12 or head != b"PAR1" or tail != b"PAR1":
-        raise SystemExit(f"minrm: error: {path} is not a Parquet file (it lacks the PAR1 marks at its start and end)")
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except pa.ArrowInvalid as e:
+        raise SystemExit(f"minrm: error: {path} is not a Parquet file ({e})") from None
     return _to_dataset(path, parquet.schema_arrow, parquet.iter_batches(batch_size=1000))
-
-
-def read_local_file(path: str) -> tuple[datasets.Dataset, str]:
-    """A local data file's rows and the word for its row numbers ("line", from 1, or "row", from 0)."""
-    if path.endswith(".parquet"):
-        return _parquet(path), "row"
-    if path.endswith(".json") and (rows := _json_array(path)) is not None:
-        return rows, "row"
-    return _to_dataset(path, JSON_ROWS, _batches(_jsonl_rows(path))), "line"

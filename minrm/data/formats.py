@@ -15,7 +15,6 @@ import os
 
 from transformers import PreTrainedTokenizerBase
 
-FORMATS = ("conversational", "prompt", "plain")
 
 def _listed(value) -> bool:
     """A list of responses (strings or message lists), not one response's list of messages."""
@@ -24,118 +23,13 @@ def _listed(value) -> bool:
 
 def detect_format(row: dict, keys: dict) -> str:
     """The format of a dataset, from its first row (`keys` maps each role to its column)."""
-    if keys["prompt"] in row:
-        return "prompt"
     first = row.get(keys["responses"]) or row.get(keys["chosen"])
     first = first[0] if _listed(first) else first  # a list of responses: the format is the first one's
-    return "plain" if isinstance(first, str) else "conversational"
-
-
-def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{what}` must be a finite number, got {str(value)[:40]!r}")
-    return float(value)
-
-
-def _responses(row: dict, keys: dict) -> tuple[list[str], list[str], list, list[float]]:
-    """Each response's name (its column, `rejected[2]`), label (its role, for messages that compare
-    two), value and score, in the row's order (chosen first in a pair or best-of-N)."""
-    if row.get(keys["responses"]) is not None:
-        values, scores = row[keys["responses"]], row.get(keys["scores"])
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"`{keys['responses']}` must be a non-empty list of responses")
-        if scores is None:
-            raise ValueError(f"missing `{keys['scores']}`")
-        if not isinstance(scores, list):
-            raise ValueError(f"`{keys['scores']}` must be a list of numbers, got {type(scores).__name__}")
-        if len(scores) != len(values):
-            raise ValueError(f"`{keys['scores']}` has {len(scores)} numbers for {len(values)} responses")
-        scores = [_number(s, f"{keys['scores']}[{i}]") for i, s in enumerate(scores)]
-        names = [f"{keys['responses']}[{i}]" for i in range(len(values))]
-        return names, [f"responses[{i}]" for i in range(len(values))], values, scores
-    names, labels, values, scores = [], [], [], []
-    for side, score in (("chosen", 1.0), ("rejected", 0.0)):
-        if (value := row.get(keys[side])) is None:
-            raise ValueError(f"missing `{keys[side]}`")
-        many = _listed(value)
-        for i, v in enumerate(value if many else [value]):
-            names.append(f"{keys[side]}[{i}]" if many else keys[side])
-            labels.append(f"{side}[{i}]" if many else side)
-            values.append(v)
-            scores.append(score)
-    return names, labels, values, scores
-
-
-def _messages(value, what: str, default_role: str | None) -> list[dict]:
-    """A list of {"role", "content"} messages, or (with a default role) a string as one message."""
-    if isinstance(value, str) and default_role:
-        value = [{"role": default_role, "content": value}]
-    if not isinstance(value, list):
-        either = " or a string" if default_role else ""
-        raise ValueError(f"`{what}` must be a list of messages{either}, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"`{what}` is an empty conversation")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise ValueError(f"`{what}` message {i} is not a {{'role', 'content'}} dict: {str(m)[:80]}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"`{what}` message {i} has non-text content ({type(m['content']).__name__})")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _conversations(row: dict, fmt: str, keys: dict, names: list, labels: list, values: list) -> tuple[list, list]:
-    """(prompt, responses) as messages, each response a whole conversation; raises ValueError."""
-    role = "assistant" if fmt == "prompt" else None  # strings are responses only beside a prompt
-    if fmt == "prompt" and row.get(keys["prompt"]) is None:
-        raise ValueError(f"missing `{keys['prompt']}`")
-    responses = [_messages(value, name, role) for name, value in zip(names, values)]
-    if fmt == "prompt":
-        prompt = _messages(row[keys["prompt"]], keys["prompt"], "user")
-        # A response may repeat the prompt (a whole conversation) or continue it.
-        responses = [conv if conv[: len(prompt)] == prompt else prompt + conv for conv in responses]
-    else:
-        prompt = responses[0][:-1]
-        for label, conv in zip(labels[1:], responses[1:]):
-            if conv[:-1] != prompt:
-                raise ValueError(f"{labels[0]} and {label} have different prompts (messages before the last differ)")
-    for name, conv in zip(names, responses):
-        if len(conv) == len(prompt):
-            raise ValueError(f"`{name}` has no response after the prompt")
-        if conv[-1]["role"] != "assistant":
-            raise ValueError(f"the last message of `{name}` is the {conv[-1]['role']!r}'s, not the assistant's")
-    return prompt, responses
-
-
-def _texts(names: list, values: list) -> list[str]:
-    for name, value in zip(names, values):
-        if not isinstance(value, str):
-            raise ValueError(f"`{name}` must be a string in a plain-text dataset, got {type(value).__name__}")
-        if not value.strip():
-            raise ValueError(f"`{name}` is empty")
-    return values
-
-
-def _check_comparisons(scores: list[float]) -> None:
-    """A row compares at least two responses. Two identical responses ranked apart (a pair whose chosen and
-    rejected are the same text) are kept, as the reference keeps them: a tie (batching.collate)."""
-    if len(set(scores)) < 2:
-        if len(scores) == 1:
-            raise ValueError("no comparison: one response (a row needs two with different scores)")
-        raise ValueError(f"no comparison: all {len(scores)} responses have the same score ({scores[0]:g})")
-
-
-def _plain_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[list[int]]]:
-    """Each text as `tokenizer(text)` (bos where the tokenizer adds it) plus eos unless it ends with one."""
-    eos = tokenizer.eos_token_id
-    responses = [ids if ids and ids[-1] == eos else ids + [eos] for ids in tokenizer(texts)["input_ids"]]
-    return os.path.commonprefix(responses), responses  # commonprefix compares lists element by element
+    return "prompt" if keys["prompt"] in row else "plain" if isinstance(first, str) else "conversational"
 
 
 def parse_row(row: dict) -> dict:
-    """A row as a dict: a JSON file's unparsed line (`{"json", "row"}` from files.py) parsed, any other
-    row as it is; ValueError, in words, when the line is not a JSON object."""
+    """A JSON file's unparsed row (`{"row", "json"}` from files.py) parsed, any other row as it is."""
     if "json" not in row or len(row) > 2:
         return row
     try:
@@ -147,26 +41,103 @@ def parse_row(row: dict) -> dict:
     return parsed
 
 
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{what}` must be a finite number, got {str(value)[:40]!r}")
+    return float(value)
+
+
+def _chosen_rejected(row: dict, keys: dict) -> list[tuple[str, object, float]]:
+    """A pair's or best-of-N's responses: (name, value, score), each chosen (1.0) before each rejected (0.0)."""
+    # A chosen equal to a rejected is kept, as the reference keeps it: a tie (batching.collate).
+    out = []
+    for side, score in (("chosen", 1.0), ("rejected", 0.0)):
+        if (value := row.get(keys[side])) is None:
+            raise ValueError(f"missing `{keys[side]}`")
+        many = _listed(value)  # its name is then its column and index: `rejected[2]`
+        out += [(f"{keys[side]}[{i}]" if many else keys[side], v, score) for i, v in enumerate(value if many else [value])]
+    return out
+
+
+def _scored(row: dict, keys: dict) -> list[tuple[str, object, float]]:
+    """A scored row's responses, (name, value, score) in its order, when they make at least one comparison."""
+    values, scores, what = row[keys["responses"]], row.get(keys["scores"]), keys["scores"]
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"`{keys['responses']}` must be a non-empty list of responses")
+    if not isinstance(scores, list):
+        raise ValueError(f"missing `{what}`" if scores is None else f"`{what}` must be a list of numbers, got {type(scores).__name__}")
+    if len(scores) != len(values):
+        raise ValueError(f"`{what}` has {len(scores)} numbers for {len(values)} responses")
+    scores = [_number(s, f"{what}[{i}]") for i, s in enumerate(scores)]
+    if len(scores) == 1:
+        raise ValueError("no comparison: one response (a row needs two with different scores)")
+    if len(set(scores)) == 1:
+        raise ValueError(f"no comparison: all {len(scores)} responses have the same score ({scores[0]:g})")
+    return [(f"{keys['responses']}[{i}]", value, score) for i, (value, score) in enumerate(zip(values, scores))]
+
+
+def _messages(value, what: str, role: str | None) -> list[dict]:
+    """A list of {"role", "content"} messages, or (given a role) a string as one message of that role."""
+    if isinstance(value, str) and role:
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list):
+        raise ValueError(f"`{what}` must be a list of messages{' or a string' if role else ''}, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"`{what}` is an empty conversation")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise ValueError(f"`{what}` message {i} is not a {{'role', 'content'}} dict: {str(m)[:80]}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"`{what}` message {i} has non-text content ({type(m['content']).__name__})")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _chat_ids(row: dict, fmt: str, keys: dict, responses: list, tokenizer) -> tuple[list[int], list[list[int]]]:
+    """The prompt's ids (with the generation prompt) and each response's, a whole conversation, by the chat template."""
+    if fmt == "prompt" and row.get(keys["prompt"]) is None:
+        raise ValueError(f"missing `{keys['prompt']}`")
+    role = "assistant" if fmt == "prompt" else None  # strings are responses only beside a prompt
+    names, conversations = [n for n, _, _ in responses], [_messages(v, n, role) for n, v, _ in responses]
+    if fmt == "prompt":
+        prompt = _messages(row[keys["prompt"]], keys["prompt"], "user")
+        # A response may repeat the prompt (a whole conversation) or continue it.
+        conversations = [c if c[: len(prompt)] == prompt else prompt + c for c in conversations]
+    else:
+        prompt = conversations[0][:-1]
+        if other := next((n for n, c in zip(names, conversations) if c[:-1] != prompt), None):
+            raise ValueError(f"{names[0]} and {other} have different prompts (messages before the last differ)")
+    for name, c in zip(names, conversations):
+        if len(c) == len(prompt):
+            raise ValueError(f"`{name}` has no response after the prompt")
+        if c[-1]["role"] != "assistant":
+            raise ValueError(f"the last message of `{name}` is the {c[-1]['role']!r}'s, not the assistant's")
+    ids = tokenizer.apply_chat_template(conversations, return_dict=False)  # all in one call
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False), ids
+
+
+def _plain_ids(responses: list, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[list[int]]]:
+    """Each text as `tokenizer(text)` (bos where the tokenizer adds it) plus eos unless it ends with one; the
+    prompt is the longest run of ids they all start with."""
+    for name, text, _ in responses:
+        if not isinstance(text, str):
+            raise ValueError(f"`{name}` must be a string in a plain-text dataset, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"`{name}` is empty")
+    eos, texts = tokenizer.eos_token_id, [text for _, text, _ in responses]
+    ids = [s if s and s[-1] == eos else s + [eos] for s in tokenizer(texts)["input_ids"]]
+    return os.path.commonprefix(ids), ids  # commonprefix compares lists element by element
+
+
 def tokenize_row(row: dict, fmt: str, keys: dict, tokenizer: PreTrainedTokenizerBase, extra: dict | None = None) -> dict:
-    """One row (`parse_row`'s input) to the prompt's ids, each response's whole sequence, its score (1.0
-    chosen, 0.0 rejected), the `margin` (0.0 when none), `problem` (a bad row's, in words; its ids empty)
-    and the `extra` columns ({name: column}, as text or None). Training and the scorer read rows through
-    this one function."""
-    out = {name: None for name in extra or {}}
+    """One row (`parse_row`'s input) to the prompt's ids, each response's whole sequence and score, the `margin`,
+    `problem` (a bad row's, in words; its ids empty) and the `extra` columns ({name: column}, as text or None)."""
+    parsed = {}
     try:
-        row = parse_row(row)
-        out |= {name: None if row.get(column) is None else str(row[column]) for name, column in (extra or {}).items()}
-        names, labels, values, scores = _responses(row, keys)
-        margin = 0.0 if row.get(keys["margin"]) is None else _number(row[keys["margin"]], keys["margin"])
-        if fmt == "plain":
-            texts = _texts(names, values)
-            _check_comparisons(scores)
-            prompt, responses = _plain_ids(texts, tokenizer)
-        else:
-            prompt_messages, conversations = _conversations(row, fmt, keys, names, labels, values)
-            _check_comparisons(scores)
-            prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, return_dict=False)
-            responses = tokenizer.apply_chat_template(conversations, return_dict=False)  # all in one call
-        return out | {"prompt": prompt, "responses": responses, "scores": scores, "margin": margin, "problem": ""}
+        parsed = parse_row(row)
+        responses = _scored(parsed, keys) if parsed.get(keys["responses"]) is not None else _chosen_rejected(parsed, keys)
+        margin = 0.0 if parsed.get(keys["margin"]) is None else _number(parsed[keys["margin"]], keys["margin"])
+        prompt, ids = _plain_ids(responses, tokenizer) if fmt == "plain" else _chat_ids(parsed, fmt, keys, responses, tokenizer)
+        out = {"prompt": prompt, "responses": ids, "scores": [s for _, _, s in responses], "margin": margin, "problem": ""}
     except ValueError as e:
-        return out | {"prompt": [], "responses": [], "scores": [], "margin": 0.0, "problem": str(e)}
+        out = {"prompt": [], "responses": [], "scores": [], "margin": 0.0, "problem": str(e)}
+    return out | {name: None if parsed.get(col) is None else str(parsed[col]) for name, col in (extra or {}).items()}

@@ -6,6 +6,7 @@ A tokenized row is a prompt with K responses and the comparisons among them: `pr
 """
 
 import collections
+import contextlib
 import math
 import os
 import re
@@ -27,20 +28,22 @@ from minrm.distributed import print0
 def read_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
     """One dataset of the mixer list (a local file read by `files.py`, the toy data or a Hub dataset) with
     each row's number in `row`, and the word for those numbers ("line" for JSON lines)."""
-    unit = "row"
-    if name == toy.TOY:
-        ds = toy.toy_dataset(split)
-    elif name.endswith(DATA_FILES):
+    if name.endswith(DATA_FILES):
         ds, unit = read_local_file(name)
     else:
-        try:
-            ds = datasets.load_dataset(name, split=split)
-        except (OSError, ValueError) as e:  # not found, offline, unknown split
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SystemExit(f"minrm: error: dataset {name} [{split}] cannot be loaded ({reason})") from None
-        if len(ds) == 0:
-            raise SystemExit(f"minrm: error: dataset {name} [{split}] has no rows")
+        ds, unit = toy.toy_dataset(split) if name == toy.TOY else _hub_dataset(name, split), "row"
     return ds if "row" in ds.column_names else ds.add_column("row", list(range(len(ds)))), unit
+
+
+def _hub_dataset(name: str, split: str) -> datasets.Dataset:
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as e:  # not found, offline, unknown split
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise SystemExit(f"minrm: error: dataset {name} [{split}] cannot be loaded ({reason})") from None
+    if len(ds) == 0:
+        raise SystemExit(f"minrm: error: dataset {name} [{split}] has no rows")
+    return ds
 
 
 def take_indices(n: int, amount: str, seed: int) -> list[int]:
@@ -70,58 +73,49 @@ def spread(indices: list[int], scores: list[float], most: int) -> list[int]:
     return sorted(ranked[k * (len(ranked) - 1) // (most - 1)] for k in range(most))
 
 
-def fit_row(row: dict, max_prompt: int, max_response: int, most: int | None) -> dict:
-    """The length filter and --max_responses_per_prompt on a tokenized row, whose `prompt` becomes the ids
-    every response begins with (or []). `status`: "" (kept) or why it is dropped: "bad", "prompt" (too long),
-    "comparison" (none left within max_response). `too_long`, `cut`: responses removed. `tie`: 1 when a kept
-    row ranks two identical responses apart (a tie, as the reference trains it)."""
-    if row["problem"] or len(row["prompt"]) > max_prompt:
+def fit_row(row: dict, max_prompt: float | None, max_response: float | None, most: int | None) -> dict:
+    """The length filter and --max_responses_per_prompt on a tokenized row: `status` "" (kept) or why it is dropped
+    ("bad", "prompt" too long, no "comparison" left), responses removed (`too_long`, `cut`), `tie` (1 when two
+    identical responses are ranked apart); its `prompt` becomes the ids every response begins with, or []."""
+    if row["problem"] or len(row["prompt"]) > (max_prompt or math.inf):  # None: no limit (the scorer's)
         return {**row, "status": "bad" if row["problem"] else "prompt", "too_long": 0, "cut": 0, "tie": 0}
-    fit = [i for i, ids in enumerate(row["responses"]) if len(ids) <= max_response]
+    fit = [i for i, ids in enumerate(row["responses"]) if len(ids) <= (max_response or math.inf)]
     too_long = len(row["responses"]) - len(fit)
     if len({row["scores"][i] for i in fit}) < 2:
         return {**row, "status": "comparison", "too_long": too_long, "cut": 0, "tie": 0}
     keep = spread(fit, row["scores"], most) if most is not None and len(fit) > most else fit
-    prompt, responses = row["prompt"], [row["responses"][i] for i in keep]
+    prompt, responses, scores = row["prompt"], [row["responses"][i] for i in keep], [row["scores"][i] for i in keep]
     # The prompt's ids begin every response, each with a tail, unless the chat template renders the
     # prompt differently inside the conversation: such a row shares no prefix, and its prompt is [].
-    if not all(len(s) > len(prompt) and s[: len(prompt)] == prompt for s in responses):
-        prompt = []
-    row = {**row, "prompt": prompt, "responses": responses, "scores": [row["scores"][i] for i in keep]}
-    ranked = {(tuple(ids), score) for ids, score in zip(row["responses"], row["scores"])}
-    tie = len(ranked) > len({ids for ids, _ in ranked})  # a sequence with two scores
-    return {**row, "status": "", "too_long": too_long, "cut": len(fit) - len(keep), "tie": int(tie)}
+    shared = all(len(s) > len(prompt) and s[: len(prompt)] == prompt for s in responses)
+    tie = len(set(zip(map(tuple, responses), scores))) > len(set(map(tuple, responses)))  # a sequence with two scores
+    return {**row, "prompt": prompt if shared else [], "responses": responses, "scores": scores, "status": "",
+            "too_long": too_long, "cut": len(fit) - len(keep), "tie": int(tie)}  # fmt: skip
 
 
-def tokenize_dataset(
-    name: str, split: str, tokenizer: PreTrainedTokenizerBase, args, extra: dict | None = None, shard=(0, 1)
-) -> tuple[datasets.Dataset, str]:
-    """Every row of one dataset (of its `shard`: every n-th from the i-th) tokenized, checked and
-    length-filtered (`fit_row`; the scorer's `args` have no limits): the row's ids, scores and margin,
-    its `row` number, `problem` ("" if good), `status`, `too_long`, `cut` and the `extra` columns."""
+def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, args, extra: dict | None = None,
+                     shard=(0, 1)) -> tuple[datasets.Dataset, str]:  # fmt: skip
+    """Every row of one dataset (of its `shard`: every n-th from the i-th) tokenized, checked and length-filtered
+    (`fit_row`; the scorer's `args` have no limits), with its `row` number and the `extra` columns ({name: column})."""
     raw, unit = read_raw(name, split)
-    keys, extra = column_keys(args), extra or {}
-    sample = [r for r in (parsed_or_none(x) for x in raw.select(range(min(len(raw), 100)))) if r]
+    keys, extra, sample = column_keys(args), extra or {}, []
+    for row in raw.select(range(min(len(raw), 100))):
+        with contextlib.suppress(ValueError):  # a row that is not a JSON object is reported as it is tokenized
+            sample.append(formats.parse_row(row))
     fmt = formats.detect_format(sample[0] if sample else {}, keys)
     check_columns(name, sample, keys, fmt, tokenizer)
-    limits = [getattr(args, f, None) for f in ("max_prompt_token_length", "max_token_length")]
-    limits = [math.inf if n is None else n for n in limits] + [getattr(args, "max_responses_per_prompt", None)]
-
-    def tokenize(row):
-        return fit_row(formats.tokenize_row(row, fmt, keys, tokenizer, extra), *limits)
-
-    int32, float64, string = (datasets.Value(t) for t in ("int32", "float64", "string"))
-    ids = datasets.List(int32)  # half the disk of Arrow's default int64
-    features = {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "margin": float64}
-    features |= {"scores": datasets.List(float64), "problem": string, "status": string}
-    features |= {"too_long": int32, "cut": int32, "tie": int32}
+    limits = [getattr(args, f, None) for f in ("max_prompt_token_length", "max_token_length", "max_responses_per_prompt")]
+    i32, f64, text = (datasets.Value(t) for t in ("int32", "float64", "string"))
+    ids = datasets.List(i32)  # half the disk of Arrow's default int64
+    features = {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "scores": datasets.List(f64),
+                "margin": f64, "too_long": i32, "cut": i32, "tie": i32} | dict.fromkeys(["problem", "status", *extra], text)  # fmt: skip
     raw = raw.select(range(shard[0], len(raw), shard[1])) if shard[1] > 1 else raw
     # A pool costs a second or two to start: worth it only for thousands of rows. The map writes
     # its output beside its input (a local file's, in files.py's scratch folder): on disk.
     num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 5000))
-    remove = [c for c in raw.column_names if c != "row"]
-    features = datasets.Features(features | {name: string for name in extra})
-    ds = raw.map(tokenize, remove_columns=remove, features=features, num_proc=num_proc)
+    ds = raw.map(lambda row: fit_row(formats.tokenize_row(row, fmt, keys, tokenizer, extra), *limits),
+                 remove_columns=[c for c in raw.column_names if c != "row"], features=datasets.Features(features),
+                 num_proc=num_proc)  # fmt: skip
     print0(f"data: {name} [{split}]: {len(ds)} rows, format {fmt!r}, tokenized with {num_proc} processes")
     return ds, unit
 
@@ -143,19 +137,9 @@ def check_columns(name: str, sample: list[dict], keys: dict, fmt: str, tokenizer
         )
 
 
-def parsed_or_none(row: dict) -> dict | None:
-    """The row as a dict (`formats.parse_row`), or None when it is not a JSON object."""
-    try:
-        return formats.parse_row(row)
-    except ValueError:
-        return None
-
-
 def report_bad_rows(bad: list[tuple[str, str, int, str]], skip: bool) -> list[str]:
     """Stop on bad rows (the first 10 listed, and the total), or with --skip_bad_rows count them by reason."""
-    if not bad:
-        return []
-    if not skip:
+    if bad and not skip:
         listed = "\n".join(f"  {name} {unit} {row}: {why}" for name, unit, row, why in bad[:10])
         raise SystemExit(
             f"minrm: error: {len(bad)} bad rows in the dataset mixer (the first {min(10, len(bad))}):\n{listed}\n"
@@ -184,14 +168,11 @@ def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, 
     parts, held, bad, log = [], [], [], []
     for name, amount, split in zip(names, amounts, splits):
         if "." not in amount and int(amount) <= 10:
-            print0(
-                f"data: warning: amount {amount!r} for {name} is a row COUNT ({amount} rows); write 1.0 for all rows."
-            )
+            print0(f"data: warning: amount {amount!r} for {name} is a row COUNT ({amount} rows); write 1.0 for all rows.")
         ds, unit = tokenize_dataset(name, split, tokenizer, args)
-        bad_rows = ds.select(_where(ds, "status", "bad"))
+        bad_rows, kept = ds.select(_where(ds, "status", "bad")), _where(ds, "status", "")
         bad += [(name, unit, row, why) for row, why in zip(bad_rows["row"], bad_rows["problem"])]
         long_prompt, no_comparison = len(_where(ds, "status", "prompt")), len(_where(ds, "status", "comparison"))
-        kept = _where(ds, "status", "")
         responses = pc.list_value_length(ds.data.column("responses")).to_numpy()[kept].sum()
         log.append(
             f"data: {what}: {name} [{split}]: {len(ds)} rows, {len(bad_rows)} bad, {long_prompt + no_comparison} "
@@ -222,8 +203,7 @@ def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, 
     log.append(f"data: {what}: {len(rows)} rows")
     if len(rows) == 0:
         raise SystemExit(f"minrm: error: no {what} row is left after the checks and the length filter; see above.")
-    held_out = datasets.concatenate_datasets(held).select_columns(ROW_COLUMNS) if held else None
-    return rows, held_out, log
+    return rows, datasets.concatenate_datasets(held).select_columns(ROW_COLUMNS) if held else None, log
 
 
 def show_pair(row: dict, tokenizer: PreTrainedTokenizerBase) -> str:

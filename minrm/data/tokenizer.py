@@ -20,32 +20,21 @@ def load_tokenizer(args) -> PreTrainedTokenizerBase:
         tokenizer = toy_tokenizer()
     else:
         flag = "tokenizer_name_or_path" if args.tokenizer_name_or_path else "model_name_or_path"
-        tokenizer = load_or_exit(
-            AutoTokenizer.from_pretrained,
-            flag,
-            args.tokenizer_name_or_path or args.model_name_or_path,
-            "has no tokenizer that loads",
-            revision=args.tokenizer_revision or args.model_revision,
-            trust_remote_code=args.trust_remote_code,
-            use_fast=not args.use_slow_tokenizer,
-        )
-    name = args.chat_template_name
-    if name in CHAT_TEMPLATES:
-        tokenizer.chat_template = CHAT_TEMPLATES[name]
-    elif name is not None:  # the name of a tokenizer whose own template we borrow
+        tokenizer = load_or_exit(AutoTokenizer.from_pretrained, flag, getattr(args, flag), "has no tokenizer that loads",
+                                 revision=args.tokenizer_revision or args.model_revision,
+                                 trust_remote_code=args.trust_remote_code, use_fast=not args.use_slow_tokenizer)  # fmt: skip
+    if (template := args.chat_template_name) in CHAT_TEMPLATES:
+        tokenizer.chat_template = CHAT_TEMPLATES[template]
+    elif template is not None:  # the name of a tokenizer whose own template we borrow
         what = f"is neither a template minrm knows ({', '.join(CHAT_TEMPLATES)}) nor a tokenizer that loads"
-        lender = load_or_exit(AutoTokenizer.from_pretrained, "chat_template_name", name, what)
+        lender = load_or_exit(AutoTokenizer.from_pretrained, "chat_template_name", template, what)
         if lender.chat_template is None:
-            raise SystemExit(
-                f"minrm: error: --chat_template_name {name}: that tokenizer has no chat template to borrow"
-            )
+            raise SystemExit(f"minrm: error: --chat_template_name {template}: that tokenizer has no chat template to borrow")
         tokenizer.chat_template = lender.chat_template
     if args.add_bos:
         template, bos = tokenizer.chat_template or "", tokenizer.bos_token
         if re.match(r"\{\{-?\s*bos_token", template) or (bos and template.startswith(bos)):
-            raise SystemExit(
-                "minrm: error: --add_bos: the chat template already begins with the bos token; leave --add_bos out"
-            )
+            raise SystemExit("minrm: error: --add_bos: the chat template already begins with the bos token; leave --add_bos out")
         tokenizer.chat_template = "{{ bos_token }}" + template
     # Padding with eos would make a real eos look like padding, and vice versa.
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:

@@ -4,8 +4,6 @@ copies *this* prompt, which a response-only classifier cannot learn, yet a 2-lay
 ~0.99) in under a minute on two CPU cores. Its flag values and split sizes are in config.py.
 """
 
-from __future__ import annotations
-
 import random
 
 import datasets
@@ -17,12 +15,8 @@ from minrm.config import CHAT_TEMPLATES, SPLIT_SIZES, TOY
 # Closed vocabulary: every string the generator can emit is one token, so the
 # model never sees <unk> (any other word maps to it) and word identity is a
 # single embedding lookup.
-WORDS = (
-    "red blue green black white pink gray gold "
-    "cat dog cow pig fox owl bee ant "
-    "sun moon star rain snow wind fire ice "
-    "one two three four five six seven eight"
-).split()
+WORDS = ("red blue green black white pink gray gold cat dog cow pig fox owl bee ant "
+         "sun moon star rain snow wind fire ice one two three four five six seven eight").split()  # fmt: skip
 VERBS = ("repeat:", "copy:", "echo:")
 SYSTEM = "be exact"
 CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -38,18 +32,11 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
     # the Tulu template's newlines survive and decode is an exact round trip.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        # Added as special tokens so the chat markers are matched before
-        # pre-tokenization and never split into pieces.
-        extra_special_tokens=CHAT_MARKERS,
-        model_max_length=256,  # = max_position_embeddings below
-        clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATES["tulu"],
-    )
+    # The chat markers are special tokens, so that they are matched before pre-tokenization and never split.
+    # model_max_length: the toy model's max_position_embeddings.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   extra_special_tokens=CHAT_MARKERS, model_max_length=256,
+                                   clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATES["tulu"])  # fmt: skip
 
 
 def _pairs(rng: random.Random, n: int, seen: set[tuple[str, ...]]) -> list[dict[str, list[dict[str, str]]]]:
