@@ -21,12 +21,20 @@ STEP = {
     "minrm.model.loss": ["row_statistics"],
     "minrm.checks": ["packed_attentions"],
 }  # fmt: skip
+# What a line's own text passes through, from the file to its tokenized row (a conversational pair, as
+# mixer.build_side runs it); then what runs once per file or dataset before any line: the UTF-8 pass over the
+# file, the format read from the first row, the columns checked on the first 100.
 JSONL = {
-    "minrm.data.files": ["read_local_file", "_check_utf8", "_batches", "_to_dataset"],
+    "minrm.data.files": ["read_local_file", "_batches", "_to_dataset"],
     "minrm.data.mixer": ["read_raw", "tokenize_dataset", "fit_row"],
-    "minrm.data.formats": ["parse_row", "detect_format", "_listed", "tokenize_row", "_chosen_rejected", "_number",
-                           "_chat_ids", "_messages"],
+    "minrm.data.formats": ["parse_row", "_listed", "tokenize_row", "_chosen_rejected", "_number", "_chat_ids",
+                           "_messages"],
 }  # fmt: skip
+JSONL_SETUP = {
+    "minrm.data.files": ["_check_utf8"],
+    "minrm.data.mixer": ["check_columns"],
+    "minrm.data.formats": ["detect_format"],
+}
 
 
 def code_lines(text: str) -> int:
@@ -61,3 +69,5 @@ if __name__ == "__main__":
     print(table("One optimizer step of the default run", STEP))
     print()
     print(table("A JSONL line to tokens", JSONL))
+    print()
+    print(table("... and what runs once per file or dataset before its lines", JSONL_SETUP))

@@ -74,9 +74,8 @@ def spread(indices: list[int], scores: list[float], most: int) -> list[int]:
 
 
 def fit_row(row: dict, max_prompt: float | None, max_response: float | None, most: int | None) -> dict:
-    """The length filter and --max_responses_per_prompt on a tokenized row: `status` "" (kept) or why it is dropped
-    ("bad", "prompt" too long, no "comparison" left), responses removed (`too_long`, `cut`), `tie` (1 when two
-    identical responses are ranked apart); its `prompt` becomes the ids every response begins with, or []."""
+    """The length filter and --max_responses_per_prompt: `status` "" (kept) or why a row is dropped ("bad", "prompt",
+    "comparison"), responses removed (`too_long`, `cut`), a `tie` ranked apart; `prompt`: what all responses begin with."""
     if row["problem"] or len(row["prompt"]) > (max_prompt or math.inf):  # None: no limit (the scorer's)
         return {**row, "status": "bad" if row["problem"] else "prompt", "too_long": 0, "cut": 0, "tie": 0}
     fit = [i for i, ids in enumerate(row["responses"]) if len(ids) <= (max_response or math.inf)]
