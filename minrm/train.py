@@ -146,7 +146,6 @@ def main(args: Args) -> dict:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as e:
             raise SystemExit(f"minrm: error: --output_dir: cannot create {run_dir} ({e.strerror})") from None
-    torch.manual_seed(args.seed)
 
     # ------------------------------------------------------------------------------------------
     # Data: mixed, checked, tokenized and length-filtered once per node, then read from the cache.
