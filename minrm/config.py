@@ -67,7 +67,20 @@ UNSET = object()  # a toy recipe flag that neither the command line nor a config
 
 
 @dataclasses.dataclass
-class Args:
+class Columns:
+    """The column of each part of a row, for data whose columns have other names: minrm.train's and
+    minrm.score's flags."""
+
+    chosen_key: str = HfArg(default="chosen", help="Column of the chosen response(s). [minrm]")
+    rejected_key: str = HfArg(default="rejected", help="Column of the rejected response(s). [minrm]")
+    prompt_key: str = HfArg(default="prompt", help="Column of an explicit prompt. [minrm]")
+    responses_key: str = HfArg(default="responses", help="Column of a list of responses with scores. [minrm]")
+    scores_key: str = HfArg(default="scores", help="Their scores: higher is preferred. [minrm]")
+    margin_key: str = HfArg(default="margin", help="Column of a row's margin (Llama 2's margin loss). [minrm]")
+
+
+@dataclasses.dataclass
+class Args(Columns):
     """Train a reward model. Flags follow open-instruct's reward_modeling.py (`[minrm]`: a flag it lacks). A YAML file
     of `flag: value` lines may come first (python -m minrm.train run.yaml [--flag ...]); flags after it override it."""
 
@@ -82,12 +95,6 @@ class Args:
     dataset_mixer_eval_list_splits: list[str] = HfArg(default_factory=lambda: ["test"], help="Their splits.")
     max_token_length: int = HfArg(default=512, help="Longer responses are dropped from their rows (counted).")
     max_prompt_token_length: int = HfArg(default=256, help="Rows with a longer prompt are dropped (counted).")
-    chosen_key: str = HfArg(default="chosen", help="Column of the chosen response(s). [minrm]")
-    rejected_key: str = HfArg(default="rejected", help="Column of the rejected response(s). [minrm]")
-    prompt_key: str = HfArg(default="prompt", help="Column of an explicit prompt. [minrm]")
-    responses_key: str = HfArg(default="responses", help="Column of a list of responses with scores. [minrm]")
-    scores_key: str = HfArg(default="scores", help="Their scores: higher is preferred. [minrm]")
-    margin_key: str = HfArg(default="margin", help="Column of a row's margin (Llama 2's margin loss). [minrm]")
     max_responses_per_prompt: int | None = HfArg(default=None, help="Keep at most this many responses per row. [minrm]")
     skip_bad_rows: bool = HfArg(default=False, help="Count bad rows and go on, not stop. [minrm]")
     eval_fraction: float = HfArg(default=0.0, help="Hold out this fraction of each training dataset for eval. [minrm]")

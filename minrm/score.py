@@ -26,7 +26,7 @@ from transformers.hf_argparser import HfArg
 
 from minrm import rewardbench
 from minrm.checks import check_model as check_loadable
-from minrm.config import BATCHINGS, DATA_FILES, PACKED_ATTENTIONS, Args, fail, parse_command
+from minrm.config import BATCHINGS, DATA_FILES, PACKED_ATTENTIONS, Args, Columns, fail, parse_command
 from minrm.data.batching import collate, micro_batches, to_device
 from minrm.data.mixer import report_bad_rows, tokenize_dataset
 from minrm.data.tokenizer import load_tokenizer
@@ -40,8 +40,8 @@ TRAIN_FLAGS = ("tokenizer_name_or_path", "chat_template_name", "add_bos", "trust
 MAX_TOKENS = {"cuda": 16384, "cpu": 4096}  # --max_tokens_per_batch's default
 
 
-@dataclass
-class ScoreArgs:
+@dataclass(kw_only=True)
+class ScoreArgs(Columns):
     """Score preference rows with a reward model: python -m minrm.score MODEL --data FILE [--flag value ...]."""
 
     model: str = HfArg(help="A folder (minrm's export or any HF reward model) or a Hub id; the first argument.")
@@ -55,12 +55,6 @@ class ScoreArgs:
     packed_attention: Literal[PACKED_ATTENTIONS] = HfArg(default="auto", help="As minrm.train's.")
     max_tokens_per_batch: int | None = HfArg(default=None, help="Computed tokens per forward (default 16384 GPU, 4096 CPU).")
     skip_bad_rows: bool = HfArg(default=False, help="Leave bad rows out, counted by reason.")
-    chosen_key: str = HfArg(default="chosen", help="Column of the chosen response(s), as minrm.train's.")
-    rejected_key: str = HfArg(default="rejected", help="Column of the rejected response(s).")
-    prompt_key: str = HfArg(default="prompt", help="Column of an explicit prompt.")
-    responses_key: str = HfArg(default="responses", help="Column of a list of responses with scores.")
-    scores_key: str = HfArg(default="scores", help="Their scores: higher is preferred.")
-    margin_key: str = HfArg(default="margin", help="Column of a row's margin.")
     tokenizer_name_or_path: str | None = HfArg(default=None, help="Tokenizer (default: the model's).")
     chat_template_name: str | None = HfArg(default=None, help="Chat template, as minrm.train's (and its default).")
     add_bos: bool = HfArg(default=False, help="Prepend bos to the chat template.")
