@@ -109,12 +109,13 @@ def tokenize_dataset(name: str, split: str, tokenizer: PreTrainedTokenizerBase, 
     features = {"row": raw.features["row"], "prompt": ids, "responses": datasets.List(ids), "scores": datasets.List(f64),
                 "margin": f64, "too_long": i32, "cut": i32, "tie": i32} | dict.fromkeys(["problem", "status", *extra], text)  # fmt: skip
     raw = raw.select(range(shard[0], len(raw), shard[1])) if shard[1] > 1 else raw
-    # A pool costs a second or two to start: worth it only for thousands of rows. The map writes
-    # its output beside its input (a local file's, in files.py's scratch folder): on disk.
+    # A pool costs a second or two to start: worth it only for thousands of rows (datasets starts one even for
+    # num_proc=1, hence None). The map writes its output beside its input (a local file's, in files.py's scratch
+    # folder): on disk.
     num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 5000))
     ds = raw.map(lambda row: fit_row(formats.tokenize_row(row, fmt, keys, tokenizer, extra), *limits),
                  remove_columns=[c for c in raw.column_names if c != "row"], features=datasets.Features(features),
-                 num_proc=num_proc)  # fmt: skip
+                 num_proc=num_proc if num_proc > 1 else None)  # fmt: skip
     print0(f"data: {name} [{split}]: {len(ds)} rows, format {fmt!r}, tokenized with {num_proc} processes")
     return ds, unit
 
