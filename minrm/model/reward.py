@@ -108,8 +108,11 @@ def read_model(args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = to
 
 
 def prepare(model: PreTrainedModel, args, cuda: bool = False) -> PreTrainedModel:
-    """Set a reward model up to run: gradient checkpointing if asked, the attention that runs packed
-    rows (`cuda`: FlexAttention is available), and `reward_forward`."""
+    """Set a reward model up to run: dropout off, gradient checkpointing if asked, the attention that runs
+    packed rows (`cuda`: FlexAttention is available), and `reward_forward`."""
+    for module in model.modules():  # an nn.Dropout its code builds with a fixed p; the config's are 0 already
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.batching != "padded":
