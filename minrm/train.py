@@ -123,7 +123,7 @@ def train_step(model, optimizer, batches: list, args: Args, stop, saver, d):
     stopping = distributed.all_reduce_max(int(stop.requested), d.device) > 0  # every rank stops after this step
     if bad := [f"{k} = {v}" for k, v in {"loss": metrics["loss"], "grad_norm": norm}.items() if not math.isfinite(v)]:
         raise NonFinite(f"{', '.join(bad)}; its update was not applied")
-    if args.max_grad_norm > 0:  # scale the gradients by max_grad_norm / norm when the norm is above it
+    if 0 < args.max_grad_norm < norm:  # scale the gradients by max_grad_norm / norm (below it, a pass for nothing)
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), args.max_grad_norm, torch.tensor(norm))
     saver.wait_staged()  # a save in flight must have copied the state before this update changes it
     optimizer.step()
