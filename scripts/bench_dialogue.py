@@ -86,7 +86,7 @@ def train_command(model: str, data: str, batching: str, folder: str, pairs: int,
         sys.executable, "-m", "minrm.train",
         "--model_name_or_path", model,
         "--dataset_mixer_list", data, "1.0",
-        "--dataset_local_cache_dir", os.path.join(folder, "cache"),
+        "--dataset_local_cache_dir", os.path.join(folder, f"cache-{seed}"),  # the seed is in the cache's key
         "--output_dir", os.path.join(folder, "output"),
         "--run_name", batching,
         "--per_device_train_batch_size", str(pairs),
@@ -112,12 +112,12 @@ def run(command: list[str], what: str) -> str:
     return out.stdout
 
 
-def cached_rows(folder: str) -> list[dict]:
+def cached_rows(folder: str, seed: int) -> list[dict]:
     """minrm's tokenized training rows, read from its dataset cache (the inputs' only one) in the
     cache's order, the order `--seed`'s permutation indexes."""
     import datasets
 
-    cache = os.path.join(folder, "cache")
+    cache = os.path.join(folder, f"cache-{seed}")
     (key,) = [k for k in os.listdir(cache) if os.path.isfile(os.path.join(cache, k, "train.arrow"))]
     return datasets.Dataset.from_file(os.path.join(cache, key, "train.arrow")).to_list()
 
@@ -158,12 +158,13 @@ def loop_seconds(metrics_path: str) -> tuple[float, int]:
     return elapsed[-1] - elapsed[0], len(elapsed)
 
 
-def bare_loop(model_dir: str, rows: list[dict], order: list[int], pairs: int, lr: float, profile: str | None) -> dict:
+def bare_loop(model_dir: str, rows: list[dict], order: list[int], pairs: int, steps: int, profile: str | None) -> dict:
     """The reference's step with nothing of minrm's, over minrm's batches in minrm's order: chosen
     then rejected right-padded together, Hugging Face's own forward (which pools at the last token
     that is not the pad id), -logsigmoid loss, backward, torch's AdamW as the reference builds it; a
-    loss read back every step, as a logging loop does. Timed from the end of step 1 to the end of the
-    last; with `profile`, steps 2 to the last run under cProfile, whose stats are saved there."""
+    loss read back every step, as a logging loop does; minrm's default learning rate. Timed from the
+    end of step 1 to the end of the last; with `profile`, steps 2 to the last run under cProfile (on
+    this thread's CPU clock, as scripts/bench_loop_profile.py profiles minrm), its stats saved there."""
     import cProfile
 
     import torch.nn.functional as F
@@ -171,11 +172,11 @@ def bare_loop(model_dir: str, rows: list[dict], order: list[int], pairs: int, lr
 
     torch.set_num_threads(int(THREADS))
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-5)
     pad = model.config.pad_token_id
-    profiler, times = cProfile.Profile(), []
+    profiler, times = cProfile.Profile(time.thread_time), []
     model.train()
-    for step in range(len(order) // pairs):
+    for step in range(steps):
         if step == 1 and profile:
             profiler.enable()
         batch = [rows[i] for i in order[step * pairs : (step + 1) * pairs]]
@@ -203,9 +204,9 @@ def prepare(folder: str, size: str, pairs: int, seed: int, lengths: list | None 
     lengths = lengths or read_lengths()
     model, data = write_inputs(folder, lengths, size, seed)
     run(train_command(model, data, "padded", folder, pairs, seed, "--cache_dataset_only"), "building the cache")
-    rows = cached_rows(folder)
+    rows = cached_rows(folder, seed)
     if file_lengths(rows) != lengths:
-        raise SystemExit(f"bench: minrm's rows in {folder}/cache do not have the lengths of the length file")
+        raise SystemExit(f"bench: minrm's rows in {folder}/cache-{seed} do not have the lengths of the length file")
     return model, data, rows
 
 
@@ -215,11 +216,19 @@ def step_lengths(rows: list[dict], pairs: int, seed: int) -> list[list[tuple[int
     return [[row_lengths(rows[i]) for i in order[s * pairs : (s + 1) * pairs]] for s in range(len(rows) // pairs)]
 
 
-def time_system(system: str, folder: str, model: str, data: str, pairs: int, seed: int) -> tuple[float, int]:
+def bare_command(folder: str, pairs: int, seed: int, steps: int) -> list[str]:
+    """The bare loop's command line: a fresh process, like each minrm run."""
+    return [sys.executable, "-m", "scripts.bench", "--profile", "dialogue", "--bare", folder, "--pairs", str(pairs)] + [
+        "--seed", str(seed), "--steps", str(steps)
+    ]  # fmt: skip
+
+
+def time_system(
+    system: str, folder: str, model: str, data: str, pairs: int, seed: int, steps: int
+) -> tuple[float, int]:
     """One run of one system: its loop's seconds (end of step 1 to end of the last step), its steps."""
     if system == "bare":
-        command = [sys.executable, "-m", "scripts.bench", "--profile", "dialogue", "--bare", folder]
-        result = json.loads(run(command + ["--pairs", str(pairs), "--seed", str(seed)], "bare").splitlines()[-1])
+        result = json.loads(run(bare_command(folder, pairs, seed, steps), "bare").splitlines()[-1])
         return result["seconds"], result["steps"]
     shutil.rmtree(os.path.join(folder, "output", system), ignore_errors=True)  # metrics.jsonl is appended to
     run(train_command(model, data, system, folder, pairs, seed), f"minrm --batching {system}")
@@ -235,7 +244,7 @@ def bench_dialogue(modes: list[str], folder: str, size: str, pairs: int, seed: i
     seconds = {m: [] for m in modes}
     for k in range(repeats):
         for system in modes[k % len(modes) :] + modes[: k % len(modes)]:
-            loop, last = time_system(system, folder, model, data, pairs, seed)
+            loop, last = time_system(system, folder, model, data, pairs, seed, len(steps))
             assert last == len(steps), f"bench: {system} ran {last} steps, not {len(steps)}"
             seconds[system].append(loop)
             print(f"bench: {system}: {loop:.2f}s for steps 2-{last}", file=sys.stderr, flush=True)
@@ -259,10 +268,11 @@ def bench_dialogue(modes: list[str], folder: str, size: str, pairs: int, seed: i
     return out
 
 
-def bare_main(folder: str, pairs: int, seed: int, profile: str | None = None) -> None:
-    """`--bare FOLDER`: the bare loop over the inputs in FOLDER, in a process of its own; prints JSON."""
-    rows = cached_rows(folder)
-    result = bare_loop(os.path.join(folder, "model"), rows, training_order(len(rows), seed), pairs, 2e-5, profile)
+def bare_main(folder: str, pairs: int, seed: int, steps: int, profile: str | None = None) -> None:
+    """`--bare FOLDER`: the bare loop's first `steps` steps over the inputs in FOLDER, in a process of
+    its own; prints JSON."""
+    rows = cached_rows(folder, seed)
+    result = bare_loop(os.path.join(folder, "model"), rows, training_order(len(rows), seed), pairs, steps, profile)
     print(json.dumps(result), flush=True)
 
 
@@ -291,30 +301,40 @@ def markdown(rows: list[dict], command: str, repeats: int, threads: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROFILE_SECTION = "\n## Where the loop's time goes"
+
+
 def run_dialogue(args, command: str) -> None:
-    """scripts.bench --profile dialogue: the table (and with --profile_loop the profiles), to OUT.md/.json."""
+    """scripts.bench --profile dialogue: the table, or with --profile_loop the profiles of those
+    systems' first --steps steps; each writes its own part of OUT.md and OUT.json, keeping the other's."""
     from scripts import bench_loop_profile
 
     if args.bare:
-        bare_main(args.bare, args.pairs, args.seed, args.bare_profile)
+        bare_main(args.bare, args.pairs, args.seed, args.steps, args.bare_profile)
         return
     folder = args.workdir or tempfile.mkdtemp(prefix="bench_dialogue_")
     os.makedirs(folder, exist_ok=True)
-    rows = bench_dialogue(args.modes, folder, args.size, args.pairs, args.seed, args.repeats)
-    table = markdown(rows, command, args.repeats, int(THREADS))
-    profiles = {}
-    for system in args.profile_loop:
-        profiles[system] = bench_loop_profile.profile_system(system, folder, *prepared(folder), args.pairs, args.seed)
-    if profiles:
-        steps = len(read_lengths()) // args.pairs
-        unprofiled = {r["system"]: r["seconds"] for r in rows}
-        table += "\n" + bench_loop_profile.markdown(profiles, steps, unprofiled)
+    result, table, section = {}, "", ""
+    if os.path.isfile(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            result = json.load(f)
+        with open(args.out + ".md") as f:
+            table, _, section = f.read().partition(PROFILE_SECTION)
+            section = PROFILE_SECTION + section if section else ""
+    if args.profile_loop:
+        model, data, _ = prepare(folder, args.size, args.pairs, args.seed)
+        profiles = {
+            system: bench_loop_profile.profile_system(system, folder, model, data, args.pairs, args.seed, args.steps)
+            for system in args.profile_loop
+        }
+        result |= {"profile_command": command, "profiles": profiles}
+        section = PROFILE_SECTION + "\n\n" + bench_loop_profile.markdown(profiles, args.steps, command)
+    else:
+        rows = bench_dialogue(args.modes, folder, args.size, args.pairs, args.seed, args.repeats)
+        result |= {"command": command, "rows": rows}
+        table = markdown(rows, command, args.repeats, int(THREADS))
     with open(args.out + ".json", "w") as f:
-        json.dump({"command": command, "rows": rows, "profiles": profiles}, f, indent=1)
+        json.dump(result, f, indent=1)
     with open(args.out + ".md", "w") as f:
-        f.write(table)
-    print(table)
-
-
-def prepared(folder: str) -> tuple[str, str]:
-    return os.path.join(folder, "model"), os.path.join(folder, "pairs.jsonl")
+        f.write(table + section)
+    print(table + section)

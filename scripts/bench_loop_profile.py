@@ -1,7 +1,9 @@
 """Where a training loop's time goes, for the `dialogue` profile (scripts/bench_dialogue.py): cProfile
-of a whole `python -m minrm.train` run less cProfile of the same run stopped after step 1
-(`--total_episodes` = one step's pairs), so that what is left is steps 2 to the last, whatever the
-trainer's functions are called; the bare loop profiles those steps directly. Self times are grouped
+of a `python -m minrm.train` run of N steps less cProfile of the same run stopped after step 1
+(`--total_episodes` = N, then 1, step's pairs), so that what is left is steps 2 to N, whatever the
+trainer's functions are called; the bare loop profiles those steps directly. The clock is the main
+thread's CPU time (time.thread_time), so that other processes on a shared machine do not count;
+torch's second intra-op thread works in step with it. Self times are grouped
 by what runs them: the C++ kernels the profile can name (autograd's backward engine, the matmuls,
 the attention calls, the optimizer's foreach kernels) have groups of their own, every other built-in
 counts to the Python function that called it, and Python functions count by their file's package.
@@ -9,10 +11,13 @@ cProfile's own cost per Python call inflates the Python-heavy groups: the table 
 share of the profiled loop and the loop's seconds with and without the profiler.
 """
 
+import cProfile
 import os
 import pstats
+import runpy
 import shutil
 import sys
+import time
 
 # Built-ins (C++ kernels) with a group of their own, by a piece of their name.
 KERNELS = (
@@ -87,38 +92,35 @@ def top_minrm(stats: dict, n: int = 8) -> list[tuple[str, float, int]]:
     rows = [
         (f"{os.path.relpath(path, os.getcwd())}:{name}", ct, nc)
         for (path, _, name), (_, nc, _, ct, _) in stats.items()
-        if "/minrm/" in path.replace(os.sep, "/")
+        if "/minrm/" in path.replace(os.sep, "/") and name != "<module>"
     ]
     return sorted(rows, key=lambda r: -r[1])[:n]
 
 
-def profile_system(system: str, folder: str, model: str, data: str, pairs: int, seed: int) -> dict:
-    """The loop of one system, steps 2 to the last, under cProfile: its self seconds by group, its
-    minrm functions by cumulative seconds, and the profiled loop's seconds."""
-    from scripts.bench_dialogue import loop_seconds, run, train_command
+def profile_system(system: str, folder: str, model: str, data: str, pairs: int, seed: int, steps: int) -> dict:
+    """The loop of one system, steps 2 to `steps`, under cProfile: its self seconds by group and its
+    minrm functions by cumulative seconds."""
+    from scripts.bench_dialogue import bare_command, run, train_command
 
     path = os.path.join(folder, f"profile_{system}")
     if system == "bare":
-        command = [sys.executable, "-m", "scripts.bench", "--profile", "dialogue", "--bare", folder]
-        run(command + ["--pairs", str(pairs), "--seed", str(seed), "--bare_profile", path + ".prof"], "bare profile")
+        run(bare_command(folder, pairs, seed, steps) + ["--bare_profile", path + ".prof"], "bare profile")
         stats = load(path + ".prof")
-        seconds = None
     else:
         done = {}
-        for name, extra in (("start", ["--total_episodes", str(pairs)]), ("full", [])):
+        for name, n in (("start", 1), ("full", steps)):
             shutil.rmtree(os.path.join(folder, "output", f"profile_{system}_{name}"), ignore_errors=True)
-            command = train_command(model, data, system, folder, pairs, seed, *extra)
-            command[1:3] = ["-m", "cProfile", "-o", f"{path}_{name}.prof", "-m", "minrm.train"]
+            command = train_command(model, data, system, folder, pairs, seed, "--total_episodes", str(n * pairs))
+            command[1:3] = ["-m", "scripts.bench_loop_profile", f"{path}_{name}.prof", "minrm.train"]
             command[command.index("--run_name") + 1] = f"profile_{system}_{name}"
             run(command, f"profile of {system} ({name})")
             done[name] = load(f"{path}_{name}.prof")
         stats = minus(done["full"], done["start"])
-        seconds = loop_seconds(os.path.join(folder, "output", f"profile_{system}_full", "metrics.jsonl"))[0]
     groups = grouped(stats)
-    return {"groups": dict(sorted(groups.items(), key=lambda kv: -kv[1])), "minrm": top_minrm(stats), "loop_s": seconds}
+    return {"groups": dict(sorted(groups.items(), key=lambda kv: -kv[1])), "minrm": top_minrm(stats)}
 
 
-def markdown(profiles: dict, steps: int, unprofiled: dict) -> str:
+def markdown(profiles: dict, steps: int, command: str) -> str:
     """One table of groups (ms a step and share, a column per system), then each system's minrm functions."""
     systems = list(profiles)
     totals = {s: sum(profiles[s]["groups"].values()) for s in systems}
@@ -126,8 +128,9 @@ def markdown(profiles: dict, steps: int, unprofiled: dict) -> str:
         {g for p in profiles.values() for g in p["groups"]}, key=lambda g: -profiles[systems[0]]["groups"].get(g, 0)
     )
     lines = [
-        f"Self time by group over steps 2 to {steps} (ms a step, share of the profiled loop); a built-in counts to the",
-        "Python function that called it unless it has a group of its own.",
+        f"`{command}`  ",
+        f"Self CPU time of the main thread by group over steps 2 to {steps} (ms a step, share of the profiled loop);",
+        "a built-in counts to the Python function that called it unless it has a group of its own.",
         "",
         "| group | " + " | ".join(systems) + " |",
         "|---|" + "---|" * len(systems),
@@ -140,11 +143,27 @@ def markdown(profiles: dict, steps: int, unprofiled: dict) -> str:
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     cells = [f"{1e3 * totals[s] / (steps - 1):.1f}" for s in systems]
     lines.append("| **profiled loop** | " + " | ".join(cells) + " |")
-    cells = [f"{1e3 * unprofiled[s] / (steps - 1):.1f}" if s in unprofiled else "-" for s in systems]
-    lines.append("| loop without the profiler (the bench's fastest run) | " + " | ".join(cells) + " |")
     for s in systems:
         if profiles[s]["minrm"]:
             lines += ["", f"minrm's functions by cumulative time, {s} (ms a step, calls over the steps):", ""]
             lines += ["| function | ms a step | calls |", "|---|---|---|"]
             lines += [f"| `{f}` | {1e3 * t / (steps - 1):.1f} | {n} |" for f, t, n in profiles[s]["minrm"]]
     return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """`python -m scripts.bench_loop_profile OUT.prof MODULE ARGS...`: run MODULE as `python -m` would,
+    under cProfile on the main thread's CPU clock, and save its stats to OUT.prof."""
+    out, module, *argv = sys.argv[1:]
+    sys.argv = [module, *argv]
+    profiler = cProfile.Profile(time.thread_time)
+    profiler.enable()
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(out)
+
+
+if __name__ == "__main__":
+    main()
