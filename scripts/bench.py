@@ -334,7 +334,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="tokenizer for --data (default: the toy one)")
     parser.add_argument("--pairs", type=int, default=4, help="pairs (rows of 4 with --profile ranked) per optimizer step")
     parser.add_argument(
-        "--steps", type=int, default=8, help="timed optimizer steps, after one warm-up step (dialogue: one epoch)"
+        "--steps",
+        type=int,
+        help="timed optimizer steps, after one warm-up step (default 8; dialogue: the first STEPS of its epoch, "
+        "default all 75)",
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each step per mode; the fastest counts")
     parser.add_argument("--size", choices=list(SIZES), default="9m", help="model shape, by parameter count")
@@ -359,6 +362,7 @@ def main() -> None:
     if args.profile == "dialogue":  # the trainer's whole loop on real lengths: scripts/bench_dialogue.py
         run_dialogue(args, "python -m scripts.bench " + " ".join(sys.argv[1:]))
         return
+    args.steps = args.steps or 8
     if args.profile == "ranked":  # rows of 4 responses: scripts/bench_ranked.py
         print(run_ranked(args, build, one_process), flush=True)
         return

@@ -231,16 +231,19 @@ def time_system(
         result = json.loads(run(bare_command(folder, pairs, seed, steps), "bare").splitlines()[-1])
         return result["seconds"], result["steps"]
     shutil.rmtree(os.path.join(folder, "output", system), ignore_errors=True)  # metrics.jsonl is appended to
-    run(train_command(model, data, system, folder, pairs, seed), f"minrm --batching {system}")
+    command = train_command(model, data, system, folder, pairs, seed, "--total_episodes", str(steps * pairs))
+    run(command, f"minrm --batching {system}")
     return loop_seconds(os.path.join(folder, "output", system, "metrics.jsonl"))
 
 
-def bench_dialogue(modes: list[str], folder: str, size: str, pairs: int, seed: int, repeats: int) -> list[dict]:
-    """Every system `repeats` times, in turn (the order rotating each round, so that load from other
+def bench_dialogue(
+    modes: list[str], folder: str, size: str, pairs: int, seed: int, repeats: int, steps: int | None
+) -> list[dict]:
+    """The first `steps` steps (default: the epoch) of every system, `repeats` times, in turn (the order rotating each round, so that load from other
     processes falls on all alike); each row from its fastest run. Computed tokens are counted over
     the timed steps (2 to the last) in minrm's order, the bare loop's being the same batches."""
     model, data, rows = prepare(folder, size, pairs, seed)
-    steps = step_lengths(rows, pairs, seed)
+    steps = step_lengths(rows, pairs, seed)[:steps]
     seconds = {m: [] for m in modes}
     for k in range(repeats):
         for system in modes[k % len(modes) :] + modes[: k % len(modes)]:
@@ -259,6 +262,7 @@ def bench_dialogue(modes: list[str], folder: str, size: str, pairs: int, seed: i
                 "computed_tokens_per_s": computed / best,
                 "computed_tokens": computed,
                 "seconds": best,
+                "steps": len(steps),
                 "runs_s": seconds[system],
             }
         )
@@ -287,9 +291,9 @@ NAMES = {
 def markdown(rows: list[dict], command: str, repeats: int, threads: int) -> str:
     lines = [
         f"`{command}`  ",
-        f"CPU, {threads} threads, fp32; one epoch of the {len(read_lengths())} pairs, timed from the end of step 1 to "
-        f"the end of the last; each system run {repeats} times in turn, the fastest run reported "
-        "(every run's seconds in the .json).",
+        f"CPU, {threads} threads, fp32; steps 1 to {rows[0]['steps']} of one epoch of the {len(read_lengths())} pairs, "
+        f"timed from the end of step 1 to the end of step {rows[0]['steps']}; each system run {repeats} times in turn, "
+        "the fastest run reported (every run's seconds in the .json).",
         "",
         "| system | pairs/s | computed tokens/s | x bare per computed token |",
         "|---|---|---|---|",
@@ -310,7 +314,7 @@ def run_dialogue(args, command: str) -> None:
     from scripts import bench_loop_profile
 
     if args.bare:
-        bare_main(args.bare, args.pairs, args.seed, args.steps, args.bare_profile)
+        bare_main(args.bare, args.pairs, args.seed, args.steps, args.bare_profile)  # steps: given by the caller
         return
     folder = args.workdir or tempfile.mkdtemp(prefix="bench_dialogue_")
     os.makedirs(folder, exist_ok=True)
@@ -322,15 +326,16 @@ def run_dialogue(args, command: str) -> None:
             table, _, section = f.read().partition(PROFILE_SECTION)
             section = PROFILE_SECTION + section if section else ""
     if args.profile_loop:
-        model, data, _ = prepare(folder, args.size, args.pairs, args.seed)
+        model, data, rows = prepare(folder, args.size, args.pairs, args.seed)
+        steps = args.steps or len(rows) // args.pairs
         profiles = {
-            system: bench_loop_profile.profile_system(system, folder, model, data, args.pairs, args.seed, args.steps)
+            system: bench_loop_profile.profile_system(system, folder, model, data, args.pairs, args.seed, steps)
             for system in args.profile_loop
         }
         result |= {"profile_command": command, "profiles": profiles}
-        section = PROFILE_SECTION + "\n\n" + bench_loop_profile.markdown(profiles, args.steps, command)
+        section = PROFILE_SECTION + "\n\n" + bench_loop_profile.markdown(profiles, steps, command)
     else:
-        rows = bench_dialogue(args.modes, folder, args.size, args.pairs, args.seed, args.repeats)
+        rows = bench_dialogue(args.modes, folder, args.size, args.pairs, args.seed, args.repeats, args.steps)
         result |= {"command": command, "rows": rows}
         table = markdown(rows, command, args.repeats, int(THREADS))
     with open(args.out + ".json", "w") as f:
