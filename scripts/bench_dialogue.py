@@ -30,7 +30,7 @@ import torch
 
 LENGTHS = os.path.join(os.path.dirname(__file__), "bench_dialogue_lengths.jsonl")
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"  # ids 0..3; words "w4", "w5", ... after them
-THREADS = "2"
+THREADS = 2  # the timed runs'; profiles run at 1 (scripts/bench_loop_profile.py says why)
 
 
 def read_lengths(path: str = LENGTHS) -> list[tuple[int, int, int]]:
@@ -103,9 +103,10 @@ def train_command(model: str, data: str, batching: str, folder: str, pairs: int,
     ]  # fmt: skip
 
 
-def run(command: list[str], what: str) -> str:
-    """A subprocess at 2 threads; its stdout, or the run's error."""
-    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "TOKENIZERS_PARALLELISM": "false"}
+def run(command: list[str], what: str, threads: int = THREADS) -> str:
+    """A subprocess at `threads` threads; its stdout, or the run's error."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env["TOKENIZERS_PARALLELISM"] = "false"
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"bench: {what} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
@@ -170,7 +171,7 @@ def bare_loop(model_dir: str, rows: list[dict], order: list[int], pairs: int, st
     import torch.nn.functional as F
     from transformers import AutoModelForSequenceClassification
 
-    torch.set_num_threads(int(THREADS))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", THREADS)))  # the caller's (`run`)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-5)
     pad = model.config.pad_token_id
@@ -337,7 +338,7 @@ def run_dialogue(args, command: str) -> None:
     else:
         rows = bench_dialogue(args.modes, folder, args.size, args.pairs, args.seed, args.repeats, args.steps)
         result |= {"command": command, "rows": rows}
-        table = markdown(rows, command, args.repeats, int(THREADS))
+        table = markdown(rows, command, args.repeats, THREADS)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(args.out + ".md", "w") as f:

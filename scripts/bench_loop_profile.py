@@ -1,9 +1,10 @@
 """Where a training loop's time goes, for the `dialogue` profile (scripts/bench_dialogue.py): cProfile
 of a `python -m minrm.train` run of N steps less cProfile of the same run stopped after step 1
 (`--total_episodes` = N, then 1, step's pairs), so that what is left is steps 2 to N, whatever the
-trainer's functions are called; the bare loop profiles those steps directly. The clock is the main
-thread's CPU time (time.thread_time), so that other processes on a shared machine do not count;
-torch's second intra-op thread works in step with it. Self times are grouped
+trainer's functions are called; the bare loop profiles those steps directly. The runs have one
+thread and the clock is its CPU time (time.thread_time): other processes on a shared machine do not
+count, every kernel runs on that thread, and there is no OpenMP spin-wait for a descheduled second
+thread (which under load inflates the groups of many small ops most). Self times are grouped
 by what runs them: the C++ kernels the profile can name (autograd's backward engine, the matmuls,
 the attention calls, the optimizer's foreach kernels) have groups of their own, every other built-in
 counts to the Python function that called it, and Python functions count by their file's package.
@@ -90,7 +91,7 @@ def minus(full: dict, start: dict) -> dict:
 def top_minrm(stats: dict, n: int = 8) -> list[tuple[str, float, int]]:
     """minrm's functions by cumulative seconds (name, seconds, calls): where a step's phases are."""
     rows = [
-        (f"{os.path.relpath(path, os.getcwd())}:{name}", ct, nc)
+        (f"minrm/{path.replace(os.sep, '/').rpartition('/minrm/')[2]}:{name}", ct, nc)
         for (path, _, name), (_, nc, _, ct, _) in stats.items()
         if "/minrm/" in path.replace(os.sep, "/") and name != "<module>"
     ]
@@ -104,7 +105,7 @@ def profile_system(system: str, folder: str, model: str, data: str, pairs: int, 
 
     path = os.path.join(folder, f"profile_{system}")
     if system == "bare":
-        run(bare_command(folder, pairs, seed, steps) + ["--bare_profile", path + ".prof"], "bare profile")
+        run(bare_command(folder, pairs, seed, steps) + ["--bare_profile", path + ".prof"], "bare profile", threads=1)
         stats = load(path + ".prof")
     else:
         done = {}
@@ -113,7 +114,7 @@ def profile_system(system: str, folder: str, model: str, data: str, pairs: int, 
             command = train_command(model, data, system, folder, pairs, seed, "--total_episodes", str(n * pairs))
             command[1:3] = ["-m", "scripts.bench_loop_profile", f"{path}_{name}.prof", "minrm.train"]
             command[command.index("--run_name") + 1] = f"profile_{system}_{name}"
-            run(command, f"profile of {system} ({name})")
+            run(command, f"profile of {system} ({name})", threads=1)
             done[name] = load(f"{path}_{name}.prof")
         stats = minus(done["full"], done["start"])
     groups = grouped(stats)
@@ -129,7 +130,7 @@ def markdown(profiles: dict, steps: int, command: str) -> str:
     )
     lines = [
         f"`{command}`  ",
-        f"Self CPU time of the main thread by group over steps 2 to {steps} (ms a step, share of the profiled loop);",
+        f"Self CPU time at 1 thread by group over steps 2 to {steps} (ms a step, share of the profiled loop);",
         "a built-in counts to the Python function that called it unless it has a group of its own.",
         "",
         "| group | " + " | ".join(systems) + " |",
