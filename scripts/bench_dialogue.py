@@ -4,14 +4,15 @@ runs it, on pairs with the token lengths of 300 real multi-turn dialogue pairs
 `prompt` with its generation prompt, `chosen` and `rejected` each the tokens after it), against a bare
 Hugging Face loop over the same padded batches.
 
-    python -m scripts.bench --profile dialogue --size 20m --repeats 2 --out docs/bench_dialogue \\
-        --profile_loop shared_prefix padded
+    python -m scripts.bench --profile dialogue --size 20m --repeats 2 --out docs/bench_dialogue
+    python -m scripts.bench --profile dialogue --size 20m --profile_loop shared_prefix bare padded \\
+        --steps 12 --out docs/bench_dialogue     # the loop's profile (scripts/bench_loop_profile.py)
 
 Inputs, written to a work folder: a random-init Llama reward model saved with `save_pretrained`, with a
 word-level tokenizer (one word = one token, so lengths are exact; no download), and a plain-text pair
 file whose rows minrm tokenizes to exactly the lengths of the file (checked against minrm's own dataset
 cache before any timing). Each minrm row is one `python -m minrm.train` run (fp32, 2 threads, one epoch
-of `--pairs` pairs a step, no eval, no checkpoint); its loop is timed from its metrics.jsonl:
+of `--pairs` pairs a step or its first `--steps` steps, no eval, no checkpoint); its loop is timed from its metrics.jsonl:
 `time/elapsed_s` at the last step less at step 1, so the rows read from the cache, their cut and
 collation, `train_step`, the metrics and the progress line are all in it. The bare row runs in a fresh
 process of its own (`--bare`), timed the same way. Systems run in turn, `--repeats` rounds, and each
@@ -240,8 +241,9 @@ def time_system(
 def bench_dialogue(
     modes: list[str], folder: str, size: str, pairs: int, seed: int, repeats: int, steps: int | None
 ) -> list[dict]:
-    """The first `steps` steps (default: the epoch) of every system, `repeats` times, in turn (the order rotating each round, so that load from other
-    processes falls on all alike); each row from its fastest run. Computed tokens are counted over
+    """The first `steps` steps (default: the epoch) of every system, `repeats` times, in turn (the
+    order rotating each round, so that load from other processes falls on all alike); each row from
+    its fastest run. Computed tokens are counted over
     the timed steps (2 to the last) in minrm's order, the bare loop's being the same batches."""
     model, data, rows = prepare(folder, size, pairs, seed)
     steps = step_lengths(rows, pairs, seed)[:steps]
