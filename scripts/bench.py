@@ -43,6 +43,7 @@ from minrm.data.batching import collate, to_device
 from minrm.distributed import init_distributed
 from minrm.model.reward import prepare, shard_model
 from minrm.train import build_optimizer, forward_backward
+from scripts.bench_dialogue import run_dialogue
 from scripts.bench_inputs import SIZES, file_pairs, model_config, synthetic_pairs
 from scripts.bench_ranked import run_ranked
 
@@ -326,13 +327,22 @@ def markdown(rows: list[dict], peak: float, command: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=["multiturn", "longresponse", "ranked"], default="multiturn")
+    parser.add_argument("--profile", choices=["multiturn", "longresponse", "ranked", "dialogue"], default="multiturn")
     parser.add_argument("--data", help="a preference file (.jsonl/.json/.parquet, any row format minrm reads)")
     parser.add_argument("--tokenizer", help="tokenizer for --data (default: the toy one)")
     parser.add_argument("--pairs", type=int, default=4, help="pairs (rows of 4 with --profile ranked) per optimizer step")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps, after one warm-up step")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="timed optimizer steps, after one warm-up step (default 8; dialogue: the first STEPS of its epoch, "
+        "default all 75)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each step per mode; the fastest counts")
     parser.add_argument("--size", choices=list(SIZES), default="9m", help="model shape, by parameter count")
+    parser.add_argument("--workdir", help="dialogue: the folder of its model, pairs and runs (default: a new temp one)")
+    parser.add_argument(
+        "--profile_loop", nargs="*", choices=MODES, default=[], help="dialogue: cProfile these systems' loops too"
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument(
         "--packed_attention", choices=PACKED_ATTENTIONS, default="auto", help="the packed modes' attention, as in minrm"
@@ -340,11 +350,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench", help="writes OUT.json and OUT.md")
     parser.add_argument("--one_mode", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
+    parser.add_argument("--bare", help=argparse.SUPPRESS)  # internal: dialogue's bare loop on a work folder
+    parser.add_argument("--bare_profile", help=argparse.SUPPRESS)  # internal: ... under cProfile, stats there
     return parser.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
+    if args.profile == "dialogue":  # the trainer's whole loop on real lengths: scripts/bench_dialogue.py
+        run_dialogue(args, "python -m scripts.bench " + " ".join(sys.argv[1:]))
+        return
+    args.steps = args.steps or 8
     if args.profile == "ranked":  # rows of 4 responses: scripts/bench_ranked.py
         print(run_ranked(args, build, one_process), flush=True)
         return
