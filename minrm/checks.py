@@ -76,6 +76,8 @@ def check_model(args, flag: str = "model_name_or_path"):
         fail(flag, f"the folder {name} has no weights (*.safetensors or *.bin files)")
     if args.batching != "padded":
         packed_attentions(config, args.packed_attention, torch.cuda.is_available(), args.batching)
+    if args.context_parallel_size > 1:
+        check_context_parallel(config, args.context_parallel_size, args.packed_attention)
     return config
 
 
@@ -121,6 +123,7 @@ def check_push_to_hub(args) -> None:
 # What runs packed rows (--batching packed or shared_prefix), from the model's config alone
 
 SEGMENTS = "minrm_segments"  # the name model/attention.py registers its segment attention under
+CONTEXT = "minrm_context_parallel"  # and model/context_parallel.py its all-to-all around it
 
 
 def packed_attentions(config, choice: str, cuda: bool, batching: str = "shared_prefix") -> tuple[list[str], str | None]:
@@ -162,6 +165,17 @@ def packing_problem(config) -> str | None:
     if config.model_type == "gpt_oss":  # sink logits per head, and layers that mix windows
         return "has attention sinks, which the packed attentions do not run with its mixed sliding layers"
     return None
+
+
+def check_context_parallel(config, c: int, packed_attention: str) -> None:
+    """Refuse, in one line, a --context_parallel_size C > 1 that the model's attention cannot split."""
+    config, flag = config.get_text_config(), f"context_parallel_size {c}"
+    if packed_attention not in ("auto", "segments"):
+        fail(flag, f"runs the segment attention between its all-to-alls, not --packed_attention {packed_attention}")
+    if problem := packing_problem(config):
+        fail(flag, f"{config.model_type} {problem}")
+    if config.num_attention_heads % c:
+        fail(flag, f"must divide the model's {config.num_attention_heads} attention heads")
 
 
 def mask_window(config) -> int | str | None:

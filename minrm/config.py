@@ -154,6 +154,9 @@ class Args(Columns):
         default="shared_prefix", help="padded (the reference's), packed, or shared_prefix (each prompt once)."
     )
     packed_attention: Literal[PACKED_ATTENTIONS] = HfArg(default="auto", help="What runs packed rows. [minrm]")
+    context_parallel_size: int = HfArg(
+        default=1, help="Processes that split each row's tokens (Ulysses; docs/context_parallel.md). [minrm]"
+    )
     max_tokens_per_batch: int | None = HfArg(
         default=None, help="Cut each step's rows into micro-batches of at most this many computed tokens. [minrm]"
     )
@@ -239,7 +242,7 @@ def validate(args: Args) -> Args:
 
     at_least_1 = ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                   "max_token_length", "max_prompt_token_length", "num_train_epochs", "timeout_minutes",
-                  "max_tokens_per_batch", "total_episodes")  # fmt: skip
+                  "max_tokens_per_batch", "total_episodes", "context_parallel_size")  # fmt: skip
     minimums = dict.fromkeys(at_least_1, (1, "at least 1")) | dict.fromkeys(("warm_up_steps", "num_evals"), (0, ">= 0"))
     minimums |= {"max_responses_per_prompt": (2, "at least 2 (a comparison needs two)"),
                  "center_rewards_coefficient": (0, "a number >= 0")}  # fmt: skip

@@ -6,7 +6,8 @@ category, and section scores as RewardBench reports them.
         --benchmark rewardbench2 --out rb2.parquet
 
 Rows are in any format minrm.train reads, `rejected` possibly a list (best-of-N): a row is right when its chosen
-reward is strictly above every rejected one. Each process holds the whole model and scores every world_size-th row,
+reward is strictly above every rejected one. Each process holds the whole model and scores every world_size-th row
+(with --context_parallel_size C, each group of C processes every (world_size / C)-th row, split by tokens),
 sorted by length into forwards of `--max_tokens_per_batch` tokens; rank 0 writes them in file order.
 """
 
@@ -36,7 +37,7 @@ from minrm.model.reward import prepare, read_model
 
 # The flags the scorer passes on to minrm.train's loading of the tokenizer and the model.
 TRAIN_FLAGS = ("tokenizer_name_or_path", "chat_template_name", "add_bos", "trust_remote_code", "model_revision",
-               "batching", "packed_attention")  # fmt: skip
+               "batching", "packed_attention", "context_parallel_size")  # fmt: skip
 MAX_TOKENS = {"cuda": 16384, "cpu": 4096}  # --max_tokens_per_batch's default
 
 
@@ -53,6 +54,7 @@ class ScoreArgs(Columns):
     benchmark: Literal[tuple(rewardbench.SPLITS)] | None = HfArg(default=None, help="Score as RewardBench 1 or 2 publish it.")
     batching: Literal[BATCHINGS] = HfArg(default="shared_prefix", help="As minrm.train's; the same rewards.")
     packed_attention: Literal[PACKED_ATTENTIONS] = HfArg(default="auto", help="As minrm.train's.")
+    context_parallel_size: int = HfArg(default=1, help="As minrm.train's: processes that split each row's tokens.")
     max_tokens_per_batch: int | None = HfArg(default=None, help="Computed tokens per forward (default 16384 GPU, 4096 CPU).")
     skip_bad_rows: bool = HfArg(default=False, help="Leave bad rows out, counted by reason.")
     tokenizer_name_or_path: str | None = HfArg(default=None, help="Tokenizer (default: the model's).")
@@ -114,13 +116,14 @@ def check_model(args) -> None:
 
 
 def read_rows(args, tokenizer, d: Dist) -> list[dict]:
-    """This rank's rows (every world_size-th) as {"row", "subset", "id", "prompt", "responses", "scores", "margin"}.
+    """This rank's rows (every data_size-th) as {"row", "subset", "id", "prompt", "responses", "scores", "margin"}.
     Every rank gathers all ranks' bad rows, so all stop together with the same list, or skip them."""
     extra = {"subset": args.subset_key, "id": "id"}  # RewardBench pairs Ties by id
-    ds, unit = tokenize_dataset(args.data, args.split, tokenizer, args, extra, shard=(d.rank, d.world_size))
+    ds, unit = tokenize_dataset(args.data, args.split, tokenizer, args, extra, shard=(d.data_rank, d.data_size))
     rows = ds.to_list()
     bad = [(args.data, unit, r["row"], r["problem"]) for r in rows if r["problem"]]
-    gathered = gather_objects((len(rows), bad), "score/read", "read and tokenize its rows")
+    # One process of each context-parallel group speaks for it: they hold the same rows.
+    gathered = gather_objects((len(rows), bad), "score/read", "read and tokenize its rows")[:: d.context_size]
     total, bad = sum(n for n, _ in gathered), sorted(itertools.chain(*(b for _, b in gathered)), key=lambda b: b[2])
     skipped = report_bad_rows(bad, args.skip_bad_rows)  # stops here without --skip_bad_rows
     if len(bad) == total:
@@ -202,7 +205,7 @@ def write_outputs(path: str, records: list[dict], summary: dict) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_model(args)
-    d = init_distributed()
+    d = init_distributed(None, args.context_parallel_size)
     tokenizer = load_tokenizer(train_args(args))
     rows = read_rows(args, tokenizer, d)
     max_tokens = args.max_tokens_per_batch or MAX_TOKENS[d.device.type]
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     # since a bf16 head rounds every reward to bf16 (steps of 1/64 between 2 and 4): ties.
     cuda, flags = d.device.type == "cuda", train_args(args)
     model = read_model(flags, tokenizer, torch.bfloat16 if cuda else torch.float32).to(d.device)
-    model = prepare(model, flags, cuda).eval()
+    model = prepare(model, flags, cuda, d.context).eval()
 
     start = time.perf_counter()
     with tqdm(total=len(rows), disable=not d.is_main, desc="score", dynamic_ncols=True) as bar:
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Every rank's rows back in file order (row numbers increase through the file).
     mine = [(r["row"], r["subset"], r["id"], r["scores"], rw, st) for r, rw, st in zip(rows, rewards, stats)]
-    scored = sorted(itertools.chain(*gather_objects(mine, "score/scored", "score its rows")), key=lambda x: x[0])
+    scored = gather_objects(mine, "score/scored", "score its rows")[:: d.context_size]  # one per context group
+    scored = sorted(itertools.chain(*scored), key=lambda x: x[0])
     categories = any(subset is not None for _, subset, *_ in scored)
     records = []
     for row, subset, row_id, scores, row_rewards, row_stats in scored:

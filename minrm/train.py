@@ -103,11 +103,12 @@ def train_step(model, optimizer, batches: list, args: Args, stop, saver, d):
     """One optimizer step over this rank's micro-batches. Returns the step's metrics (means over
     every rank's rows), whether any rank got a stop signal, and the global gradient norm; raises
     NonFinite, before the update, when the loss or the gradient norm is NaN or infinite."""
-    rows = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
+    # Sums over the data-parallel ranks: the processes of a context-parallel group hold the same rows.
+    rows = args.per_device_train_batch_size * d.data_size * args.gradient_accumulation_steps
     responses = None
     if args.center_rewards_coefficient:  # the step's responses over all ranks
         count = sum(int((prefs.index >= 0).sum()) for _, prefs in batches)
-        responses = int(distributed.all_reduce_sum(torch.tensor(count, device=d.device)))
+        responses = int(distributed.all_reduce_sum(torch.tensor(count, device=d.device), d.data))
     sums = torch.zeros(len(STATS), device=d.device)  # stays on the device: no sync per micro-batch
     for k, batch in enumerate(batches):
         # Gradients are reduce-scattered after every micro-batch and accumulate in fp32 shards
@@ -115,7 +116,7 @@ def train_step(model, optimizer, batches: list, args: Args, stop, saver, d):
         # one). With HSDP only the all-reduce across nodes waits for the last micro-batch.
         model.set_requires_all_reduce(k == len(batches) - 1)
         sums += forward_backward(model, batching.to_device(batch, d.device), args, rows, responses)
-    metrics = dict(zip(STATS, (distributed.all_reduce_sum(sums) / rows).tolist()))
+    metrics = dict(zip(STATS, (distributed.all_reduce_sum(sums, d.data) / rows).tolist()))
     # The global gradient norm, before clipping: torch's norm of the DTensor gradients, reduced over
     # every rank's shards (each value counted once, the replicas of HSDP included).
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
@@ -137,7 +138,7 @@ def main(args: Args) -> dict:
     checks.check_paths(args)  # what the flags name, on the file system, before any fetch
     checks.check_model(args)  # the model's config loads (folder or Hub), before any other fetch
     checks.check_push_to_hub(args)  # a push that cannot happen is found now, not after the run
-    d = distributed.init_distributed(args.timeout_minutes)
+    d = distributed.init_distributed(args.timeout_minutes, args.context_parallel_size)
     # Every rank must agree on the run name (it names the output folder): rank 0's clock decides.
     args.run_name = distributed.broadcast_object(args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = os.path.join(args.output_dir, args.run_name)
@@ -163,7 +164,7 @@ def main(args: Args) -> dict:
     # Derived values, computed once. Every optimizer step is a full batch of rows; the rows that
     # cannot fill the last one are left out (and counted).
     per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    batch_size = per_device * d.world_size * accumulation
+    batch_size = per_device * d.data_size * accumulation
     total_episodes = args.total_episodes or args.num_train_epochs * len(train_set)
     num_training_steps = total_episodes // batch_size
     if num_training_steps == 0:
@@ -171,7 +172,7 @@ def main(args: Args) -> dict:
             f"minrm: error: {total_episodes} training rows are fewer than one batch of {batch_size} "
             "(per_device_train_batch_size x processes x gradient_accumulation_steps)."
         )
-    derived = dict(world_size=d.world_size, micro_batch_size=per_device * d.world_size, batch_size=batch_size)
+    derived = dict(world_size=d.world_size, micro_batch_size=per_device * d.data_size, batch_size=batch_size)
     derived |= dict(local_batch_size=per_device * accumulation, total_episodes=total_episodes, train_pairs=len(train_set))
     derived |= dict(num_training_steps=num_training_steps, unused_episodes=total_episodes % batch_size)
     evals = range(1, args.num_evals + 1) if eval_set is not None else ()
@@ -184,7 +185,7 @@ def main(args: Args) -> dict:
     # Every rank builds the model on the meta device (no memory) and shards it; rank 0 alone reads
     # the weights, one full fp32 copy in host memory (the others wait outside any collective: a Hub
     # download has no time bound), and broadcasts them into everyone's shards.
-    model = reward.skeleton(args, tokenizer, cuda=d.device.type == "cuda")
+    model = reward.skeleton(args, tokenizer, cuda=d.device.type == "cuda", context=d.context)
     architecture = type(model).__name__  # before FSDP2 renames the class
     print0(liger.apply_liger_kernel(model, args.use_liger_kernel, args.strict_kernels, d.device))
     print0(reward.shard_model(model, d, args.mixed_precision))
@@ -224,7 +225,7 @@ def main(args: Args) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         # This rank's rows of the step, cut into micro-batches and laid out for the model.
-        mine = batching.step_indices(step, d.rank, d.world_size, per_device, accumulation, len(train_set), args.seed)
+        mine = batching.step_indices(step, d.data_rank, d.data_size, per_device, accumulation, len(train_set), args.seed)
         rows = batching.rows_at(train_set, mine)
         budget = args.max_tokens_per_batch
         chunks = batching.micro_batches(rows, args.batching, max_rows=None if budget else per_device, max_tokens=budget)

@@ -26,6 +26,8 @@ import datasets
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForSequenceClassification
 
 from minrm.config import parse_args
@@ -120,7 +122,15 @@ def runs(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> dict:
     resumed = run_minrm(
         flags(*common, "resumed", out / "cache", 4 * PDBS) + ["--resume_from_checkpoint", str(checkpoint)]
     )
-    return {"out": out, "one": one.stdout, "hsdp": hsdp, "resumed": resumed.stdout}
+    # Context parallel in HSDP: 2 groups of 2 processes that split every row's tokens; resumed on 1 process.
+    context = two_nodes(flags(*common, "context", out / "cache", 2 * PDBS) + ["--context_parallel_size", "2"], out)
+    shutil.copytree(out / "context", out / "context_resumed", ignore=shutil.ignore_patterns(f"step_{STEPS}"))
+    checkpoint = out / "context_resumed" / "checkpoints" / f"step_{EVERY}"
+    context_resumed = run_minrm(
+        flags(*common, "context_resumed", out / "cache", 4 * PDBS) + ["--resume_from_checkpoint", str(checkpoint)]
+    )
+    return {"out": out, "one": one.stdout, "hsdp": hsdp, "resumed": resumed.stdout, "context": context,
+            "context_resumed": context_resumed.stdout}  # fmt: skip
 
 
 def test_two_nodes_form_a_2x2_hsdp_mesh_and_match_one_process(runs):
@@ -138,6 +148,29 @@ def test_a_2x2_checkpoint_resumes_on_one_process(runs):
     assert f"resumed from {runs['out'] / 'resumed' / 'checkpoints' / f'step_{EVERY}'}" in runs["resumed"]
     assert "written by 4 processes" in runs["resumed"]
     assert_same_metrics(read_metrics(runs["out"] / "one"), read_metrics(runs["out"] / "resumed"))
+
+
+def test_context_parallel_in_hsdp_matches_one_process(runs):
+    """--context_parallel_size 2 on 2 nodes x 2 processes: the same global batches (2 rows per group x 2
+    groups x GA 2), metrics, evals and gradient norms as one process, as the 2x2 run above."""
+    assert "HSDP mesh (replicate 2 x shard 2)" in runs["context"]
+    assert "context parallel: 2 groups (data) x 2 processes (context)" in runs["context"]
+    assert_same_metrics(read_metrics(runs["out"] / "one"), read_metrics(runs["out"] / "context"))
+    one, context = grad_norms(runs["one"]), grad_norms(runs["context"])
+    assert len(one) == STEPS and context == pytest.approx(one, rel=2e-3)
+
+
+def test_a_context_parallel_checkpoint_resumes_on_one_process(runs):
+    """DCP reshards: the checkpoint the 4 processes of the context-parallel run wrote goes on in one process
+    (C = 1), with the metrics of the uninterrupted runs; and, where the computation is the same (no step),
+    its shards put together are bitwise the weights that run exported at its end."""
+    assert "written by 4 processes" in runs["context_resumed"]
+    assert_same_metrics(read_metrics(runs["out"] / "one"), read_metrics(runs["out"] / "context_resumed"))
+    final = runs["out"] / "context" / "checkpoints" / f"step_{STEPS}"
+    dcp_to_torch_save(final, runs["out"] / "final.pt")
+    saved = torch.load(runs["out"] / "final.pt", weights_only=False)["model"]
+    exported = load_file(runs["out"] / "context" / "model.safetensors")
+    assert exported.keys() == saved.keys() and all(torch.equal(saved[k], v) for k, v in exported.items())
 
 
 def test_a_shared_cache_is_built_once_for_all_nodes(runs):

@@ -21,10 +21,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from minrm.checks import CONTEXT
 from minrm.config import TOY
 from minrm.data.batching import PackedLayout
 from minrm.data.toy import toy_tokenizer
 from minrm.distributed import Dist
+from minrm.model import context_parallel
 from minrm.model.attention import SEGMENTS, packed_attention_mask, use_packed_attention
 
 
@@ -65,7 +67,7 @@ def _fit_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, m
     model.config.use_cache = False
 
 
-def skeleton(args, tokenizer: PreTrainedTokenizerBase, cuda: bool = False) -> PreTrainedModel:
+def skeleton(args, tokenizer: PreTrainedTokenizerBase, cuda: bool = False, context=None) -> PreTrainedModel:
     """The reward model's modules on the meta device (fp32, no storage, nothing read or drawn), set
     up to run (`prepare`)."""
     with torch.device("meta"):
@@ -73,7 +75,7 @@ def skeleton(args, tokenizer: PreTrainedTokenizerBase, cuda: bool = False) -> Pr
             model_config(args), trust_remote_code=args.trust_remote_code, dtype=torch.float32
         )
     _fit_tokenizer(model, tokenizer, mean_resizing=False)  # new rows have no values to draw from yet
-    return prepare(model, args, cuda)
+    return prepare(model, args, cuda, context)
 
 
 def read_model(args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -107,17 +109,20 @@ def read_model(args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = to
     return model
 
 
-def prepare(model: PreTrainedModel, args, cuda: bool = False) -> PreTrainedModel:
+def prepare(model: PreTrainedModel, args, cuda: bool = False, context=None) -> PreTrainedModel:
     """Set a reward model up to run: dropout off, gradient checkpointing if asked, the attention that runs
-    packed rows (`cuda`: FlexAttention is available), and `reward_forward`."""
+    packed rows (`cuda`: FlexAttention is available), and `reward_forward`; context parallel over the
+    process group `context` when given."""
     for module in model.modules():  # an nn.Dropout its code builds with a fixed p; the config's are 0 already
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if args.batching != "padded":
+    if args.batching != "padded" and context is None:
         use_packed_attention(model, args.packed_attention, cuda)
     model.forward = types.MethodType(reward_forward, model)
+    if context is not None:  # each process runs 1/C of every row's tokens (model/context_parallel.py)
+        context_parallel.split_sequences(model, context, args.packed_attention)
     return model
 
 
@@ -192,7 +197,7 @@ def reward_forward(
     state is kept and scored at the pooled positions, not every layer's at every position."""
     extra = {}
     if packed_layout is not None:  # which attention runs it was chosen at load
-        if self.config._attn_implementation == SEGMENTS:
+        if self.config._attn_implementation in (SEGMENTS, CONTEXT):
             extra["packed_layout"] = packed_layout
         else:
             attention_mask = packed_attention_mask(self, packed_layout, input_ids.device)

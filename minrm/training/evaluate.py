@@ -21,8 +21,8 @@ def evaluate(model, eval_set: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
     Each rank takes a contiguous share of the rows, in batches of --per_device_eval_batch_size
     (cut further by --max_tokens_per_batch)."""
     model.eval()
-    per_rank, size = math.ceil(len(eval_set) / d.world_size), args.per_device_eval_batch_size
-    mine = list(range(d.rank * per_rank, min(len(eval_set), (d.rank + 1) * per_rank)))
+    per_rank, size = math.ceil(len(eval_set) / d.data_size), args.per_device_eval_batch_size  # a context group's rows
+    mine = list(range(d.data_rank * per_rank, min(len(eval_set), (d.data_rank + 1) * per_rank)))
     sums = torch.zeros(len(STATS) + 1, device=d.device)  # STATS summed over rows, then the rows
     samples = []
     for b in range(math.ceil(per_rank / size)):  # the same number of batches on every rank
@@ -41,7 +41,7 @@ def evaluate(model, eval_set: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
             if d.is_main and len(samples) < num_samples:
                 rows_rewards = zip(part[: num_samples - len(samples)], rewards[prefs.index].tolist())
                 samples += [sample_row(row, row_rewards, tokenizer) for row, row_rewards in rows_rewards]
-    *totals, rows = all_reduce_sum(sums).tolist()
+    *totals, rows = all_reduce_sum(sums, d.data).tolist()
     # A no-grad forward leaves the units that skip resharding after it (root, head, last block)
     # gathered: shard them again, so that what follows sees each rank's shard, not the whole tensor.
     for module in model.modules():

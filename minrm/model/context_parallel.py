@@ -1,0 +1,83 @@
+"""Context parallelism (--context_parallel_size C > 1; docs/context_parallel.md): the C processes of a group take
+the same rows and each holds 1/C of every row's tokens, so each holds 1/C of the activations.
+
+Attention is DeepSpeed-Ulysses' (arXiv:2309.14509): an all-to-all turns each process's (L/C tokens, all heads)
+into (all L tokens, heads/C), the segment attention runs unchanged on whole rows (a packed row's layout, the shared
+prompt and K responses included), and an all-to-all turns the output back. Everything else in a block acts token
+by token, so it runs on the process's own tokens, at their own positions. The reward of a sequence is computed
+by the process that holds its last token; the rewards are then summed over the group, so every process of it
+computes the same loss.
+"""
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_to_all_single
+from transformers import AttentionInterface, PreTrainedModel
+
+from minrm.checks import CONTEXT, check_context_parallel
+from minrm.config import fail
+from minrm.data.batching import PackedLayout, Segment
+from minrm.distributed import print0
+from minrm.model.attention import sdpa, segment_attention
+
+
+def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, scatter: int, gather: int) -> torch.Tensor:
+    """Cut dim `scatter` of `x` in C parts, send part j to process j, and lay the parts received end to end
+    along dim `gather`, in the group's rank order. Differentiable: its backward is the inverse all-to-all."""
+    send = torch.stack(x.chunk(group.size(), scatter))  # (C, ...): part j for process j
+    received = all_to_all_single(torch.empty_like(send), send, group=group)
+    return torch.cat(received.unbind(0), gather)
+
+
+def ulysses_attention(module, query, key, value, attention_mask, group=None, scaling=None, **kwargs):
+    """Attention over (N, heads, L/C, head_dim) on each process, as the whole rows (N, heads/C, L, head_dim) run
+    it: a packed row by `segment_attention`, padded rows causally (right padding: no real token sees a pad).
+    Key/value heads that the C processes cannot share evenly are repeated to the query heads first."""
+    if key.shape[1] % group.size():
+        key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], 1) for t in (key, value))
+    query, key, value = (all_to_all(t, group, scatter=1, gather=2) for t in (query, key, value))
+    if kwargs.get("packed_layout") is not None:
+        out, _ = segment_attention(module, query, key, value, None, scaling, **kwargs)
+    else:
+        out = sdpa(query, key, value, kwargs.get("sliding_window"), scaling).transpose(1, 2)
+    return all_to_all(out, group, scatter=1, gather=2), None  # (N, L/C, heads, head_dim)
+
+
+def split_sequences(model: PreTrainedModel, group: dist.ProcessGroup, packed_attention: str = "auto") -> None:
+    """Run `model` (its forward is `reward_forward`) context-parallel over `group`; refuses, in one line, a model
+    whose attention the scheme does not cover."""
+    check_context_parallel(model.config, group.size(), packed_attention)
+    AttentionInterface.register(CONTEXT, functools.partial(ulysses_attention, group=group))
+    try:
+        model.set_attn_implementation(CONTEXT)
+    except (ImportError, ValueError) as e:
+        fail(f"context_parallel_size {group.size()}", f"{model.config.model_type} cannot swap its attention ({e})")
+    model.forward = functools.partial(forward_share, model.forward, group)
+    print0(f"model: context parallel over {group.size()} processes (Ulysses all-to-all around {CONTEXT})")
+
+
+def forward_share(forward, group, input_ids, attention_mask=None, position_ids=None, last_index=None, packed_layout=None):
+    """`forward` (reward_forward) on this process's share of the tokens of every row (N, T): the rows padded
+    to C x share tokens (a packed row's padding is a segment of its own, read by nothing), then tokens
+    [p x share, (p + 1) x share) with their positions. Returns every sequence's reward (R,)."""
+    c, p = group.size(), group.rank()
+    n, t = input_ids.shape
+    share = -(-t // c)
+    if position_ids is None:  # padded rows: positions 0, 1, ... (padding on the right)
+        position_ids = torch.arange(t, device=input_ids.device).expand(n, t)
+    if packed_layout is not None and share * c > t:
+        packed_layout = PackedLayout(packed_layout.segments + [Segment(t, share * c)])
+    ids, positions = (F.pad(x, (0, share * c - t))[:, p * share : (p + 1) * share] for x in (input_ids, position_ids))
+    row, column = last_index // t, last_index % t
+    mine = column // share == p  # the sequences whose last token this process holds
+    local_index = row[mine] * share + column[mine] - p * share
+    rewards = torch.zeros(len(last_index), device=input_ids.device)
+    rewards = rewards.index_put((mine,), forward(ids, None, positions, local_index, packed_layout))
+    # The group's sum is each reward (the others add zeros); its gradient flows back only where it was
+    # computed: every process computes the same loss from these rewards, so each enters the gradient once.
+    total = rewards.detach().clone()
+    dist.all_reduce(total, group=group)
+    return rewards + (total - rewards).detach()
