@@ -43,6 +43,7 @@ from minrm.data.batching import collate, to_device
 from minrm.distributed import init_distributed
 from minrm.model.reward import prepare, shard_model
 from minrm.train import build_optimizer, forward_backward
+from scripts.bench_context import run_longcontext
 from scripts.bench_dialogue import run_dialogue
 from scripts.bench_inputs import SIZES, file_pairs, model_config, synthetic_pairs
 from scripts.bench_ranked import run_ranked
@@ -327,7 +328,9 @@ def markdown(rows: list[dict], peak: float, command: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=["multiturn", "longresponse", "ranked", "dialogue"], default="multiturn")
+    profiles = ["multiturn", "longresponse", "ranked", "dialogue", "longcontext"]
+    parser.add_argument("--profile", choices=profiles, default="multiturn")
+    parser.add_argument("--context_tokens", type=int, default=8192, help="longcontext: the row's computed tokens")
     parser.add_argument("--data", help="a preference file (.jsonl/.json/.parquet, any row format minrm reads)")
     parser.add_argument("--tokenizer", help="tokenizer for --data (default: the toy one)")
     parser.add_argument("--pairs", type=int, default=4, help="pairs (rows of 4 with --profile ranked) per optimizer step")
@@ -359,6 +362,10 @@ def main() -> None:
     args = parse_args()
     if args.profile == "dialogue":  # the trainer's whole loop on real lengths: scripts/bench_dialogue.py
         run_dialogue(args, "python -m scripts.bench " + " ".join(sys.argv[1:]))
+        return
+    if args.profile == "longcontext":  # C = 1, 2, 4 on one long row: scripts/bench_context.py
+        args.steps, args.out = args.steps or 2, args.out if args.out != "bench" else "bench_longcontext"
+        print(run_longcontext(args, "python -m scripts.bench " + " ".join(sys.argv[1:])), flush=True)
         return
     args.steps = args.steps or 8
     if args.profile == "ranked":  # rows of 4 responses: scripts/bench_ranked.py
