@@ -9,8 +9,8 @@
 
 Phases: setup -> data -> model -> shard -> loop (step, log, eval, save) -> export -> plot. A row is
 a prompt with K responses (a pair: K = 2); one optimizer step (`train_step`) takes batch_size =
-per_device_train_batch_size x world_size x gradient_accumulation_steps rows, and its loss is the mean
-over them of each row's loss (model/loss.py).
+per_device_train_batch_size x world_size x gradient_accumulation_steps rows (world_size / C with
+--context_parallel_size C), and its loss is the mean over them of each row's loss (model/loss.py).
 """
 
 import dataclasses
@@ -170,7 +170,7 @@ def main(args: Args) -> dict:
     if num_training_steps == 0:
         raise SystemExit(
             f"minrm: error: {total_episodes} training rows are fewer than one batch of {batch_size} "
-            "(per_device_train_batch_size x processes x gradient_accumulation_steps)."
+            "(per_device_train_batch_size x processes / context_parallel_size x gradient_accumulation_steps)."
         )
     derived = dict(world_size=d.world_size, micro_batch_size=per_device * d.data_size, batch_size=batch_size)
     derived |= dict(local_batch_size=per_device * accumulation, total_episodes=total_episodes, train_pairs=len(train_set))
