@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 from minrm.data import toy
@@ -175,3 +176,11 @@ def build_dataset(mixer, splits, tokenizer, args, what: str):
     pairs, _, log = build_side(mixer, splits, tokenizer, args, what)
     print("\n".join(log))
     return pairs
+
+
+@pytest.fixture
+def group_of_one():
+    """A process group of this process alone, in memory (no port, no rank variables)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

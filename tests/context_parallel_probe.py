@@ -1,12 +1,12 @@
 """Context parallelism as the trainer runs it, for test_context_parallel.py:
 
-    torchrun --nproc_per_node W -m tests.context_parallel_probe OUT MODEL_DIR C
+    torchrun --nproc_per_node W -m tests.context_parallel_probe OUT MODEL_DIR C [C ...]
 
-On W processes in groups of C (--context_parallel_size C), for each of `CASES`: the tiny model of MODEL_DIR
+On W processes in groups of C (--context_parallel_size C), for each C and each of `CASES`: the tiny model of MODEL_DIR
 sharded with FSDP2 over all W, context parallel over each group, runs `train.forward_backward` on its data
-rank's share of `rows(k)` in one micro-batch. Rank 0 writes OUT/<case>.pt: every row's rewards (in row order),
+rank's share of `rows(k)` in one micro-batch. Rank 0 writes OUT/C<C>/<case>.pt: every row's rewards (in row order),
 the STATS summed over all rows, and every parameter's full gradient. Then `activation_bytes` on a packed row
-of 8,192 tokens of a wider model: OUT/memory.json, the bytes each process keeps for the backward.
+of 8,192 tokens of a wider model: OUT/C<C>/memory.json, the bytes each process keeps for the backward.
 """
 
 import json
@@ -111,19 +111,21 @@ def activation_bytes(model: nn.Module, group) -> int:
     return sum(kept.values())
 
 
-def main(out: str, model_dir: str, c: int) -> None:
-    d = init_distributed(None, c)
-    for name, batching, k, extra in CASES:
-        result = run_case(d, model_dir, batching, k, extra)
+def main(out: str, model_dir: str, sizes: list[int]) -> None:
+    for c in sizes:  # the group of every process is formed once; each C groups it anew
+        d = init_distributed(None, c)
+        os.makedirs(folder := os.path.join(out, f"C{c}"), exist_ok=True)
+        for name, batching, k, extra in CASES:
+            result = run_case(d, model_dir, batching, k, extra)
+            if d.is_main:
+                torch.save(result, os.path.join(folder, f"{name}.pt"))
+        kept = [None] * d.world_size
+        dist.all_gather_object(kept, activation_bytes(wide_model(), d.context))
         if d.is_main:
-            torch.save(result, os.path.join(out, f"{name}.pt"))
-    kept = [None] * d.world_size
-    dist.all_gather_object(kept, activation_bytes(wide_model(), d.context))
-    if d.is_main:
-        with open(os.path.join(out, "memory.json"), "w") as f:
-            json.dump(kept, f)
+            with open(os.path.join(folder, "memory.json"), "w") as f:
+                json.dump(kept, f)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], [int(c) for c in sys.argv[3:]])

@@ -8,8 +8,8 @@ each row's rewards, loss and metrics (SPEC §1), which context parallelism must 
 The two-node training runs (HSDP x context parallel) and the resume on one process are in test_multinode.py.
 """
 
+import functools
 import json
-import subprocess
 
 import pytest
 import torch
@@ -18,9 +18,10 @@ from transformers import AutoModelForSequenceClassification, Gemma2Config, Llama
 from minrm.checks import check_context_parallel
 from minrm.config import parse_args
 from minrm.data.batching import collate
+from minrm.distributed import init_distributed
 from minrm.model.reward import prepare
 from minrm.train import forward_backward
-from tests.conftest import ROOT, minrm_command, run_minrm
+from tests.conftest import run_minrm
 from tests.context_parallel_probe import CASES, activation_bytes, case_args, count_responses, rows, wide_model
 from tests.test_score import hf_forward, score_file, tulu_tokenizer
 
@@ -29,16 +30,15 @@ SIZES = (2, 4)  # C, each on 4 processes
 
 @pytest.fixture(scope="module")
 def probes(tiny_model_dir, tmp_path_factory) -> dict:
-    out = {}
-    for c in SIZES:
-        out[c] = tmp_path_factory.mktemp(f"context{c}")
-        run_minrm([str(out[c]), tiny_model_dir, str(c)], nproc=4, module="tests.context_parallel_probe")
-    return out
+    out = tmp_path_factory.mktemp("context")
+    run_minrm([str(out), tiny_model_dir, *map(str, SIZES)], nproc=4, module="tests.context_parallel_probe")
+    return {c: out / f"C{c}" for c in SIZES}
 
 
-def one_process(model_dir: str, batching: str, k: int, extra: dict) -> dict:
+@functools.cache
+def one_process(model_dir: str, batching: str, k: int, extra: tuple) -> dict:
     """The case in this process: the whole model, all the rows in one micro-batch, fp32."""
-    args = case_args(model_dir, batching, {**extra, "mixed_precision": None})
+    args = case_args(model_dir, batching, {**dict(extra), "mixed_precision": None})
     model = prepare(AutoModelForSequenceClassification.from_pretrained(model_dir), args)
     all_rows = rows(k)
     inputs, prefs = collate(all_rows, model.config.pad_token_id, batching)
@@ -51,7 +51,7 @@ def one_process(model_dir: str, batching: str, k: int, extra: dict) -> dict:
 @pytest.mark.parametrize("c", SIZES)
 @pytest.mark.parametrize("name, batching, k, extra", CASES, ids=[case[0] for case in CASES])
 def test_rewards_metrics_and_gradients_equal_one_process(probes, tiny_model_dir, c, name, batching, k, extra):
-    got, want = torch.load(probes[c] / f"{name}.pt"), one_process(tiny_model_dir, batching, k, extra)
+    got, want = torch.load(probes[c] / f"{name}.pt"), one_process(tiny_model_dir, batching, k, tuple(extra.items()))
     # bf16: the blocks compute in bf16 (8 bits of mantissa) against the fp32 reference; fp32: to 1e-5.
     tol = dict(rtol=2e-2, atol=2e-2) if extra.get("mixed_precision") == "bf16" else dict(rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(got["rewards"]), want["rewards"], **tol)
@@ -83,7 +83,7 @@ def test_activation_memory_falls_to_one_over_c(probes):
             assert abs(kept / alone - 1 / c) < 0.05 / c, (c, kept, alone)
 
 
-def test_what_cannot_be_split_is_refused_in_one_line(tmp_path):
+def test_what_cannot_be_split_is_refused_in_one_line():
     llama = LlamaConfig(num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(SystemExit, match="context_parallel_size 3: must divide the model's 4 attention heads"):
         check_context_parallel(llama, 3, "auto")
@@ -93,12 +93,15 @@ def test_what_cannot_be_split_is_refused_in_one_line(tmp_path):
         check_context_parallel(Gemma2Config(num_attention_heads=4), 2, "auto")
     with pytest.raises(SystemExit, match="context_parallel_size: must be at least 1, got 0"):
         parse_args(["--context_parallel_size", "0"])
-    # One process cannot hold 1/2 of a row: refused as the group forms, before any data is read.
-    run = subprocess.run(minrm_command(["--context_parallel_size", "2", "--output_dir", str(tmp_path)]),
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == (
-        "minrm: error: --context_parallel_size 2: must divide the 1 processes of a node"
-    )
+
+
+def test_a_group_larger_than_a_node_is_refused(group_of_one, monkeypatch):
+    """One process cannot hold 1/2 of a row: refused in one line as the group forms, before any data is read."""
+    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(name, value)
+    message = "^minrm: error: --context_parallel_size 2: must divide the 1 processes of a node$"
+    with pytest.raises(SystemExit, match=message):
+        init_distributed(None, 2)
 
 
 def test_the_scorer_splits_rows_over_two_processes(tiny_model_dir, tmp_path):

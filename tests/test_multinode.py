@@ -208,13 +208,6 @@ def count_one_nan() -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture
-def group_of_one():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_node_local_caches_are_built_once_per_node(group_of_one, pairs_file, tmp_path, capsys):
     """The protocol of `load_datasets` with 2 nodes x 2 processes as threads of this process, each
     node with its own cache folder (as a node-local disk would be)."""
