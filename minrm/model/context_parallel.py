@@ -1,12 +1,7 @@
-"""Context parallelism (--context_parallel_size C > 1; docs/context_parallel.md): the C processes of a group take
-the same rows and each holds 1/C of every row's tokens, so each holds 1/C of the activations.
-
-Attention is DeepSpeed-Ulysses' (arXiv:2309.14509): an all-to-all turns each process's (L/C tokens, all heads)
-into (all L tokens, heads/C), the segment attention runs unchanged on whole rows (a packed row's layout, the shared
-prompt and K responses included), and an all-to-all turns the output back. Everything else in a block acts token
-by token, so it runs on the process's own tokens, at their own positions. The reward of a sequence is computed
-by the process that holds its last token; the rewards are then summed over the group, so every process of it
-computes the same loss.
+"""Context parallelism (--context_parallel_size C > 1, docs/context_parallel.md): the C processes of a group take
+the same rows and each holds 1/C of every row's tokens. Attention is DeepSpeed-Ulysses' (arXiv:2309.14509): an
+all-to-all gives each process all the tokens of 1/C of the heads, the segment attention runs unchanged on whole
+rows, an all-to-all gives the tokens back. The rest of a block acts token by token, on the process's own tokens.
 """
 
 import functools
