@@ -68,8 +68,7 @@ def _complete(path: str) -> bool:
 
 
 def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase, key: str | None = None) -> str:
-    """The path of the cache folder for these inputs (`key`: their hash, computed when not given), built
-    first if it is not there."""
+    """The cache folder of these inputs (`key`: their hash, computed if not given), built first if it is not there."""
     path = os.path.join(args.dataset_local_cache_dir, key or cache_key(args, tokenizer))
     if _complete(path):
         print(f"data: loading the tokenized datasets from the cache {path}", flush=True)
