@@ -37,10 +37,9 @@ def _source_hash(name: str, split: str) -> str:
 def cache_key(args, tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of everything that shapes the datasets: sources, mixers, splits, tokenizer (vocabulary, merges,
     special tokens, chat template), length limits, responses kept a row, column keys, checks and seed."""
-    sources = {}
-    for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
-        for name, _, split in mixer_entries(getattr(args, flag), getattr(args, flag + "_splits")):
-            sources[f"{name} [{split}]"] = _source_hash(name, split)
+    entries = mixer_entries(args.dataset_mixer_list, args.dataset_mixer_list_splits)
+    entries += mixer_entries(args.dataset_mixer_eval_list, args.dataset_mixer_eval_list_splits)
+    sources = {f"{name} [{split}]": _source_hash(name, split) for name, _, split in entries}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     fields = ("dataset_mixer_list dataset_mixer_list_splits dataset_mixer_eval_list dataset_mixer_eval_list_splits "
