@@ -171,11 +171,10 @@ def _prune(root: str, keep_last_n: int, step: int) -> None:
 
 def check_complete(path: str) -> dict:
     """The checkpoint's meta.json, once every file it needs is there and long enough (else ValueError, saying which)."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(path, ".metadata")):
+    if not all(os.path.isfile(os.path.join(path, name)) for name in ("meta.json", ".metadata")):
         raise ValueError(f"{path} is not a complete minrm checkpoint (meta.json or DCP's .metadata is missing)")
     try:
-        meta = json.loads(Path(meta_path).read_text())
+        meta = json.loads(Path(path, "meta.json").read_text())
         storage = dcp.FileSystemReader(path).read_metadata().storage_data
     except Exception as e:  # a truncated json or pickle
         raise ValueError(f"{path}: cannot read its metadata ({type(e).__name__}: {e})") from e
