@@ -6,7 +6,7 @@ learning rate), train rows as lines and eval rows as dots, several runs overlaid
 
 A RUN is a run folder or a metrics.jsonl: minrm's, or any JSON-lines file with the same keys (a reference
 run's W&B history exported to JSONL; null values count as absent). The figure is a plain matplotlib `Figure`
-on the Agg canvas: no pyplot state and no display.
+(savefig draws a PNG with Agg): no pyplot state and no display.
 """
 
 import argparse
@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -78,7 +77,6 @@ def plot_runs(runs: list[tuple[str, list[dict]]], x: str = "episode", smoothing:
     if not 0 <= smoothing < 1:
         raise SystemExit(f"minrm: error: --smooth: expected a weight in [0, 1), got {smoothing}")
     fig = Figure(figsize=(13, 7), layout="constrained")
-    FigureCanvasAgg(fig)
     for ax, panel in zip(fig.subplots(2, 3).flat, PANELS):
         train_key, eval_key = f"train/rm/{panel}", f"eval/rm/{panel}"
         ax.set_title(train_key if panel == "lr" else f"{train_key}, {eval_key}", fontsize=10)

@@ -125,9 +125,7 @@ def summarize(benchmark: str, records: list[dict]) -> dict:
     if unnamed := [r["row"] for r in records if r.get("subset") is None]:
         raise SystemExit(f"minrm: error: --benchmark {benchmark}: row {unnamed[0]} has no subset")
     groups = {s: [r for r in records if r["subset"] == s] for s in {r["subset"] for r in records}}
-    scores = {}
-    for subset, rows in groups.items():
-        scores[subset] = ties_score(rows) if is_ties(benchmark, subset) else mean([r["credit"] for r in rows])
+    scores = {s: ties_score(g) if is_ties(benchmark, s) else mean([r["credit"] for r in g]) for s, g in groups.items()}
     summary = {"benchmark": benchmark, "rows": len(records)}
     summary["categories"] = {s: {"rows": len(groups[s]), "score": scores[s]} for s in sorted(scores)}
     if benchmark == "rewardbench":

@@ -11,13 +11,14 @@ import secrets
 import shutil
 import socket
 import time
+from pathlib import Path
 
 import datasets
 from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedTokenizerBase
 
 from minrm.data import toy
-from minrm.data.mixer import build_side, column_keys, read_raw
+from minrm.data.mixer import build_side, column_keys, mixer_entries, read_raw
 from minrm.distributed import Dist, post, print0, wait_for_post
 
 # Bump when a change to the code above changes what a cached dataset holds.
@@ -36,12 +37,9 @@ def _source_hash(name: str, split: str) -> str:
 def cache_key(args, tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of everything that shapes the datasets: sources, mixers, splits, tokenizer (vocabulary, merges,
     special tokens, chat template), length limits, responses kept a row, column keys, checks and seed."""
-    sources = {}
-    for flag in ("dataset_mixer_list", "dataset_mixer_eval_list"):
-        mixer, splits = getattr(args, flag), getattr(args, flag + "_splits")
-        splits = splits * (len(mixer) // 2) if len(splits) == 1 else splits
-        for name, split in zip(mixer[::2], splits):
-            sources[f"{name} [{split}]"] = _source_hash(name, split)
+    entries = mixer_entries(args.dataset_mixer_list, args.dataset_mixer_list_splits)
+    entries += mixer_entries(args.dataset_mixer_eval_list, args.dataset_mixer_eval_list_splits)
+    sources = {f"{name} [{split}]": _source_hash(name, split) for name, _, split in entries}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     fields = ("dataset_mixer_list dataset_mixer_list_splits dataset_mixer_eval_list dataset_mixer_eval_list_splits "
@@ -69,8 +67,7 @@ def _complete(path: str) -> bool:
 
 
 def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase, key: str | None = None) -> str:
-    """The path of the cache folder for these inputs (`key`: their hash, computed when not given), built
-    first if it is not there."""
+    """The cache folder of these inputs (`key`: their hash, computed if not given), built first if it is not there."""
     path = os.path.join(args.dataset_local_cache_dir, key or cache_key(args, tokenizer))
     if _complete(path):
         print(f"data: loading the tokenized datasets from the cache {path}", flush=True)
@@ -83,8 +80,7 @@ def build_or_load_cache(args, tokenizer: PreTrainedTokenizerBase, key: str | Non
     os.makedirs(tmp)
     for split, rows in dd.items():
         _save_rows(rows, os.path.join(tmp, f"{split}.arrow"))
-    with open(os.path.join(tmp, "minrm_log.json"), "w") as f:
-        json.dump(log, f)
+    Path(tmp, "minrm_log.json").write_text(json.dumps(log))
     try:
         os.rename(tmp, path)  # atomic; fails when the folder exists and is not empty
     except OSError:
@@ -153,7 +149,6 @@ def load_datasets(args, tokenizer: PreTrainedTokenizerBase, d: Dist) -> tuple[da
         path = os.path.join(args.dataset_local_cache_dir, key)
         files = {split: os.path.join(path, f"{split}.arrow") for split in ("train", "eval")}
         dd = {split: datasets.Dataset.from_file(f) for split, f in files.items() if os.path.isfile(f)}  # memory-mapped
-        with open(os.path.join(path, "minrm_log.json")) as f:
-            log = json.load(f)
+        log = json.loads(Path(path, "minrm_log.json").read_text())
     print0("\n".join(log))
     return dd["train"], dd.get("eval")

@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from json.decoder import WHITESPACE
 
 import datasets
 import pyarrow as pa
@@ -103,9 +102,9 @@ class _Text:
         self.file = open(path, encoding="utf-8-sig", newline="")  # valid: _check_utf8 ran first
         self.buf, self.eof, self.line, self.column = "", False, 1, 0
 
-    def more(self, n: int, size: int = 0) -> None:
-        """Forget buf[:n] (consumed), counting its lines and columns, then read `size` (CHUNK) characters."""
-        text = self.file.read(size or CHUNK)
+    def more(self, n: int) -> None:
+        """Forget buf[:n] (consumed), counting its lines and columns; then read max(CHUNK, what buf still holds)."""
+        text = self.file.read(max(CHUNK, len(self.buf) - n))
         newlines = self.buf.count("\n", 0, n)
         self.line += newlines
         self.column = n - self.buf.rfind("\n", 0, n) - 1 if newlines else self.column + n
@@ -113,7 +112,7 @@ class _Text:
 
     def skip_space(self, i: int) -> int:
         """The first position at or after i that is not JSON whitespace, reading on (len(buf) at the end)."""
-        while (i := WHITESPACE.match(self.buf, i).end()) == len(self.buf) and not self.eof:
+        while (i := json.decoder.WHITESPACE.match(self.buf, i).end()) == len(self.buf) and not self.eof:
             self.more(i)
             i = 0
         return i
@@ -132,7 +131,7 @@ class _Text:
                 # before the end of what was read stays an error however the text goes on.
                 if self.eof or (len(self.buf) - e.pos >= 4096 and not e.msg.startswith("Unterminated string")):
                     raise
-            self.more(i, max(CHUNK, len(self.buf) - i))  # a long value: double what is held
+            self.more(i)  # a long value: double what is held
             i = 0
 
 

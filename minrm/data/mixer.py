@@ -57,6 +57,11 @@ def take_indices(n: int, amount: str, seed: int) -> list[int]:
     return list(range(n)) * repeats + sorted(extra.tolist())
 
 
+def mixer_entries(mixer: list[str], splits: list[str]) -> list[tuple[str, str, str]]:
+    """(name, amount, split) of each dataset of a mixer list (NAME AMOUNT ...); one split given serves them all."""
+    return list(zip(mixer[::2], mixer[1::2], splits * (len(mixer) // 2) if len(splits) == 1 else splits))
+
+
 ROW_COLUMNS = ["prompt", "responses", "scores", "margin"]  # a tokenized row, as the cache holds it
 
 
@@ -162,11 +167,9 @@ def build_side(mixer: list[str], splits: list[str], tokenizer, args, what: str, 
     """One side (train or eval) mixed, checked, tokenized and length-filtered: (rows, held-out rows or None,
     log lines). Amounts apply to the rows that pass; `holdout` carves that fraction of each dataset's rows out
     before its amount is taken, so no row (or upsampled copy of it) is on both sides."""
-    names, amounts = mixer[::2], mixer[1::2]
-    splits = splits * len(names) if len(splits) == 1 else splits
     most = args.max_responses_per_prompt
     parts, held, bad, log = [], [], [], []
-    for name, amount, split in zip(names, amounts, splits):
+    for name, amount, split in mixer_entries(mixer, splits):
         if "." not in amount and int(amount) <= 10:
             print0(f"data: warning: amount {amount!r} for {name} is a row COUNT ({amount} rows); write 1.0 for all rows.")
         ds, unit = tokenize_dataset(name, split, tokenizer, args)

@@ -1,7 +1,7 @@
 """The tokenizer, its chat template and its pad token: what turns conversations into ids.
 
 The template is the tokenizer's own (the reference's default) unless --chat_template_name names one of
-formats.CHAT_TEMPLATES or a tokenizer to borrow it from; a tokenizer with none is refused only where a dataset
+config.CHAT_TEMPLATES or a tokenizer to borrow it from; a tokenizer with none is refused only where a dataset
 needs one (`mixer.check_columns`). A tokenizer without a pad token, or whose pad is its eos, gets a `<pad>`
 (the model's embeddings are resized for it, model/reward.py).
 """

@@ -7,7 +7,6 @@ class names are swapped in the modeling module: they serve every model of that a
 
 import inspect
 import re
-import sys
 
 import torch
 from transformers import PreTrainedModel
@@ -55,7 +54,7 @@ def liger_kernels_in(model: PreTrainedModel) -> dict[str, list[str]]:
             found.setdefault(type(module).__name__, []).append(name)
         elif bound is not None and bound.__module__.startswith("liger_kernel"):
             found.setdefault(bound.__qualname__.split(".")[0], []).append(name)  # of "LigerRMSNorm.forward"
-    modeling = sys.modules[type(_decoder(model)).__module__]
+    modeling = inspect.getmodule(type(_decoder(model)))
     for attr, value in vars(modeling).items():
         if inspect.isfunction(value) and value.__module__.startswith("liger_kernel"):
             found.setdefault(value.__name__, []).append(f"{modeling.__name__}.{attr}")

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import state_dict as dcp_state
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
@@ -81,8 +80,8 @@ def config_hash(config) -> str:
 def _states(model, optimizer, trainer: TrainerState) -> dict:
     """What a checkpoint holds: the model's (sharded) state dict, AdamW's keyed by parameter name (not position,
     so that it survives resharding), and the loop's place. DCP saves and loads these tensors in place."""
-    optimizer_state = dcp_state.get_optimizer_state_dict(model, optimizer)
-    return {"model": dcp_state.get_model_state_dict(model), "optimizer": optimizer_state, "trainer": trainer}
+    model_state, optimizer_state = dcp_state.get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state, "trainer": trainer}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,12 +171,11 @@ def _prune(root: str, keep_last_n: int, step: int) -> None:
 
 def check_complete(path: str) -> dict:
     """The checkpoint's meta.json, once every file it needs is there and long enough (else ValueError, saying which)."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(path, ".metadata")):
+    if not all(os.path.isfile(os.path.join(path, name)) for name in ("meta.json", ".metadata")):
         raise ValueError(f"{path} is not a complete minrm checkpoint (meta.json or DCP's .metadata is missing)")
     try:
-        meta = json.loads(Path(meta_path).read_text())
-        storage = FileSystemReader(path).read_metadata().storage_data
+        meta = json.loads(Path(path, "meta.json").read_text())
+        storage = dcp.FileSystemReader(path).read_metadata().storage_data
     except Exception as e:  # a truncated json or pickle
         raise ValueError(f"{path}: cannot read its metadata ({type(e).__name__}: {e})") from e
     sizes = {}
@@ -235,18 +233,16 @@ def load_checkpoint(path: str, model, optimizer, meta_now: dict) -> TrainerState
     trainer = TrainerState(metrics=meta.get("metrics", {}), elapsed_s=meta.get("elapsed_s", 0.0))
     states = _states(model, optimizer, trainer)
     dcp.load(states, checkpoint_id=path)
-    dcp_state.set_model_state_dict(model, states["model"])
-    dcp_state.set_optimizer_state_dict(model, optimizer, states["optimizer"])
+    dcp_state.set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
     print0(f"resumed from {path} at step {trainer.step} (written by {meta['world_size']} processes)")
     return trainer
 
 
-def load_model_weights(path: str, model: torch.nn.Module) -> dict:
-    """Load only the model part of a checkpoint into an unsharded model (for export); returns meta."""
-    meta, state = check_complete(path), {"model": dcp_state.get_model_state_dict(model)}
+def load_model_weights(path: str, model: torch.nn.Module) -> None:
+    """Load only the model part of a checkpoint (`check_complete` passed) into an unsharded model (for export)."""
+    state = {"model": dcp_state.get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=path)
     dcp_state.set_model_state_dict(model, state["model"])
-    return meta
 
 
 def truncate_logs(run_dir: str, trainer: TrainerState) -> None:
