@@ -123,7 +123,6 @@ def check_push_to_hub(args) -> None:
 # What runs packed rows (--batching packed or shared_prefix), from the model's config alone
 
 SEGMENTS = "minrm_segments"  # the name model/attention.py registers its segment attention under
-CONTEXT = "minrm_context_parallel"  # and model/context_parallel.py its all-to-all around it
 
 
 def packed_attentions(config, choice: str, cuda: bool, batching: str = "shared_prefix") -> tuple[list[str], str | None]:

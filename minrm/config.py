@@ -154,9 +154,7 @@ class Args(Columns):
         default="shared_prefix", help="padded (the reference's), packed, or shared_prefix (each prompt once)."
     )
     packed_attention: Literal[PACKED_ATTENTIONS] = HfArg(default="auto", help="What runs packed rows. [minrm]")
-    context_parallel_size: int = HfArg(
-        default=1, help="Processes that split each row's tokens (Ulysses; docs/context_parallel.md). [minrm]"
-    )
+    context_parallel_size: int = HfArg(default=1, help="Processes that split each row's tokens (Ulysses). [minrm]")
     max_tokens_per_batch: int | None = HfArg(
         default=None, help="Cut each step's rows into micro-batches of at most this many computed tokens. [minrm]"
     )

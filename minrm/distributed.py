@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from minrm.config import fail
+
 
 @dataclass
 class Dist:
@@ -24,31 +26,21 @@ class Dist:
     local_rank: int
     device: torch.device
     mesh: DeviceMesh  # FSDP's: every process, whatever --context_parallel_size
-    context: dist.ProcessGroup | None = None  # the C processes that hold the same rows (None: C = 1)
-    data: dist.ProcessGroup | None = None  # the processes of this one's place in its group, one per group (None: all)
+    # Which rows: with --context_parallel_size C, the C processes of a group hold the same rows, so the rows are
+    # dealt to world_size / C groups (`init_distributed` sets these; C = 1: rank and world_size, groups None).
+    data_rank: int | None = None
+    data_size: int | None = None
+    context: dist.ProcessGroup | None = None  # the C processes of this one's group
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def context_size(self) -> int:
-        return self.context.size() if self.context else 1
-
-    @property
-    def data_rank(self) -> int:  # which rows: the C processes of a context group hold the same rows
-        return self.rank // self.context_size
-
-    @property
-    def data_size(self) -> int:
-        return self.world_size // self.context_size
-
 
 def init_distributed(timeout_minutes: int | None = None, context_size: int = 1) -> Dist:
     """Join (without torchrun: create) the process group and build the mesh: on more than one node 2-D, replicate
     across nodes and shard within one (HSDP: all-gathers stay on intra-node links). `timeout_minutes` bounds every
-    collective (None: torch's default, 10 min NCCL, 30 min gloo). `context_size` C > 1 groups the processes of a
-    node C by C in rank order (--context_parallel_size, model/context_parallel.py)."""
+    collective (None: torch's default, 10 min NCCL, 30 min gloo). `context_size` C groups a node's processes C by C."""
     if "RANK" not in os.environ:  # plain `python -m minrm.train`: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")  # port 0: the store binds a free one
@@ -67,14 +59,13 @@ def init_distributed(timeout_minutes: int | None = None, context_size: int = 1) 
     dims = " x ".join(f"{name} {size}" for name, size in zip(names, mesh.shape))
     minutes = dist.distributed_c10d._get_default_store().timeout.total_seconds() / 60  # the group's timeout
     nodes = f", gloo groups on {gloo_interface()}" if hsdp else ""
-    d = Dist(rank, world, local_rank, device, mesh)
+    if context_size < 1 or local_world % context_size:
+        fail(f"context_parallel_size {context_size}", f"must divide the {local_world} processes of a node")
+    d = Dist(rank, world, local_rank, device, mesh, rank // context_size, world // context_size)
     if context_size > 1:
-        if local_world % context_size:
-            raise SystemExit(f"minrm: error: --context_parallel_size {context_size}: must divide the "
-                             f"{local_world} processes of a node")  # fmt: skip
         groups = init_device_mesh(device.type, (world // context_size, context_size), mesh_dim_names=("data", "context"))
-        d.context, d.data = groups.get_group("context"), groups.get_group("data")
-        nodes += f"; context parallel: {d.data_size} groups (data) x {context_size} processes (context)"
+        d.context = groups.get_group("context")
+        nodes += f"; context parallel (Ulysses): {d.data_size} groups (data) x {context_size} processes (context)"
     print0(
         f"distributed: {world} process{'es' if world > 1 else ''}, {local_world} per node, {backend}, "
         f"{'HSDP' if hsdp else 'FSDP'} mesh ({dims}), collective timeout {minutes:g} min{nodes}"
@@ -107,9 +98,9 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum a tensor over all ranks, or `group`'s (every rank of it must call this)."""
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (every rank must call this)."""
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

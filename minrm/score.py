@@ -123,7 +123,7 @@ def read_rows(args, tokenizer, d: Dist) -> list[dict]:
     rows = ds.to_list()
     bad = [(args.data, unit, r["row"], r["problem"]) for r in rows if r["problem"]]
     # One process of each context-parallel group speaks for it: they hold the same rows.
-    gathered = gather_objects((len(rows), bad), "score/read", "read and tokenize its rows")[:: d.context_size]
+    gathered = gather_objects((len(rows), bad), "score/read", "read and tokenize its rows")[:: d.world_size // d.data_size]
     total, bad = sum(n for n, _ in gathered), sorted(itertools.chain(*(b for _, b in gathered)), key=lambda b: b[2])
     skipped = report_bad_rows(bad, args.skip_bad_rows)  # stops here without --skip_bad_rows
     if len(bad) == total:
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Every rank's rows back in file order (row numbers increase through the file).
     mine = [(r["row"], r["subset"], r["id"], r["scores"], rw, st) for r, rw, st in zip(rows, rewards, stats)]
-    scored = gather_objects(mine, "score/scored", "score its rows")[:: d.context_size]  # one per context group
+    scored = gather_objects(mine, "score/scored", "score its rows")[:: d.world_size // d.data_size]  # one per group
     scored = sorted(itertools.chain(*scored), key=lambda x: x[0])
     categories = any(subset is not None for _, subset, *_ in scored)
     records = []

@@ -103,12 +103,13 @@ def train_step(model, optimizer, batches: list, args: Args, stop, saver, d):
     """One optimizer step over this rank's micro-batches. Returns the step's metrics (means over
     every rank's rows), whether any rank got a stop signal, and the global gradient norm; raises
     NonFinite, before the update, when the loss or the gradient norm is NaN or infinite."""
-    # Sums over the data-parallel ranks: the processes of a context-parallel group hold the same rows.
-    rows = args.per_device_train_batch_size * d.data_size * args.gradient_accumulation_steps
+    # With --context_parallel_size C the C processes of a group each count the group's rows (and responses): the
+    # rewards' gather sums their gradients (model/context_parallel.py), so the step's gradient is still the mean's.
+    rows = args.per_device_train_batch_size * d.world_size * args.gradient_accumulation_steps
     responses = None
     if args.center_rewards_coefficient:  # the step's responses over all ranks
         count = sum(int((prefs.index >= 0).sum()) for _, prefs in batches)
-        responses = int(distributed.all_reduce_sum(torch.tensor(count, device=d.device), d.data))
+        responses = int(distributed.all_reduce_sum(torch.tensor(count, device=d.device)))
     sums = torch.zeros(len(STATS), device=d.device)  # stays on the device: no sync per micro-batch
     for k, batch in enumerate(batches):
         # Gradients are reduce-scattered after every micro-batch and accumulate in fp32 shards
@@ -116,7 +117,7 @@ def train_step(model, optimizer, batches: list, args: Args, stop, saver, d):
         # one). With HSDP only the all-reduce across nodes waits for the last micro-batch.
         model.set_requires_all_reduce(k == len(batches) - 1)
         sums += forward_backward(model, batching.to_device(batch, d.device), args, rows, responses)
-    metrics = dict(zip(STATS, (distributed.all_reduce_sum(sums, d.data) / rows).tolist()))
+    metrics = dict(zip(STATS, (distributed.all_reduce_sum(sums) / rows).tolist()))
     # The global gradient norm, before clipping: torch's norm of the DTensor gradients, reduced over
     # every rank's shards (each value counted once, the replicas of HSDP included).
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])

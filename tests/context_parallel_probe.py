@@ -58,17 +58,20 @@ def count_responses(rows_: list[dict]) -> int:
 
 
 def run_case(d, model_dir: str, batching: str, k: int, extra: dict) -> dict:
-    args = case_args(model_dir, batching, extra, d.context_size)
+    args = case_args(model_dir, batching, extra, d.world_size // d.data_size)
     model = prepare(AutoModelForSequenceClassification.from_pretrained(model_dir), args, context=d.context)
     shard_model(model, d, args.mixed_precision or "no")
     all_rows = rows(k)
     mine = list(range(d.data_rank, len(all_rows), d.data_size))
     inputs, prefs = collate([all_rows[i] for i in mine], model.config.pad_token_id, batching)
-    stats = forward_backward(model, (inputs, prefs), args, len(all_rows), count_responses(all_rows))
+    # The step's rows and responses over all processes: those of a context group each count their group's.
+    c = d.world_size // d.data_size
+    stats = forward_backward(model, (inputs, prefs), args, c * len(all_rows), c * count_responses(all_rows))
     grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
     with torch.no_grad():
         rewards = model(**inputs)[prefs.index].tolist()
-    dist.all_reduce(stats, group=d.data)
+    dist.all_reduce(stats)
+    stats /= c  # each group's C processes hold the same sums
     found = [None] * d.world_size
     dist.all_gather_object(found, dict(zip(mine, rewards)))
     return {"rewards": [dict(kv for f in found for kv in f.items())[i] for i in range(len(all_rows))],

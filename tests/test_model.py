@@ -51,30 +51,30 @@ def test_rewards_match_hf_on_right_padded_batches(make_config):
     rows = random_rows(100, [(5, 17), (23, 3), (11, 11)])
     batch = pad_right([s for r in rows for s in r["responses"]], PAD)
     with torch.no_grad():
-        from_mask = reward_forward(model, **batch)
-        from_collator = reward_forward(model, **collate(rows, PAD, "padded")[0])  # its last_index
+        ours = reward_forward(model, **collate(rows, PAD, "padded")[0])  # read at the collator's last_index
         theirs = model(**batch).logits.squeeze(-1)  # HF pools at the rightmost non-pad token
-    assert from_mask.shape == (6,)
-    torch.testing.assert_close(from_mask, theirs, rtol=0, atol=1e-6)
-    torch.testing.assert_close(from_collator, theirs, rtol=0, atol=1e-6)
+    assert ours.shape == (6,)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
 def test_pooling_when_the_batch_has_more_sequences_than_tokens():
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(tiny_llama_config(100)).eval()
     model.config.pad_token_id = PAD
-    batch = pad_right([s for r in random_rows(100, [(2, 3)] * 5) for s in r["responses"]], PAD)  # (10, 3)
+    rows = random_rows(100, [(2, 3)] * 5)
+    batch = pad_right([s for r in rows for s in r["responses"]], PAD)  # (10, 3)
     with torch.no_grad():
-        torch.testing.assert_close(reward_forward(model, **batch), model(**batch).logits.squeeze(-1))
+        ours = reward_forward(model, **collate(rows, PAD, "padded")[0])
+        torch.testing.assert_close(ours, model(**batch).logits.squeeze(-1))
 
 
-def test_pooling_uses_the_mask_even_when_the_pad_id_is_in_the_text():
+def test_pooling_reads_the_last_token_even_when_the_pad_id_is_in_the_text():
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(tiny_llama_config(50)).eval()
     # PAD occurs inside the first sequence and is the real last token of the second.
     seqs = [[7, PAD, 9, 4, PAD, 12], [3, 8, PAD]]
     with torch.no_grad():
-        ours = reward_forward(model, **pad_right(seqs, PAD))
+        ours = reward_forward(model, **collate([{"prompt": [], "responses": seqs, "scores": [1, 0]}], PAD, "padded")[0])
         # Independent: each sequence alone, unpadded, scored at its final position.
         expected = [model.score(model.model(torch.tensor([s])).last_hidden_state[0, -1]).item() for s in seqs]
         # What "first pad token - 1" (the reference) would read for the first sequence: position 0.

@@ -154,7 +154,7 @@ def test_context_parallel_in_hsdp_matches_one_process(runs):
     """--context_parallel_size 2 on 2 nodes x 2 processes: the same global batches (2 rows per group x 2
     groups x GA 2), metrics, evals and gradient norms as one process, as the 2x2 run above."""
     assert "HSDP mesh (replicate 2 x shard 2)" in runs["context"]
-    assert "context parallel: 2 groups (data) x 2 processes (context)" in runs["context"]
+    assert "context parallel (Ulysses): 2 groups (data) x 2 processes (context)" in runs["context"]
     assert_same_metrics(read_metrics(runs["out"] / "one"), read_metrics(runs["out"] / "context"))
     one, context = grad_norms(runs["one"]), grad_norms(runs["context"])
     assert len(one) == STEPS and context == pytest.approx(one, rel=2e-3)

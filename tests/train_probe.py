@@ -58,7 +58,8 @@ def save_loaded(model, d, out: str) -> None:
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in PROBE_IDS])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in PROBE_IDS])
     with torch.no_grad():
-        rewards = model(input_ids=ids.to(d.device), attention_mask=mask.to(d.device)).cpu()
+        last = torch.tensor([i * width + len(s) - 1 for i, s in enumerate(PROBE_IDS)])
+        rewards = model(input_ids=ids.to(d.device), last_index=last.to(d.device), attention_mask=mask.to(d.device)).cpu()
     if d.is_main:
         torch.save({k: v.clone() for k, v in state.items()}, os.path.join(out, "loaded.pt"))
         torch.save({"input_ids": ids, "attention_mask": mask, "rewards": rewards}, os.path.join(out, "rewards.pt"))

@@ -9,14 +9,15 @@ import functools
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed.nn.functional import all_reduce, all_to_all_single
 from transformers import AttentionInterface, PreTrainedModel
 
-from minrm.checks import CONTEXT, check_context_parallel
+from minrm.checks import check_context_parallel
 from minrm.config import fail
 from minrm.data.batching import PackedLayout, Segment
-from minrm.distributed import print0
 from minrm.model.attention import sdpa, segment_attention
+
+CONTEXT = "minrm_context_parallel"  # the name its attention is registered under
 
 
 def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, scatter: int, gather: int) -> torch.Tensor:
@@ -45,16 +46,14 @@ def split_sequences(model: PreTrainedModel, group: dist.ProcessGroup, packed_att
     """Run `model` (its forward is `reward_forward`) context-parallel over `group`; refuses, in one line, a model
     whose attention the scheme does not cover."""
     check_context_parallel(model.config, group.size(), packed_attention)
+    if not model.is_backend_compatible():
+        fail(f"context_parallel_size {group.size()}", f"{type(model).__name__} cannot swap its attention function")
     AttentionInterface.register(CONTEXT, functools.partial(ulysses_attention, group=group))
-    try:
-        model.set_attn_implementation(CONTEXT)
-    except (ImportError, ValueError) as e:
-        fail(f"context_parallel_size {group.size()}", f"{model.config.model_type} cannot swap its attention ({e})")
+    model.set_attn_implementation(CONTEXT)
     model.forward = functools.partial(forward_share, model.forward, group)
-    print0(f"model: context parallel over {group.size()} processes (Ulysses all-to-all around {CONTEXT})")
 
 
-def forward_share(forward, group, input_ids, attention_mask=None, position_ids=None, last_index=None, packed_layout=None):
+def forward_share(forward, group, input_ids, last_index, attention_mask=None, position_ids=None, packed_layout=None):
     """`forward` (reward_forward) on this process's share of the tokens of every row (N, T): the rows padded
     to C x share tokens (a packed row's padding is a segment of its own, read by nothing), then tokens
     [p x share, (p + 1) x share) with their positions. Returns every sequence's reward (R,)."""
@@ -70,9 +69,8 @@ def forward_share(forward, group, input_ids, attention_mask=None, position_ids=N
     mine = column // share == p  # the sequences whose last token this process holds
     local_index = row[mine] * share + column[mine] - p * share
     rewards = torch.zeros(len(last_index), device=input_ids.device)
-    rewards = rewards.index_put((mine,), forward(ids, None, positions, local_index, packed_layout))
-    # The group's sum is each reward (the others add zeros); its gradient flows back only where it was
-    # computed: every process computes the same loss from these rewards, so each enters the gradient once.
-    total = rewards.detach().clone()
-    dist.all_reduce(total, group=group)
-    return rewards + (total - rewards).detach()
+    rewards = rewards.index_put((mine,), forward(ids, local_index, None, positions, packed_layout))
+    # The group's sum is every reward (the others add zeros), so each process computes the same loss. Its
+    # backward sums the C processes' gradients of a reward into the process that computed it: as each counts
+    # its rows in the loss's denominator (train.forward_backward), the C of them make the gradient once.
+    return all_reduce(rewards, group=group)

@@ -21,7 +21,6 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from minrm.checks import CONTEXT
 from minrm.config import TOY
 from minrm.data.batching import PackedLayout
 from minrm.data.toy import toy_tokenizer
@@ -184,30 +183,26 @@ def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
 def reward_forward(
     self: PreTrainedModel,
     input_ids: torch.Tensor,  # (N, T): N padded sequences, or one packed row (N = 1)
+    last_index: torch.Tensor,  # (R,) flat positions in the N x T tokens to read rewards at
     attention_mask: torch.Tensor | None = None,  # (N, T), 1 on real tokens; None when packed
     position_ids: torch.Tensor | None = None,
-    last_index: torch.Tensor | None = None,  # (R,) flat positions in the N x T tokens to read rewards at
     packed_layout: PackedLayout | None = None,  # a packed row: who attends to whom
 ) -> torch.Tensor:
-    """Rewards (R,) in fp32: the score head on the hidden state of each sequence's last real token
-    (`last_index`, else the last 1 of each row of the mask). It replaces the instance's forward
-    because FSDP2 gathers the root's parameters (embeddings, final norm) around the root's call.
-    Unlike the reference (README, "Where minrm differs"), the last token comes from the layout or the
-    mask, not "first pad token - 1" (wrong when the pad id is in the text), and only the last hidden
-    state is kept and scored at the pooled positions, not every layer's at every position."""
+    """Rewards (R,) in fp32: the score head on the hidden state of each sequence's last token
+    (`last_index`, from the collator). It replaces the instance's forward because FSDP2 gathers the
+    root's parameters (embeddings, final norm) around the root's call. Unlike the reference (README,
+    "Where minrm differs"), the last token comes from each sequence's length, not "first pad token - 1"
+    (wrong when the pad id is in the text), and only the last hidden state is kept and scored at the
+    pooled positions, not every layer's at every position."""
     extra = {}
     if packed_layout is not None:  # which attention runs it was chosen at load
-        if self.config._attn_implementation in (SEGMENTS, CONTEXT):
+        if self.config._attn_implementation in (SEGMENTS, context_parallel.CONTEXT):
             extra["packed_layout"] = packed_layout
         else:
             attention_mask = packed_attention_mask(self, packed_layout, input_ids.device)
     hidden = self.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
     ).last_hidden_state  # (N, T, H)
-    if last_index is None:
-        n, t = input_ids.shape
-        positions = torch.arange(t, device=input_ids.device)
-        last_index = torch.arange(n, device=input_ids.device) * t + (positions * attention_mask).argmax(-1)
     pooled = hidden.flatten(0, 1)[last_index]  # (R, H), bf16 under --mixed_precision bf16
     # The head runs in its weights' dtype: fp32 under FSDP2, where it is its own unit gathered in
     # fp32 (see `shard_model`), so rewards are not rounded to bf16's 8 bits. It is only R x H.

@@ -41,7 +41,7 @@ def evaluate(model, eval_set: datasets.Dataset, tokenizer: PreTrainedTokenizerBa
             if d.is_main and len(samples) < num_samples:
                 rows_rewards = zip(part[: num_samples - len(samples)], rewards[prefs.index].tolist())
                 samples += [sample_row(row, row_rewards, tokenizer) for row, row_rewards in rows_rewards]
-    *totals, rows = all_reduce_sum(sums, d.data).tolist()
+    *totals, rows = all_reduce_sum(sums).tolist()
     # A no-grad forward leaves the units that skip resharding after it (root, head, last block)
     # gathered: shard them again, so that what follows sees each rank's shard, not the whole tensor.
     for module in model.modules():
