@@ -63,8 +63,7 @@ def init_distributed(timeout_minutes: int | None = None, context_size: int = 1) 
         fail(f"context_parallel_size {context_size}", f"must divide the {local_world} processes of a node")
     d = Dist(rank, world, local_rank, device, mesh, rank // context_size, world // context_size)
     if context_size > 1:
-        groups = init_device_mesh(device.type, (world // context_size, context_size), mesh_dim_names=("data", "context"))
-        d.context = groups.get_group("context")
+        d.context, _ = dist.new_subgroups(context_size)  # ranks [k C, (k + 1) C): within a node
         nodes += f"; context parallel (Ulysses): {d.data_size} groups (data) x {context_size} processes (context)"
     print0(
         f"distributed: {world} process{'es' if world > 1 else ''}, {local_world} per node, {backend}, "

@@ -7,8 +7,8 @@ category, and section scores as RewardBench reports them.
 
 Rows are in any format minrm.train reads, `rejected` possibly a list (best-of-N): a row is right when its chosen
 reward is strictly above every rejected one. Each process holds the whole model and scores every world_size-th row
-(with --context_parallel_size C, each group of C processes every (world_size / C)-th row, split by tokens),
-sorted by length into forwards of `--max_tokens_per_batch` tokens; rank 0 writes them in file order.
+(--context_parallel_size C: each group of C processes every (world_size / C)-th row, split by tokens), sorted by
+length into forwards of `--max_tokens_per_batch` tokens; rank 0 writes them in file order.
 """
 
 import itertools

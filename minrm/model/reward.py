@@ -109,9 +109,8 @@ def read_model(args, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = to
 
 
 def prepare(model: PreTrainedModel, args, cuda: bool = False, context=None) -> PreTrainedModel:
-    """Set a reward model up to run: dropout off, gradient checkpointing if asked, the attention that runs
-    packed rows (`cuda`: FlexAttention is available), and `reward_forward`; context parallel over the
-    process group `context` when given."""
+    """Set a reward model up to run: dropout off, gradient checkpointing if asked, the attention for packed
+    rows (`cuda`: FlexAttention is available), `reward_forward`; context parallel over the group `context`."""
     for module in model.modules():  # an nn.Dropout its code builds with a fixed p; the config's are 0 already
         if isinstance(module, nn.Dropout):
             module.p = 0.0
