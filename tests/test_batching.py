@@ -28,7 +28,7 @@ from minrm.data.mixer import fit_row
 from minrm.model.attention import use_packed_attention
 from minrm.model.loss import LOSS, row_statistics
 from minrm.model.reward import reward_forward
-from tests.conftest import read_metrics, run_minrm, tiny_llama_config
+from tests.conftest import read_metrics, run_minrm, run_minrm_here, tiny_llama_config
 
 PAD, VOCAB = 0, 100
 MODES = ["packed", "shared_prefix"]
@@ -503,8 +503,9 @@ def reference_metrics(model_dir: str, path: str) -> dict:
 @pytest.mark.parametrize("batching", ["padded", *MODES])
 def test_identical_pairs_train_with_the_reference_metrics(batching, identical_pairs_file, tiny_model_dir, tmp_path):
     """One optimizer step over all 12 pairs (2 micro-batches of 6) at learning rate 0, then an eval
-    of the same 12 pairs in batches of 5: both the reference's metrics, the identical pairs
-    included as ties; their sampled rewards equal and wrong; counted once in the data log."""
+    of the same 12 pairs in batches of 5 (the trainer's main, in this process): both the
+    reference's metrics, the identical pairs included as ties; their sampled rewards equal and wrong;
+    counted once in the data log."""
     flags = [
         "--model_name_or_path", tiny_model_dir,
         "--dataset_mixer_list", identical_pairs_file, "1.0",
@@ -522,7 +523,7 @@ def test_identical_pairs_train_with_the_reference_metrics(batching, identical_pa
         "--run_name", "run",
         "--no_plot",
     ]  # fmt: skip
-    log = run_minrm(flags).stdout
+    log = run_minrm_here(flags).stdout
     line = f"data: train: {identical_pairs_file}: 3 kept rows rank identical responses apart"
     assert log.count(line) == 1 and log.count(f"data: eval: {identical_pairs_file}: 3 kept rows rank") == 1
     expected = reference_metrics(tiny_model_dir, identical_pairs_file)
