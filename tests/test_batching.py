@@ -314,7 +314,7 @@ def run_flags(model_dir, pairs_file, eval_file, out, name, batching, pdbs):
 @pytest.fixture(scope="module")
 def padded_run(tiny_model_dir, pairs_file, eval_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("batching")
-    run_minrm(run_flags(tiny_model_dir, pairs_file, eval_file, out, "padded", "padded", 4))
+    run_minrm_here(run_flags(tiny_model_dir, pairs_file, eval_file, out, "padded", "padded", 4))
     return read_metrics(out / "padded")
 
 
@@ -326,12 +326,13 @@ def padded_run(tiny_model_dir, pairs_file, eval_file, tmp_path_factory):
 def test_training_metrics_match_padded(
     padded_run, batching, nproc, budget, tiny_model_dir, pairs_file, eval_file, tmp_path
 ):
-    """Every layout, on 1 process and 2 (2 x 2 pairs = 1 x 4 pairs: the same global batches), with
-    and without a token budget: the metrics of padded_run. A 150-token budget cuts each step's 8
+    """Every layout, on 1 process (the trainer's main in this process) and 2 (torchrun; 2 x 2 pairs
+    = 1 x 4 pairs: the same global batches), with and without a token budget: the metrics of padded_run. A 150-token budget cuts each step's 8
     pairs into more micro-batches than the 2 of padded_run (the toy pairs need 36 to 88 tokens),
     unevenly across ranks."""
     flags = run_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "run", batching, 4 // nproc)
-    log = run_minrm(flags + (["--max_tokens_per_batch", str(budget)] if budget else []), nproc=nproc).stdout
+    flags += ["--max_tokens_per_batch", str(budget)] if budget else []
+    log = (run_minrm(flags, nproc=nproc) if nproc > 1 else run_minrm_here(flags)).stdout  # torchrun for 2
     if batching != "padded":
         assert log.count("model: packed rows run attention minrm_segments") == 1, log  # said once, by rank 0
     forwards = int(re.search(r"train: (\d+) micro-batches on rank 0 over 5 steps", log).group(1))
