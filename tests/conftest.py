@@ -194,7 +194,7 @@ def run_minrm_here(args: list[str], module: str = "minrm.train") -> subprocess.C
             signal.signal(signum, handler)
         if dist.is_initialized():  # the command failed before destroying it
             dist.destroy_process_group()
-    return subprocess.CompletedProcess(["python", "-m", module, *args], 0, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(minrm_command(args, module=module), 0, out.getvalue(), err.getvalue())
 
 
 def read_metrics(run_dir: Path, keep_time: bool = False) -> list[dict]:

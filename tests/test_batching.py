@@ -326,10 +326,10 @@ def padded_run(tiny_model_dir, pairs_file, eval_file, tmp_path_factory):
 def test_training_metrics_match_padded(
     padded_run, batching, nproc, budget, tiny_model_dir, pairs_file, eval_file, tmp_path
 ):
-    """Every layout, on 1 process (the trainer's main in this process) and 2 (torchrun; 2 x 2 pairs
-    = 1 x 4 pairs: the same global batches), with and without a token budget: the metrics of padded_run. A 150-token budget cuts each step's 8
-    pairs into more micro-batches than the 2 of padded_run (the toy pairs need 36 to 88 tokens),
-    unevenly across ranks."""
+    """Every layout, on 1 process (the trainer's main, in this process) and 2 (torchrun; 2 x 2
+    pairs = 1 x 4 pairs: the same global batches), with and without a token budget: the metrics of
+    padded_run. A 150-token budget cuts each step's 8 pairs into more micro-batches than the 2 of
+    padded_run (the toy pairs need 36 to 88 tokens), unevenly across ranks."""
     flags = run_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "run", batching, 4 // nproc)
     flags += ["--max_tokens_per_batch", str(budget)] if budget else []
     log = (run_minrm(flags, nproc=nproc) if nproc > 1 else run_minrm_here(flags)).stdout  # torchrun for 2

@@ -145,7 +145,8 @@ def uninterrupted(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> Pa
     out = tmp_path_factory.mktemp("ckpt_runs")
     # `auto` with no checkpoint yet: starts fresh (and says so). The trainer's main, in this process:
     # the runs killed, signalled and resumed against it are processes of their own.
-    result = run_minrm_here(flags(tiny_model_dir, pairs_file, eval_file, out, "full") + ["--resume_from_checkpoint", "auto"])
+    args = flags(tiny_model_dir, pairs_file, eval_file, out, "full")
+    result = run_minrm_here(args + ["--resume_from_checkpoint", "auto"])
     assert "starting fresh" in result.stdout
     return out / "full"
 

@@ -103,7 +103,8 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> dict:
     """The 2x2 run, a 1-process run on the same global batches, and the 2x2 run's checkpoint at
-    step 3 resumed on 1 process (a copy of its run folder); the 1-process runs in this process."""
+    step 3 resumed on 1 process (a copy of its run folder); the 1-process ones by the trainer's main,
+    in this process."""
     out = tmp_path_factory.mktemp("multinode")
     common = (tiny_model_dir, pairs_file, eval_file, out)
     one = run_minrm_here(flags(*common, "one", out / "cache_one", pdbs=4 * PDBS))
