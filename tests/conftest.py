@@ -184,8 +184,9 @@ def run_minrm_here(args: list[str], module: str = "minrm.train") -> subprocess.C
         os.chdir(ROOT)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             command[module]()
-    except BaseException as e:  # SystemExit included: the command's error, as run_minrm reports it
-        raise AssertionError(f"minrm failed:\n{out.getvalue()[-3000:]}\n{err.getvalue()[-5000:]}") from e
+    except BaseException as e:  # SystemExit included: the command's error line, as a process would print it
+        log = f"{out.getvalue()[-3000:]}\n{err.getvalue()[-5000:]}"
+        raise AssertionError(f"minrm failed ({type(e).__name__}: {e}):\n{log}") from e
     finally:
         os.chdir(folder)
         os.environ.clear()
