@@ -1,12 +1,16 @@
 """Shared tiny fixtures: an offline tokenizer, tiny models saved as HF folders, small preference
-files, and a helper that runs minrm as users do (`python -m` or `torchrun`).
+files, and helpers that run minrm as users do (`python -m` or `torchrun`), or a one-process command's
+own `main` in this process, where only its output is checked.
 
 Tests marked `gpu` run only where CUDA is (skipped elsewhere); every other test runs with CUDA
 hidden, in this process and in the processes it starts, so the CPU suite passes unchanged on a GPU
 machine."""
 
+import contextlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +163,39 @@ def run_minrm(
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"minrm failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
+
+
+def run_minrm_here(args: list[str], module: str = "minrm.train") -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` (minrm.train or minrm.score) run by the command's own `main` in this
+    process, from the repo root, its output captured: run_minrm's result without a process of its
+    own, whose start (torch, transformers and datasets imported again) costs a tiny run most of its
+    time. `main` makes its own group of one (setting the rank variables, as in a process of its own)
+    and its own signal handlers: the variables, the handlers, the folder and the group are put back
+    after it, whatever happens. What only a process shows (its exit status and stderr, signals,
+    torchrun) is run_minrm's."""
+    from minrm import score, train
+
+    command = {"minrm.train": lambda: train.main(train.parse_args(args)), "minrm.score": lambda: score.main(args)}
+    environ, folder = dict(os.environ), os.getcwd()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            command[module]()
+    except BaseException as e:  # SystemExit included: the command's error line, as a process would print it
+        log = f"{out.getvalue()[-3000:]}\n{err.getvalue()[-5000:]}"
+        raise AssertionError(f"minrm failed ({type(e).__name__}: {e}):\n{log}") from e
+    finally:
+        os.chdir(folder)
+        os.environ.clear()
+        os.environ.update(environ)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if dist.is_initialized():  # the command failed before destroying it
+            dist.destroy_process_group()
+    return subprocess.CompletedProcess(minrm_command(args, module=module), 0, out.getvalue(), err.getvalue())
 
 
 def read_metrics(run_dir: Path, keep_time: bool = False) -> list[dict]:

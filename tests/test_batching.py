@@ -28,7 +28,7 @@ from minrm.data.mixer import fit_row
 from minrm.model.attention import use_packed_attention
 from minrm.model.loss import LOSS, row_statistics
 from minrm.model.reward import reward_forward
-from tests.conftest import read_metrics, run_minrm, tiny_llama_config
+from tests.conftest import read_metrics, run_minrm, run_minrm_here, tiny_llama_config
 
 PAD, VOCAB = 0, 100
 MODES = ["packed", "shared_prefix"]
@@ -314,7 +314,7 @@ def run_flags(model_dir, pairs_file, eval_file, out, name, batching, pdbs):
 @pytest.fixture(scope="module")
 def padded_run(tiny_model_dir, pairs_file, eval_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("batching")
-    run_minrm(run_flags(tiny_model_dir, pairs_file, eval_file, out, "padded", "padded", 4))
+    run_minrm_here(run_flags(tiny_model_dir, pairs_file, eval_file, out, "padded", "padded", 4))
     return read_metrics(out / "padded")
 
 
@@ -326,12 +326,13 @@ def padded_run(tiny_model_dir, pairs_file, eval_file, tmp_path_factory):
 def test_training_metrics_match_padded(
     padded_run, batching, nproc, budget, tiny_model_dir, pairs_file, eval_file, tmp_path
 ):
-    """Every layout, on 1 process and 2 (2 x 2 pairs = 1 x 4 pairs: the same global batches), with
-    and without a token budget: the metrics of padded_run. A 150-token budget cuts each step's 8
-    pairs into more micro-batches than the 2 of padded_run (the toy pairs need 36 to 88 tokens),
-    unevenly across ranks."""
+    """Every layout, on 1 process (the trainer's main, in this process) and 2 (torchrun; 2 x 2
+    pairs = 1 x 4 pairs: the same global batches), with and without a token budget: the metrics of
+    padded_run. A 150-token budget cuts each step's 8 pairs into more micro-batches than the 2 of
+    padded_run (the toy pairs need 36 to 88 tokens), unevenly across ranks."""
     flags = run_flags(tiny_model_dir, pairs_file, eval_file, tmp_path, "run", batching, 4 // nproc)
-    log = run_minrm(flags + (["--max_tokens_per_batch", str(budget)] if budget else []), nproc=nproc).stdout
+    flags += ["--max_tokens_per_batch", str(budget)] if budget else []
+    log = (run_minrm(flags, nproc=nproc) if nproc > 1 else run_minrm_here(flags)).stdout  # torchrun for 2
     if batching != "padded":
         assert log.count("model: packed rows run attention minrm_segments") == 1, log  # said once, by rank 0
     forwards = int(re.search(r"train: (\d+) micro-batches on rank 0 over 5 steps", log).group(1))
@@ -503,8 +504,9 @@ def reference_metrics(model_dir: str, path: str) -> dict:
 @pytest.mark.parametrize("batching", ["padded", *MODES])
 def test_identical_pairs_train_with_the_reference_metrics(batching, identical_pairs_file, tiny_model_dir, tmp_path):
     """One optimizer step over all 12 pairs (2 micro-batches of 6) at learning rate 0, then an eval
-    of the same 12 pairs in batches of 5: both the reference's metrics, the identical pairs
-    included as ties; their sampled rewards equal and wrong; counted once in the data log."""
+    of the same 12 pairs in batches of 5 (the trainer's main, in this process): both the
+    reference's metrics, the identical pairs included as ties; their sampled rewards equal and wrong;
+    counted once in the data log."""
     flags = [
         "--model_name_or_path", tiny_model_dir,
         "--dataset_mixer_list", identical_pairs_file, "1.0",
@@ -522,7 +524,7 @@ def test_identical_pairs_train_with_the_reference_metrics(batching, identical_pa
         "--run_name", "run",
         "--no_plot",
     ]  # fmt: skip
-    log = run_minrm(flags).stdout
+    log = run_minrm_here(flags).stdout
     line = f"data: train: {identical_pairs_file}: 3 kept rows rank identical responses apart"
     assert log.count(line) == 1 and log.count(f"data: eval: {identical_pairs_file}: 3 kept rows rank") == 1
     expected = reference_metrics(tiny_model_dir, identical_pairs_file)

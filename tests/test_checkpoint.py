@@ -42,7 +42,7 @@ from minrm.distributed import Dist
 from minrm.model import hf_folder
 from minrm.training.checkpoint import CheckpointWriter, TrainerState, checkpoint_interval, find_latest, load_checkpoint
 from minrm.training.tracking import ELAPSED
-from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
+from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm, run_minrm_here
 
 # 48 pairs, 2 per optimizer step, 2 epochs: 48 steps, enough for a kill to land mid-run.
 STEPS, EVERY = 48, 6
@@ -143,8 +143,10 @@ def assert_same_run(a: Path, b: Path, atol: float) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt_runs")
-    # `auto` with no checkpoint yet: starts fresh (and says so).
-    result = run_minrm(flags(tiny_model_dir, pairs_file, eval_file, out, "full") + ["--resume_from_checkpoint", "auto"])
+    # `auto` with no checkpoint yet: starts fresh (and says so). The trainer's main, in this process:
+    # the runs killed, signalled and resumed against it are processes of their own.
+    args = flags(tiny_model_dir, pairs_file, eval_file, out, "full")
+    result = run_minrm_here(args + ["--resume_from_checkpoint", "auto"])
     assert "starting fresh" in result.stdout
     return out / "full"
 
@@ -201,7 +203,7 @@ def test_two_process_checkpoint_resumes_on_one(
     run_dir = preempted_two_process[0].parent / "two_to_one"
     # The same batch size (2 pairs per step) on one process: 2 pairs per device.
     args = without_checkpointing(flags(tiny_model_dir, pairs_file, eval_file, run_dir.parent, "two_to_one", pdbs=2))
-    result = run_minrm(args + ["--resume_from_checkpoint", "auto"])
+    result = run_minrm_here(args + ["--resume_from_checkpoint", "auto"])  # in this process
     assert "written by 2 processes" in result.stdout
     # After the resume point the reductions run in another order: equal within 1e-5, not bitwise.
     assert_same_run(uninterrupted_two_process, run_dir, atol=1e-5)

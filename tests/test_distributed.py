@@ -29,6 +29,7 @@ from minrm.distributed import Dist
 from minrm.model.reward import fill_from_rank0, read_model, shard_model, skeleton, toy_model_config
 from tests.conftest import ROOT, tiny_llama_config, write_pairs
 from tests.train_probe import save_loaded
+from tests.waits_probe import waits_worker
 
 SEED = 3
 
@@ -169,45 +170,6 @@ def test_skeleton_config_is_the_loaded_models(which, big_model_dir):
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in full.state_dict().items()}
 
 
-def join_with_a_short_timeout(rank: int, port: int) -> None:
-    """Two processes form a group, meet, and then give its collectives a 1.5 s timeout (above the
-    waits' 1 s poll of the store, by which the two may reach a collective apart): a process that
-    starts later than the other (a loaded machine) does not time the join out."""
-    import datetime
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    dist.barrier()
-    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=1.5))
-
-
-def _waits_worker(rank: int, port: int, results) -> None:
-    """One of two processes whose group times out after 1.5 s: rank 0 reads "the model" for 2 s (then
-    fails to, 2 s), and later rank 1 scores its share 2 s longer than rank 0 before a gather."""
-    import functools
-    import time
-
-    from minrm.distributed import gather_objects, rank0_alone
-
-    join_with_a_short_timeout(rank, port)
-
-    def work(fail: bool):
-        time.sleep(2)
-        if fail:
-            raise OSError("the Hub said no")
-        return "weights"
-
-    for fail in (False, True):
-        try:
-            results[rank, fail] = rank0_alone(functools.partial(work, fail), f"model{fail}", "rank 0 to read the model")
-        except BaseException as e:
-            results[rank, fail] = f"{type(e).__name__}: {e}"
-    if rank == 1:
-        time.sleep(2)
-    results[rank] = gather_objects({"rank": rank, "rows": [rank] * (rank + 1)}, "test", "score its rows")
-    dist.destroy_process_group()
-
-
 def test_waits_outside_collectives_outlast_the_collective_timeout():
     """Rank 0 reads the model for longer than the group's timeout while rank 1 waits outside any
     collective: no timeout, and rank 0's error reaches rank 1 as its message. minrm.score's ranks
@@ -221,7 +183,7 @@ def test_waits_outside_collectives_outlast_the_collective_timeout():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_waits_worker, args=(port, results), nprocs=2)
+    mp.spawn(waits_worker, args=(port, results), nprocs=2)
     assert (results[0, False], results[1, False]) == ("weights", None)
     assert results[0, True] == "OSError: the Hub said no"
     assert results[1, True] == "SystemExit: minrm: error: rank 0 failed to read the model: OSError: the Hub said no"

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import fully_shard
 
 from minrm.data.batching import stream_indices
 from minrm.training import failsafe
-from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm
+from tests.conftest import ROOT, minrm_command, read_metrics, run_minrm_here
 
 
 def flags(model_dir: str, data: str, out, name: str, steps: int) -> list[str]:
@@ -71,7 +71,7 @@ def test_nonfinite_loss_stops_the_run(tiny_model_dir, pairs_file, tmp_path):
 
     # The clean run: the same flags and data, 2 steps (the bad row is not reached). Its metrics and
     # final weights equal the stopped run's and its checkpoint's, bitwise.
-    run_minrm(flags(tiny_model_dir, str(data), tmp_path, "clean", steps=2))
+    run_minrm_here(flags(tiny_model_dir, str(data), tmp_path, "clean", steps=2))  # in this process
     assert train_rows(tmp_path / "clean") == train_rows(run_dir)
     clean = load_file(tmp_path / "clean" / "model.safetensors")
     dcp_to_torch_save(run_dir / "checkpoints" / "step_2", tmp_path / "step_2.pt")

@@ -11,7 +11,7 @@ from minrm.config import parse_args
 from minrm.data.cache import build_datasets, cache_key
 from minrm.data.mixer import show_pair, take_indices
 from minrm.data.tokenizer import load_tokenizer
-from tests.conftest import build_dataset, run_minrm
+from tests.conftest import build_dataset, run_minrm, run_minrm_here
 
 
 def user(text):
@@ -299,7 +299,7 @@ def test_two_processes_build_the_cache_once_and_a_rerun_loads_it(tmp_path, pairs
     flags += ["--cache_dataset_only", "--output_dir", str(tmp_path / "out")]
     first = run_minrm(flags, nproc=2)
     assert first.stdout.count("data: built the cache") == 1 and len(os.listdir(cache)) == 1
-    second = run_minrm(flags)
+    second = run_minrm_here(flags)  # the trainer's main, in this process
     assert "data: loading the tokenized datasets from the cache" in second.stdout
     assert "built the cache" not in second.stdout
 

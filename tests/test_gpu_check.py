@@ -92,11 +92,15 @@ def test_every_gpu_test_is_in_one_part(tmp_path):
 
 
 def test_missing_names_what_would_not_run(tmp_path):
+    # An id that names no test of a test file of its own: pytest collects the file in a moment
+    # (tests/test_gpu.py imports the suite's fixtures, torch and transformers first, for seconds).
+    tests = tmp_path / "test_gpu.py"
+    tests.write_text("import pytest\n\n\n@pytest.mark.gpu\ndef test_there():\n    pass\n")
     found = [
         Part("gone", 10, "scripts.no_such_bench", []),
         Part("bad_flag", 10, "scripts.bench", ["--packed_attention", "flexible"]),
         Part("bench_ok", 10, "scripts.bench", ["--size", "8b", "--out", str(tmp_path / "b")]),
-        Part("tests", 10, "pytest", [], ("tests/test_gpu.py::test_no_such_test",)),
+        Part("tests", 10, "pytest", [], (f"{tests}::test_no_such_test",)),
     ]
     problems = "\n".join(gpu_check.missing(found))
     assert "gone: python -m scripts.no_such_bench" in problems

@@ -38,7 +38,7 @@ from minrm.distributed import Dist, init_distributed, print0
 from minrm.model.reward import prepare, shard_model
 from minrm.training.evaluate import evaluate
 from minrm.training.failsafe import nonfinite_weights
-from tests.conftest import ROOT, read_metrics, run_minrm, tiny_llama_config, write_pairs
+from tests.conftest import ROOT, read_metrics, run_minrm_here, tiny_llama_config, write_pairs
 
 # 48 pairs, 8 per optimizer step (2x2 run: 1 pair x 4 processes x GA 2; 1 process: 4 x GA 2): 6 steps.
 PDBS, GA, STEPS, EVERY = 1, 2, 6, 3
@@ -105,10 +105,11 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> dict:
     """The 2x2 run, a 1-process run on the same global batches, and the 2x2 run's checkpoint at
-    step 3 resumed on 1 process (a copy of its run folder)."""
+    step 3 resumed on 1 process (a copy of its run folder); the 1-process ones by the trainer's main,
+    in this process."""
     out = tmp_path_factory.mktemp("multinode")
     common = (tiny_model_dir, pairs_file, eval_file, out)
-    one = run_minrm(flags(*common, "one", out / "cache_one", pdbs=4 * PDBS))
+    one = run_minrm_here(flags(*common, "one", out / "cache_one", pdbs=4 * PDBS))
     # `auto` with nothing to resume: every rank learns from rank 0 that it starts fresh.
     hsdp_flags = flags(*common, "hsdp", out / "cache", PDBS) + [
         "--resume_from_checkpoint",
@@ -119,7 +120,7 @@ def runs(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> dict:
     hsdp = two_nodes(hsdp_flags, out)
     shutil.copytree(out / "hsdp", out / "resumed", ignore=shutil.ignore_patterns(f"step_{STEPS}"))
     checkpoint = out / "resumed" / "checkpoints" / f"step_{EVERY}"
-    resumed = run_minrm(
+    resumed = run_minrm_here(
         flags(*common, "resumed", out / "cache", 4 * PDBS) + ["--resume_from_checkpoint", str(checkpoint)]
     )
     # Context parallel in HSDP: 2 groups of 2 processes that split every row's tokens; resumed on 1 process.

@@ -1,6 +1,7 @@
 """minrm.rewardbench: RewardBench 1 and 2's published rules on hand-made rewards, against the rules
 written out here (ties, the Ties subset, prior sets present and absent, math-prm's weight), and
-`python -m minrm.score --benchmark rewardbench2` on a file in RewardBench 2's published layout."""
+`python -m minrm.score --benchmark rewardbench2` (its main, in this process) on a file in RewardBench 2's
+published layout."""
 
 import json
 import math
@@ -13,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 from minrm import rewardbench
 from minrm.score import parse_args
-from tests.conftest import run_minrm
+from tests.conftest import run_minrm_here
 from tests.test_score import hf_forward, tulu_tokenizer
 
 
@@ -226,7 +227,7 @@ def rb2_file(path) -> list[dict]:
 def test_command_scores_rewardbench2_as_published(tmp_path, tiny_model_dir):
     data = rb2_file(tmp_path / "rb2.parquet")
     flags = [tiny_model_dir, "--data", str(tmp_path / "rb2.parquet"), "--chat_template_name", "tulu"]
-    result = run_minrm(
+    result = run_minrm_here(
         flags + ["--benchmark", "rewardbench2", "--out", str(tmp_path / "out.jsonl")], module="minrm.score"
     )
     out = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
@@ -280,7 +281,7 @@ def test_command_scores_an_identical_rewardbench1_pair_as_wrong(tmp_path, tiny_m
     ]
     (tmp_path / "rb1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     flags = [tiny_model_dir, "--data", str(tmp_path / "rb1.jsonl"), "--chat_template_name", "tulu"]
-    run_minrm(flags + ["--benchmark", "rewardbench", "--out", str(tmp_path / "out.jsonl")], module="minrm.score")
+    run_minrm_here(flags + ["--benchmark", "rewardbench", "--out", str(tmp_path / "out.jsonl")], module="minrm.score")
     tie, other = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
     assert tie["chosen_rewards"] == tie["rejected_rewards"] and tie["credit"] == 0.0
     assert other["credit"] == float(other["chosen_rewards"][0] > other["rejected_rewards"][0])

@@ -23,7 +23,7 @@ from minrm.model.attention import use_packed_attention
 from minrm.model.loss import STATS
 from minrm.model.reward import prepare, read_model, reward_forward, shard_model
 from minrm.score import check_model, parse_args, score_rows, summarize, train_args
-from tests.conftest import ROOT, minrm_command, run_minrm, tiny_llama_config
+from tests.conftest import ROOT, minrm_command, run_minrm, run_minrm_here, tiny_llama_config
 
 VOCAB = 100
 KEYS = {"chosen": "chosen", "rejected": "rejected", "prompt": "prompt"}
@@ -254,7 +254,7 @@ def scored(tmp_path_factory, tiny_model_dir):
     (tmp / "sections.json").write_text(json.dumps({"Pairs": ["two"], "Best of 4": ["four", "mixed"]}))
     flags = [tiny_model_dir, "--data", data, "--chat_template_name", "tulu", "--sections", str(tmp / "sections.json")]
     flags += ["--skip_bad_rows", "--max_tokens_per_batch", "64"]  # a few rows per batch
-    one = run_minrm(flags + ["--out", str(tmp / "one.jsonl")], module="minrm.score")
+    one = run_minrm_here(flags + ["--out", str(tmp / "one.jsonl")], module="minrm.score")  # main, in this process
     run_minrm(flags + ["--out", str(tmp / "two.parquet")], nproc=2, module="minrm.score")
     failed = subprocess.run(minrm_command(flags[:5], module="minrm.score"), cwd=ROOT, capture_output=True, text=True)
     return {

@@ -1,7 +1,8 @@
 """The whole trainer, run as users run it, against independent computations:
 
-- one process against a plain single-process loop written here (HF forward, torch AdamW,
-  transformers' scheduler, torch's clipping): metrics, eval metrics and final weights;
+- one process (the trainer's main, in this process) against a plain single-process loop written
+  here (HF forward, torch AdamW, transformers' scheduler, torch's clipping): metrics, eval metrics
+  and final weights;
 - two processes (torchrun, gloo) against one process on the same global batches (3 micro-batches
   per step: gradients reduce-scattered after each);
 - two processes in bf16 (`--mixed_precision bf16`) against fp32: close, and fp32 where it must be;
@@ -28,7 +29,7 @@ from minrm.config import CHAT_TEMPLATES, TOY_RECIPE
 from minrm.data import toy
 from minrm.plot import load_run, plot_runs, save_run_plot
 from minrm.training.tracking import ELAPSED
-from tests.conftest import read_metrics, run_minrm
+from tests.conftest import read_metrics, run_minrm, run_minrm_here
 
 STEPS, PDBS, GA, LR, CLIP, SEED = 3, 4, 3, 1e-3, 0.05, 7
 TRAIN_NAMES = ["accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin"]
@@ -73,7 +74,7 @@ def common_flags(model_dir, pairs_file, eval_file, out, name):
 def one_process_run(tiny_model_dir, pairs_file, eval_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     flags = common_flags(tiny_model_dir, pairs_file, eval_file, out, "one")
-    run_minrm(flags + ["--per_device_train_batch_size", str(PDBS), "--gradient_accumulation_steps", str(GA)])
+    run_minrm_here(flags + ["--per_device_train_batch_size", str(PDBS), "--gradient_accumulation_steps", str(GA)])
     return out / "one"
 
 
