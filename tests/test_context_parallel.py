@@ -23,7 +23,7 @@ from minrm.model.reward import prepare
 from minrm.train import forward_backward
 from tests.conftest import run_minrm
 from tests.context_parallel_probe import CASES, activation_bytes, case_args, count_responses, rows, wide_model
-from tests.test_score import hf_forward, score_file, tulu_tokenizer
+from tests.test_score import assert_rewards_are_hf, score_file
 
 SIZES = (2, 4)  # C, each on 4 processes
 
@@ -111,13 +111,4 @@ def test_the_scorer_splits_rows_over_two_processes(tiny_model_dir, tmp_path):
     flags = [tiny_model_dir, "--data", data, "--chat_template_name", "tulu", "--skip_bad_rows"]
     run_minrm(flags + ["--out", str(tmp_path / "scores.jsonl"), "--context_parallel_size", "2"], nproc=2,
               module="minrm.score")  # fmt: skip
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
-    tokenizer, lines = tulu_tokenizer(), [json.loads(line) for line in open(data)]
-    records = [json.loads(line) for line in open(tmp_path / "scores.jsonl")]
-    assert [r["row"] for r in records] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]  # line 6 is bad
-    for record in records:
-        row = lines[record["row"] - 1]
-        convs = [row["prompt"] + row["chosen"]] + [row["prompt"] + r for r in row["rejected"]]
-        seqs = [tokenizer.apply_chat_template(c, return_dict=False) for c in convs]
-        rewards = [*record["chosen_rewards"], *record["rejected_rewards"]]
-        torch.testing.assert_close(torch.tensor(rewards), torch.tensor(hf_forward(model, seqs)), rtol=0, atol=1e-5)
+    assert_rewards_are_hf([json.loads(line) for line in open(tmp_path / "scores.jsonl")], data, tiny_model_dir)

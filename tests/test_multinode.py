@@ -127,11 +127,19 @@ def runs(tiny_model_dir, pairs_file, eval_file, tmp_path_factory) -> dict:
     context = two_nodes(flags(*common, "context", out / "cache", 2 * PDBS) + ["--context_parallel_size", "2"], out)
     shutil.copytree(out / "context", out / "context_resumed", ignore=shutil.ignore_patterns(f"step_{STEPS}"))
     checkpoint = out / "context_resumed" / "checkpoints" / f"step_{EVERY}"
-    context_resumed = run_minrm(
+    context_resumed = run_minrm_here(
         flags(*common, "context_resumed", out / "cache", 4 * PDBS) + ["--resume_from_checkpoint", str(checkpoint)]
     )
     return {"out": out, "one": one.stdout, "hsdp": hsdp, "resumed": resumed.stdout, "context": context,
             "context_resumed": context_resumed.stdout}  # fmt: skip
+
+
+def assert_matches_one_process(runs, name: str) -> None:
+    """The 4-process run `name` logged the 1-process run's metrics and evals; its gradient norms (printed to 4
+    digits) catch a wrong scale that AdamW would hide from the metrics."""
+    assert_same_metrics(read_metrics(runs["out"] / "one"), read_metrics(runs["out"] / name))
+    one, other = grad_norms(runs["one"]), grad_norms(runs[name])
+    assert len(one) == STEPS and other == pytest.approx(one, rel=2e-3)
 
 
 def test_two_nodes_form_a_2x2_hsdp_mesh_and_match_one_process(runs):
@@ -139,10 +147,7 @@ def test_two_nodes_form_a_2x2_hsdp_mesh_and_match_one_process(runs):
     assert f"{mesh}, gloo groups on " in runs["hsdp"] and "gloo groups" not in runs["one"]
     assert "distributed: 1 process, 1 per node, gloo, FSDP mesh (shard 1)" in runs["one"]
     assert "starting fresh" in runs["hsdp"]
-    assert_same_metrics(read_metrics(runs["out"] / "one"), read_metrics(runs["out"] / "hsdp"))
-    # Gradient norms (printed to 4 digits) catch a wrong scale that AdamW would hide from the metrics.
-    one, hsdp = grad_norms(runs["one"]), grad_norms(runs["hsdp"])
-    assert len(one) == STEPS and hsdp == pytest.approx(one, rel=2e-3)
+    assert_matches_one_process(runs, "hsdp")
 
 
 def test_a_2x2_checkpoint_resumes_on_one_process(runs):
@@ -156,9 +161,7 @@ def test_context_parallel_in_hsdp_matches_one_process(runs):
     groups x GA 2), metrics, evals and gradient norms as one process, as the 2x2 run above."""
     assert "HSDP mesh (replicate 2 x shard 2)" in runs["context"]
     assert "context parallel (Ulysses): 2 groups (data) x 2 processes (context)" in runs["context"]
-    assert_same_metrics(read_metrics(runs["out"] / "one"), read_metrics(runs["out"] / "context"))
-    one, context = grad_norms(runs["one"]), grad_norms(runs["context"])
-    assert len(one) == STEPS and context == pytest.approx(one, rel=2e-3)
+    assert_matches_one_process(runs, "context")
 
 
 def test_a_context_parallel_checkpoint_resumes_on_one_process(runs):

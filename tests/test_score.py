@@ -267,21 +267,24 @@ def scored(tmp_path_factory, tiny_model_dir):
     }
 
 
-def test_command_rewards_equal_hf_forward(scored, tiny_model_dir):
-    """Each response tokenized here (the tulu template on prompt + response) and scored alone by
-    Hugging Face's own forward of the saved model."""
+def assert_rewards_are_hf(records: list[dict], data: str, model_dir: str) -> None:
+    """Each response of `data` tokenized here (the tulu template on prompt + response) and scored alone by
+    Hugging Face's own forward of the saved model: the records' rewards, to 1e-5. Line 6 is bad."""
     tokenizer = tulu_tokenizer()
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
-    rows = [json.loads(line) for line in open(scored["data"])]
-    out = scored["one"]
-    assert [r["row"] for r in out] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]  # line 6 is bad
-    for record in out:
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    rows = [json.loads(line) for line in open(data)]
+    assert [r["row"] for r in records] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
+    for record in records:
         row = rows[record["row"] - 1]
         convs = [row["prompt"] + row["chosen"]] + [row["prompt"] + r for r in row["rejected"]]
         seqs = [tokenizer.apply_chat_template(c, return_dict=False) for c in convs]
         rewards = [*record["chosen_rewards"], *record["rejected_rewards"]]
         torch.testing.assert_close(torch.tensor(rewards), torch.tensor(hf_forward(model, seqs)), rtol=0, atol=1e-5)
         assert record["subset"] == row["subset"] and len(rewards) == len(convs)
+
+
+def test_command_rewards_equal_hf_forward(scored, tiny_model_dir):
+    assert_rewards_are_hf(scored["one"], scored["data"], tiny_model_dir)
 
 
 def test_command_summary_and_table(scored):
