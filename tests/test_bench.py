@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from scripts import bench
+from minrm.data.batching import collate, computed_tokens, row_sizes
+from scripts import bench, bench_context
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,12 @@ def test_ranked_profile_ways_train_the_same_loss_on_their_token_counts():
     assert result["rows"][1] == sum(len(r["prompt"]) + sum(t) for r, t in zip(rows, tails))
     assert result["pairs"][1] == sum(len(p["prompt"]) + sum(len(s) - len(p["prompt"]) for s in p["responses"]) for p in pairs)
     assert result["pairs_padded"][1] == 2 * len(pairs) * max(len(s) for p in pairs for s in p["responses"])
+
+
+def test_longcontext_pair_computes_its_tokens_under_shared_prefix():
+    """The long-context profile's row (scripts/bench_context.py) is what its table divides by: --context_tokens
+    computed tokens under shared_prefix, by the trainer's own cost formula and in the packed row collated."""
+    pair = bench_context.long_pair(1000, seed=3)
+    assert computed_tokens(*row_sizes(pair), "shared_prefix") == 1000
+    assert collate([pair], 0, "shared_prefix")[0]["input_ids"].shape == (1, 1000)
+    assert all(s[:500] == pair["prompt"] for s in pair["responses"]) and pair["responses"][0] != pair["responses"][1]

@@ -166,7 +166,7 @@ def test_writable_folders_are_checked_without_a_trace(tmp_path):
 def test_a_run_folder_that_cannot_be_made(monkeypatch, tmp_path):
     """The run folder OUTPUT_DIR/RUN_NAME, made by rank 0 once the run name is agreed, fails with one line."""
     (tmp_path / "taken").write_text("")  # a file where the run folder goes
-    monkeypatch.setattr(train.distributed, "init_distributed", lambda timeout: SimpleNamespace(is_main=True))
+    monkeypatch.setattr(train.distributed, "init_distributed", lambda *flags: SimpleNamespace(is_main=True))
     monkeypatch.setattr(train.distributed, "broadcast_object", lambda value: value)
     message = refused(train.main, parse_args(["--output_dir", str(tmp_path), "--run_name", "taken"]))
     assert message == f"minrm: error: --output_dir: cannot create {tmp_path / 'taken'} (File exists)"
