@@ -65,7 +65,9 @@ def worker(c: int, tokens: int, size: str, steps: int) -> dict:
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
+    kept_per_step = []
     for step in range(steps + 1):  # step 0 warms up
+        kept.clear()  # what this step's forward keeps (all of it alive at the forward's end)
         batch = to_device(collate([long_pair(tokens, step)], 0, "shared_prefix"), d.device)
         dist.barrier()
         start = time.perf_counter()
@@ -76,9 +78,10 @@ def worker(c: int, tokens: int, size: str, steps: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
+        kept_per_step.append(sum(kept.values()))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # the shards: what FSDP gathers
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else memory_mib("VmHWM") - base
-    mine = {"peak_memory_mib": round(peak, 1), "kept_for_backward_mib": round(sum(kept.values()) / 2**20, 1),
+    mine = {"peak_memory_mib": round(peak, 1), "kept_for_backward_mib": round(max(kept_per_step) / 2**20, 1),
             "weight_shard_mib": round(weights / 2**20, 1)}  # fmt: skip
     every = [None] * d.world_size
     dist.all_gather_object(every, mine)
