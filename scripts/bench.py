@@ -331,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     profiles = ["multiturn", "longresponse", "ranked", "dialogue", "longcontext"]
     parser.add_argument("--profile", choices=profiles, default="multiturn")
     parser.add_argument("--context_tokens", type=int, default=8192, help="longcontext: the row's computed tokens")
+    parser.add_argument("--context_batching", choices=["shared_prefix", "packed"], default="shared_prefix",
+                        help="longcontext: how the pair is laid out")  # fmt: skip
     parser.add_argument("--data", help="a preference file (.jsonl/.json/.parquet, any row format minrm reads)")
     parser.add_argument("--tokenizer", help="tokenizer for --data (default: the toy one)")
     parser.add_argument("--pairs", type=int, default=4, help="pairs (rows of 4 with --profile ranked) per optimizer step")

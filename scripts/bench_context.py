@@ -3,8 +3,8 @@ C = 1, 2, 4 (model/context_parallel.py), each C a `torchrun` of C processes (one
 
     python -m scripts.bench --profile longcontext --context_tokens 8192 --size 20m --steps 2 --out bench_longcontext
 
-The row is a pair of --context_tokens tokens under shared_prefix (a prompt of half of them, two responses of a
-quarter): long reasoning traces scored against each other. Each step is minrm's: `forward_backward` of the
+The row is a pair of --context_tokens computed tokens (--context_batching shared_prefix: a prompt of half of
+them and two responses of a quarter; packed: a prompt of a quarter, computed twice): long traces compared. Each step is minrm's: `forward_backward` of the
 FSDP2-sharded model (bf16 compute on GPU) and AdamW. Per C: the tokens of the row computed per second by the
 group, the step's seconds, and per process the peak memory (VmHWM above the memory after the model and
 optimizer were built, on CPU; max allocated on GPU) and the bytes autograd keeps for the backward (the
@@ -33,10 +33,11 @@ from scripts.bench_inputs import VOCAB, model_config
 SIZES_C = (1, 2, 4)
 
 
-def long_pair(tokens: int, seed: int) -> dict:
-    """A pair of `tokens` computed tokens under shared_prefix: a prompt of tokens / 2, responses of tokens / 4."""
+def long_pair(tokens: int, seed: int, batching: str = "shared_prefix") -> dict:
+    """A pair of `tokens` computed tokens: responses of tokens / 4 after a prompt of tokens / 2 (shared_prefix,
+    which computes it once) or tokens / 4 (packed, twice)."""
     rng = random.Random(seed)
-    prompt = [rng.randrange(3, VOCAB) for _ in range(tokens // 2)]
+    prompt = [rng.randrange(3, VOCAB) for _ in range(tokens // (2 if batching == "shared_prefix" else 4))]
     responses = [prompt + [rng.randrange(3, VOCAB) for _ in range(tokens // 4)] for _ in range(2)]
     return {"prompt": prompt, "responses": responses, "scores": [1.0, 0.0]}
 
@@ -46,13 +47,13 @@ def memory_mib(key: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
-def worker(c: int, tokens: int, size: str, steps: int) -> dict:
+def worker(c: int, tokens: int, size: str, steps: int, batching: str) -> dict:
     """C processes' training steps on long pairs; rank 0's figures (every rank's memory)."""
     d = init_distributed(None, c)
     cuda = d.device.type == "cuda"
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(model_config(size)).to(d.device)
-    flags = types.SimpleNamespace(gradient_checkpointing=False, batching="shared_prefix", packed_attention="auto",
+    flags = types.SimpleNamespace(gradient_checkpointing=False, batching=batching, packed_attention="auto",
                                   loss="bradley_terry", center_rewards_coefficient=None)  # fmt: skip
     prepare(model, flags, cuda, d.context)
     shard_model(model, d, None)
@@ -68,7 +69,7 @@ def worker(c: int, tokens: int, size: str, steps: int) -> dict:
     kept_per_step = []
     for step in range(steps + 1):  # step 0 warms up
         kept.clear()  # what this step's forward keeps (all of it alive at the forward's end)
-        batch = to_device(collate([long_pair(tokens, step)], 0, "shared_prefix"), d.device)
+        batch = to_device(collate([long_pair(tokens, step, batching)], 0, batching), d.device)
         dist.barrier()
         start = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -87,7 +88,7 @@ def worker(c: int, tokens: int, size: str, steps: int) -> dict:
     dist.all_gather_object(every, mine)
     dist.destroy_process_group()
     step = min(seconds[1:])
-    return {"C": c, "tokens": tokens, "size": size, "step_s": round(step, 3), "tokens_per_s": round(tokens / step),
+    return {"C": c, "tokens": tokens, "size": size, "batching": batching, "step_s": round(step, 3), "tokens_per_s": round(tokens / step),
             "per_process": every}  # fmt: skip
 
 
@@ -97,7 +98,8 @@ def run_longcontext(args, command: str) -> str:
     for c in SIZES_C:
         threads = str(max(1, (os.cpu_count() or 1) // c)) if not torch.cuda.is_available() else "1"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(c),
-               "-m", "scripts.bench_context", str(c), str(args.context_tokens), args.size, str(args.steps)]  # fmt: skip
+               "-m", "scripts.bench_context", str(c), str(args.context_tokens), args.size, str(args.steps),
+               args.context_batching]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
         if out.returncode:
             raise SystemExit(f"bench: C = {c} failed:\n{out.stderr[-3000:]}")
@@ -118,8 +120,8 @@ def run_longcontext(args, command: str) -> str:
     return table
 
 
-if __name__ == "__main__":  # one torchrun process: C TOKENS SIZE STEPS
-    c, tokens, size, steps = sys.argv[1:5]
-    result = worker(int(c), int(tokens), size, int(steps))
+if __name__ == "__main__":  # one torchrun process: C TOKENS SIZE STEPS BATCHING
+    c, tokens, size, steps, batching = sys.argv[1:6]
+    result = worker(int(c), int(tokens), size, int(steps), batching)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result), flush=True)

@@ -102,3 +102,5 @@ def test_longcontext_pair_computes_its_tokens_under_shared_prefix():
     assert computed_tokens(*row_sizes(pair), "shared_prefix") == 1000
     assert collate([pair], 0, "shared_prefix")[0]["input_ids"].shape == (1, 1000)
     assert all(s[:500] == pair["prompt"] for s in pair["responses"]) and pair["responses"][0] != pair["responses"][1]
+    packed = bench_context.long_pair(1000, seed=3, batching="packed")
+    assert computed_tokens(*row_sizes(packed), "packed") == 1000 == collate([packed], 0, "packed")[0]["input_ids"].numel()
