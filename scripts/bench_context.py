@@ -1,14 +1,14 @@
 """The long-context profile of scripts/bench.py: training steps on one long row, with --context_parallel_size
 C = 1, 2, 4 (model/context_parallel.py), each C a `torchrun` of C processes (one context group).
 
-    python -m scripts.bench --profile longcontext --context_tokens 8192 --size 20m --steps 2 --out bench_longcontext
+    python -m scripts.bench --profile longcontext --context_tokens 8192 --size 20m --steps 2
 
 The row is a pair of --context_tokens computed tokens (--context_batching shared_prefix: a prompt of half of
-them and two responses of a quarter; packed: a prompt of a quarter, computed twice): long traces compared. Each step is minrm's: `forward_backward` of the
-FSDP2-sharded model (bf16 compute on GPU) and AdamW. Per C: the tokens of the row computed per second by the
-group, the step's seconds, and per process the peak memory (VmHWM above the memory after the model and
-optimizer were built, on CPU; max allocated on GPU) and the bytes autograd keeps for the backward (the
-activations, what C divides). On a CPU the processes share its cores (each C gets cores / C threads apiece):
+them and two responses of a quarter; packed: a prompt of a quarter, computed twice): long traces compared.
+Each step is minrm's: `forward_backward` of the FSDP2-sharded model (bf16 compute on GPU) and AdamW. Per C:
+the tokens of the row computed per second by the group, the step's seconds, and per process the peak memory
+(VmHWM above the memory after the model was built, on CPU; max allocated on GPU) and the bytes autograd keeps
+for the backward at the end of the largest step's forward (the activations, what C divides). On a CPU the processes share its cores (each C gets cores / C threads apiece):
 its tokens/s says what the all-to-alls cost there, not what C GPUs gain.
 """
 
@@ -88,8 +88,8 @@ def worker(c: int, tokens: int, size: str, steps: int, batching: str) -> dict:
     dist.all_gather_object(every, mine)
     dist.destroy_process_group()
     step = min(seconds[1:])
-    return {"C": c, "tokens": tokens, "size": size, "batching": batching, "step_s": round(step, 3), "tokens_per_s": round(tokens / step),
-            "per_process": every}  # fmt: skip
+    return {"C": c, "tokens": tokens, "size": size, "batching": batching, "step_s": round(step, 3),
+            "tokens_per_s": round(tokens / step), "per_process": every}  # fmt: skip
 
 
 def run_longcontext(args, command: str) -> str:
